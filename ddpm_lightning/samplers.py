@@ -1,0 +1,263 @@
+"""Reverse processes (samplers) over any noise-prediction function ``eps = eps_fn(x_t, t)``.
+
+* :class:`DDPMSampler`: ancestral sampling, Ho et al. 2020 (arXiv:2006.11239) Algorithm 2 with
+  ``x_{t-1} = mu(x_t, t) + sigma_t z`` and no noise at the last step. ``variance="fixed_small"`` uses the
+  posterior variance beta-tilde_t (Eq. 7), ``"fixed_large"`` uses beta_t (both Sec. 3.2). Optional striding to
+  fewer steps recomputes the betas of the kept steps, ``beta_i = 1 - abar_{t_i} / abar_{t_{i-1}}``
+  (Nichol & Dhariwal 2021, arXiv:2102.09672, Sec. 4, "respacing").
+* :class:`DDIMSampler`: Song, Meng & Ermon 2021 (arXiv:2010.02502) Eq. 12 with
+  ``sigma_t(eta) = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev)`` (Eq. 16);
+  eta = 0 is deterministic, eta = 1 with every step is DDPM with ``fixed_small``.
+
+Both walk a descending list of 0-based timesteps and finish at abar = 1 (the clean image). Per-step
+coefficients are computed in float64 from the schedule and applied as Python floats, so a schedule whose
+abar underflows float32 (beta_end = 0.2) still samples with finite values. No Lightning import here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ddpm_lightning.errors import invalid
+from ddpm_lightning.schedule import NoiseSchedule
+
+EpsFn = Callable[[Tensor, Tensor], Tensor]
+"""``eps_fn(x_t, t) -> eps``: x_t ``(N, C, H, W)``, t ``(N,)`` int64 in [0, T-1], eps shaped like x_t."""
+
+VARIANCES = ("fixed_small", "fixed_large")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
+class SampleOutput(NamedTuple):
+    """Result of a reverse process.
+
+    Attributes:
+        x0: ``(N, C, H, W)`` final samples, clamped to [-1, 1].
+        trajectory: list of ``(t, x_t)`` pairs (x_t on the CPU, float32), recorded when asked, from
+            pure noise (t = first timestep) to the final sample (t = -1 denotes x0).
+    """
+
+    x0: Tensor
+    trajectory: list[tuple[int, Tensor]]
+
+
+def _check_steps(steps: object, num_timesteps: int, key: str = "sampler.steps") -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
+        raise invalid(key, steps, f"must be an integer in [1, schedule.timesteps={num_timesteps}]")
+    return steps
+
+
+def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "leading") -> list[int]:
+    """Descending timesteps visited by DDIM, as diffusers defines the three spacings.
+
+    For T = 1000, S = 50: ``leading`` = [980, 960, ..., 0] (``arange(S) * (T // S)``), ``trailing`` =
+    [999, 979, ..., 19] (``round(arange(T, 0, -T / S)) - 1``), ``linspace`` = [999, 979, 958, ..., 20, 0]
+    (``round(linspace(0, T - 1, S))``). Returns S distinct int timesteps in [0, T-1].
+
+    Raises:
+        ConfigError (a ValueError): ``sampler.steps`` not an integer in [1, T], or an unknown ``sampler.timestep_spacing``.
+    """
+    _check_steps(steps, num_timesteps)
+    if spacing == "leading":
+        ts = np.arange(steps) * (num_timesteps // steps)
+    elif spacing == "trailing":
+        ts = np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)).astype(np.int64) - 1
+    elif spacing == "linspace":
+        ts = np.round(np.linspace(0, num_timesteps - 1, steps)).astype(np.int64)
+    else:
+        raise invalid("sampler.timestep_spacing", spacing, f"must be one of {list(TIMESTEP_SPACINGS)}")
+    return sorted({int(t) for t in ts}, reverse=True)
+
+
+def strided_timesteps(num_timesteps: int, steps: int | None) -> list[int]:
+    """Descending timesteps kept by a respaced DDPM: all T when ``steps`` is None or T, otherwise S evenly
+    spaced steps ``round(linspace(0, T - 1, S))`` that always include T-1 (pure noise) and 0.
+
+    Raises:
+        ConfigError (a ValueError): ``sampler.steps`` not an integer in [1, T].
+    """
+    if steps is None or steps == num_timesteps:
+        return list(range(num_timesteps - 1, -1, -1))
+    _check_steps(steps, num_timesteps)
+    if steps == 1:
+        return [num_timesteps - 1]
+    return sorted({int(t) for t in np.round(np.linspace(0, num_timesteps - 1, steps))}, reverse=True)
+
+
+def _abar_pairs(schedule: NoiseSchedule, timesteps: list[int]) -> list[tuple[int, float, float]]:
+    """``(t, abar_t, abar_prev)`` in float64 for each visited step; abar_prev = 1 after the last step."""
+    abar = schedule.alphas_cumprod.detach().to("cpu", torch.float64)
+    values = [float(abar[t]) for t in timesteps]
+    return [(t, a, values[i + 1] if i + 1 < len(values) else 1.0) for i, (t, a) in enumerate(zip(timesteps, values))]
+
+
+class _Sampler:
+    """Shared loop: start from ``noise`` (x_T), call the step function on each timestep, record the trajectory."""
+
+    clip_denoised: bool
+
+    def timesteps(self, num_timesteps: int) -> list[int]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _step(self, x: Tensor, eps: Tensor, abar_t: float, abar_prev: float, z: Tensor | None) -> Tensor:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _needs_noise(self, abar_t: float, abar_prev: float) -> bool:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        eps_fn: EpsFn,
+        schedule: NoiseSchedule,
+        noise: Tensor,
+        generator: torch.Generator | None = None,
+        trajectory_every: int | None = None,
+        progress: bool = False,
+    ) -> SampleOutput:
+        """Run the reverse process from ``noise``.
+
+        Args:
+            eps_fn: the noise predictor, ``eps_fn(x_t, t)``; called in the caller's mode (use eval mode).
+            schedule: the training schedule (T steps).
+            noise: x_T, ``(N, C, H, W)`` standard normal; its device and dtype are used throughout.
+            generator: draws the per-step noise z (``torch.randn`` on ``noise.device``); None uses the global RNG.
+            trajectory_every: record x_t every this many sampler steps (and the start and end); None records none.
+            progress: show a tqdm bar over the steps.
+
+        Returns:
+            :class:`SampleOutput` with x0 in [-1, 1].
+        """
+        if trajectory_every is not None and (not isinstance(trajectory_every, int) or trajectory_every < 1):
+            raise invalid("trajectory_every", trajectory_every, "must be a positive integer or null")
+        steps = _abar_pairs(schedule, self.timesteps(schedule.num_timesteps))
+        x = noise
+        trajectory: list[tuple[int, Tensor]] = []
+        if trajectory_every is not None:
+            trajectory.append((steps[0][0], x.detach().float().cpu()))
+        iterator = steps
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(steps, desc=type(self).__name__, leave=False)
+        for i, (t, abar_t, abar_prev) in enumerate(iterator):
+            t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+            eps = eps_fn(x, t_batch).to(x.dtype)
+            z = None
+            if self._needs_noise(abar_t, abar_prev):
+                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = self._step(x, eps, abar_t, abar_prev, z)
+            last = i + 1 == len(steps)
+            if trajectory_every is not None and ((i + 1) % trajectory_every == 0 or last):
+                trajectory.append((steps[i + 1][0] if not last else -1, x.detach().float().cpu()))
+        return SampleOutput(x.clamp(-1.0, 1.0), trajectory)
+
+    def _predict_x0(self, x: Tensor, eps: Tensor, abar_t: float) -> Tensor:
+        x0 = (x - math.sqrt(1.0 - abar_t) * eps) / math.sqrt(abar_t)
+        return x0.clamp(-1.0, 1.0) if self.clip_denoised else x0
+
+
+class DDPMSampler(_Sampler):
+    """Ancestral DDPM sampling (Ho et al. 2020, Algorithm 2), optionally respaced to fewer steps.
+
+    Args:
+        variance: ``"fixed_small"`` (sigma_t^2 = beta-tilde_t, Eq. 7) or ``"fixed_large"`` (sigma_t^2 = beta_t).
+        clip_denoised: clip the predicted x0 to [-1, 1] and use the posterior mean of Eq. 7 (the paper's
+            released code does); False uses Algorithm 2's mean ``(x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t)``.
+        steps: None (all T steps) or S in [1, T] evenly strided steps with recomputed betas.
+
+    Raises:
+        ConfigError (a ValueError): one line naming ``sampler.variance`` or ``sampler.steps`` and the allowed values.
+    """
+
+    def __init__(self, variance: str = "fixed_small", clip_denoised: bool = True, steps: int | None = None):
+        if variance not in VARIANCES:
+            raise invalid("sampler.variance", variance, f"must be one of {list(VARIANCES)}")
+        if steps is not None:
+            _check_steps(steps, 10**12)
+        self.variance = variance
+        self.clip_denoised = bool(clip_denoised)
+        self.steps = steps
+
+    def timesteps(self, num_timesteps: int) -> list[int]:
+        return strided_timesteps(num_timesteps, self.steps)
+
+    def _needs_noise(self, abar_t: float, abar_prev: float) -> bool:
+        return abar_prev < 1.0
+
+    def _step(self, x: Tensor, eps: Tensor, abar_t: float, abar_prev: float, z: Tensor | None) -> Tensor:
+        alpha = abar_t / abar_prev
+        beta = 1.0 - alpha
+        if self.clip_denoised:
+            x0 = self._predict_x0(x, eps, abar_t)
+            coef1 = beta * math.sqrt(abar_prev) / (1.0 - abar_t)
+            coef2 = (1.0 - abar_prev) * math.sqrt(alpha) / (1.0 - abar_t)
+            mean = coef1 * x0 + coef2 * x
+        else:
+            mean = (x - beta / math.sqrt(1.0 - abar_t) * eps) / math.sqrt(alpha)
+        if z is None:
+            return mean
+        var = beta * (1.0 - abar_prev) / (1.0 - abar_t) if self.variance == "fixed_small" else beta
+        return mean + math.sqrt(var) * z
+
+    def __repr__(self) -> str:
+        return f"DDPMSampler(variance={self.variance!r}, clip_denoised={self.clip_denoised}, steps={self.steps})"
+
+
+class DDIMSampler(_Sampler):
+    """DDIM sampling (Song et al. 2021, Eq. 12) over S of the T training steps.
+
+    Args:
+        steps: S, an integer in [1, T].
+        eta: >= 0; 0 is deterministic given x_T, 1 with S = T equals DDPM ``fixed_small``.
+        timestep_spacing: ``"leading"``, ``"trailing"`` or ``"linspace"`` (see :func:`ddim_timesteps`).
+        clip_denoised: clip the predicted x0 to [-1, 1] and re-derive eps from the clipped x0.
+
+    Raises:
+        ConfigError (a ValueError): one line naming ``sampler.steps``, ``sampler.eta`` or ``sampler.timestep_spacing``.
+    """
+
+    def __init__(
+        self,
+        steps: int = 50,
+        eta: float = 0.0,
+        timestep_spacing: str = "leading",
+        clip_denoised: bool = True,
+    ):
+        _check_steps(steps, 10**12)
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0 or math.isinf(eta):
+            raise invalid("sampler.eta", eta, "must be a finite number >= 0")
+        if timestep_spacing not in TIMESTEP_SPACINGS:
+            raise invalid("sampler.timestep_spacing", timestep_spacing, f"must be one of {list(TIMESTEP_SPACINGS)}")
+        self.steps = steps
+        self.eta = float(eta)
+        self.timestep_spacing = timestep_spacing
+        self.clip_denoised = bool(clip_denoised)
+
+    def timesteps(self, num_timesteps: int) -> list[int]:
+        return ddim_timesteps(num_timesteps, self.steps, self.timestep_spacing)
+
+    def _sigma(self, abar_t: float, abar_prev: float) -> float:
+        return self.eta * math.sqrt((1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev))
+
+    def _needs_noise(self, abar_t: float, abar_prev: float) -> bool:
+        return self.eta > 0 and abar_prev < 1.0
+
+    def _step(self, x: Tensor, eps: Tensor, abar_t: float, abar_prev: float, z: Tensor | None) -> Tensor:
+        x0 = self._predict_x0(x, eps, abar_t)
+        if self.clip_denoised:
+            eps = (x - math.sqrt(abar_t) * x0) / math.sqrt(1.0 - abar_t)
+        sigma = self._sigma(abar_t, abar_prev)
+        x_prev = math.sqrt(abar_prev) * x0 + math.sqrt(max(1.0 - abar_prev - sigma**2, 0.0)) * eps
+        return x_prev if z is None else x_prev + sigma * z
+
+    def __repr__(self) -> str:
+        return (
+            f"DDIMSampler(steps={self.steps}, eta={self.eta}, timestep_spacing={self.timestep_spacing!r}, "
+            f"clip_denoised={self.clip_denoised})"
+        )

@@ -1,0 +1,240 @@
+"""The forward (noising) process of DDPM and the quantities derived from its variance schedule.
+
+Sources
+-------
+* Ho, Jain & Abbeel 2020, "Denoising Diffusion Probabilistic Models", arXiv:2006.11239 (the paper):
+  linear schedule (Sec. 4), q(x_t | x_0) (Eq. 4), the posterior q(x_{t-1} | x_t, x_0) (Eqs. 6-7).
+* Nichol & Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models", arXiv:2102.09672:
+  the cosine schedule (Eq. 17, s = 0.008, betas clipped at 0.999).
+
+Conventions
+-----------
+Timesteps are 0-based: ``t`` in ``[0, T-1]`` indexes the paper's step ``t+1``. ``alphas_cumprod[t]`` is
+``abar_t = prod_{s<=t} (1 - beta_s)`` and ``alphas_cumprod_prev[0] = 1`` (the clean image).
+
+Every quantity is computed in float64 and kept as a float64 buffer. Gathered coefficients are cast to the
+dtype of the tensor they multiply, so a large ``beta_end`` (e.g. 0.2, where ``abar_999 ~ 1e-47`` underflows
+float32) still gives finite coefficients such as ``sqrt(abar_t)`` (~5e-24, representable in float32).
+This module does not import Lightning or Hydra.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from ddpm_lightning.errors import invalid
+
+ScheduleKind = Literal["linear", "cosine"]
+SCHEDULE_KINDS = ("linear", "cosine")
+
+
+def linear_betas(timesteps: int, beta_start: float, beta_end: float) -> Tensor:
+    """Linearly spaced betas (Ho et al. 2020, Sec. 4: 1e-4 .. 0.02 over T = 1000).
+
+    Returns float64 ``(timesteps,)``: ``beta_t = beta_start + t / (T-1) * (beta_end - beta_start)``.
+    """
+    return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+
+
+def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """Cosine schedule (Nichol & Dhariwal 2021, Eq. 17).
+
+    ``abar(t) = f(t) / f(0)``, ``f(t) = cos(((t / T) + s) / (1 + s) * pi / 2) ** 2`` and
+    ``beta_t = min(1 - abar(t+1) / abar(t), max_beta)`` for t in [0, T-1]. Returns float64 ``(timesteps,)``.
+    """
+    steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    abar = f / f[0]
+    return (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
+
+
+def _check(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise invalid(key, value, allowed)
+
+
+def make_betas(
+    kind: str = "linear",
+    timesteps: int = 1000,
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    cosine_s: float = 0.008,
+    max_beta: float = 0.999,
+) -> Tensor:
+    """Validate the schedule parameters and return float64 betas of shape ``(timesteps,)`` in (0, 1).
+
+    Raises:
+        ConfigError (a ValueError): one line naming the ``schedule.*`` key, its value and what is allowed.
+    """
+    _check(kind in SCHEDULE_KINDS, "schedule.kind", kind, f"must be one of {list(SCHEDULE_KINDS)}")
+    _check(
+        isinstance(timesteps, int) and not isinstance(timesteps, bool) and timesteps >= 1,
+        "schedule.timesteps",
+        timesteps,
+        "must be an integer >= 1 (write 1000, not 1e3)",
+    )
+    if kind == "linear":
+        _check(0 < beta_start < 1, "schedule.beta_start", beta_start, "must be in (0, 1)")
+        _check(0 < beta_end < 1, "schedule.beta_end", beta_end, "must be in (0, 1)")
+        _check(
+            beta_start <= beta_end,
+            "schedule.beta_start",
+            beta_start,
+            f"must be <= schedule.beta_end={beta_end!r}",
+        )
+        return linear_betas(timesteps, beta_start, beta_end)
+    _check(cosine_s > 0, "schedule.cosine_s", cosine_s, "must be > 0")
+    _check(0 < max_beta < 1, "schedule.max_beta", max_beta, "must be in (0, 1)")
+    return cosine_betas(timesteps, cosine_s, max_beta)
+
+
+def extract(coef: Tensor, t: Tensor, x: Tensor) -> Tensor:
+    """Gather ``coef[t]`` for a batch of timesteps and shape it to broadcast against ``x``.
+
+    Args:
+        coef: ``(T,)`` float64 schedule buffer.
+        t: ``(N,)`` int64 timesteps in [0, T-1].
+        x: ``(N, ...)`` tensor whose dtype and rank the result takes.
+
+    Returns:
+        ``(N, 1, ..., 1)`` tensor of ``x.dtype`` on ``x.device``.
+    """
+    out = coef.to(x.device).gather(0, t.to(device=x.device, dtype=torch.long))
+    return out.to(x.dtype).reshape(t.shape[0], *((1,) * (x.ndim - 1)))
+
+
+class NoiseSchedule(nn.Module):
+    """DDPM variance schedule and forward process, held as float64 buffers of shape ``(T,)``.
+
+    Buffers (index t in [0, T-1]):
+        ``betas``, ``alphas`` (= 1 - betas), ``alphas_cumprod`` (abar_t), ``alphas_cumprod_prev``
+        (abar_{t-1}, with abar_{-1} = 1), ``sqrt_alphas_cumprod``, ``sqrt_one_minus_alphas_cumprod``,
+        ``sqrt_recip_alphas_cumprod``, ``sqrt_recipm1_alphas_cumprod``,
+        ``posterior_variance`` (beta-tilde_t, Ho et al. Eq. 7; 0 at t = 0),
+        ``posterior_log_variance_clipped`` (log beta-tilde with the t = 0 entry replaced by t = 1),
+        ``posterior_mean_coef1`` (coefficient of x0 in Eq. 7; exactly 1 at t = 0),
+        ``posterior_mean_coef2`` (coefficient of x_t in Eq. 7; exactly 0 at t = 0).
+
+    Args:
+        kind: ``"linear"`` (Ho et al. 2020) or ``"cosine"`` (Nichol & Dhariwal 2021).
+        timesteps: T, an integer >= 1.
+        beta_start, beta_end: endpoints of the linear schedule, 0 < beta_start <= beta_end < 1.
+        cosine_s, max_beta: offset and beta clip of the cosine schedule.
+
+    Raises:
+        ConfigError (a ValueError): one line naming the ``schedule.*`` key, the value and what is allowed.
+    """
+
+    def __init__(
+        self,
+        kind: str = "linear",
+        timesteps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        cosine_s: float = 0.008,
+        max_beta: float = 0.999,
+    ) -> None:
+        super().__init__()
+        betas = make_betas(kind, timesteps, beta_start, beta_end, cosine_s, max_beta)
+        self.kind = kind
+        self.config = dict(
+            kind=kind,
+            timesteps=timesteps,
+            beta_start=float(beta_start),
+            beta_end=float(beta_end),
+            cosine_s=float(cosine_s),
+            max_beta=float(max_beta),
+        )
+        alphas = 1.0 - betas
+        alphas_cumprod = torch.cumprod(alphas, dim=0)
+        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        log_var = torch.log(
+            torch.cat([posterior_variance[1:2], posterior_variance[1:]])
+            if timesteps > 1
+            else betas.clone()
+        )
+        buffers = dict(
+            betas=betas,
+            alphas=alphas,
+            alphas_cumprod=alphas_cumprod,
+            alphas_cumprod_prev=alphas_cumprod_prev,
+            sqrt_alphas_cumprod=alphas_cumprod.sqrt(),
+            sqrt_one_minus_alphas_cumprod=(1.0 - alphas_cumprod).sqrt(),
+            sqrt_recip_alphas_cumprod=alphas_cumprod.rsqrt(),
+            sqrt_recipm1_alphas_cumprod=(1.0 / alphas_cumprod - 1.0).sqrt(),
+            posterior_variance=posterior_variance,
+            posterior_log_variance_clipped=log_var,
+            posterior_mean_coef1=betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
+            posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
+        )
+        for name, value in buffers.items():
+            self.register_buffer(name, value)
+
+    betas: Tensor
+    alphas: Tensor
+    alphas_cumprod: Tensor
+    alphas_cumprod_prev: Tensor
+    sqrt_alphas_cumprod: Tensor
+    sqrt_one_minus_alphas_cumprod: Tensor
+    sqrt_recip_alphas_cumprod: Tensor
+    sqrt_recipm1_alphas_cumprod: Tensor
+    posterior_variance: Tensor
+    posterior_log_variance_clipped: Tensor
+    posterior_mean_coef1: Tensor
+    posterior_mean_coef2: Tensor
+
+    @property
+    def num_timesteps(self) -> int:
+        """T, the number of diffusion steps."""
+        return self.betas.shape[0]
+
+    def _apply(self, fn, recurse=True):  # noqa: D401 - keep float64 under .half()/.to(dtype)
+        """Move buffers across devices but never change their float64 dtype (``.half()`` etc.)."""
+        for name, buf in self._buffers.items():
+            if buf is not None:
+                moved = fn(buf)
+                self._buffers[name] = moved if moved.dtype == buf.dtype else buf.to(moved.device)
+        return self
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """Sample the forward process, Ho et al. Eq. 4: ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``.
+
+        Args:
+            x0: ``(N, C, H, W)`` clean images in [-1, 1].
+            t: ``(N,)`` int64 timesteps in [0, T-1].
+            noise: eps, same shape as ``x0``, standard normal.
+
+        Returns:
+            x_t with the shape and dtype of ``x0``.
+        """
+        return extract(self.sqrt_alphas_cumprod, t, x0) * x0 + extract(
+            self.sqrt_one_minus_alphas_cumprod, t, x0
+        ) * noise
+
+    def predict_x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """Invert Eq. 4 for x0: ``x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)``.
+
+        Shapes as in :meth:`q_sample`; returns x0 with the dtype of ``x_t`` (not clipped).
+        """
+        return extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - extract(
+            self.sqrt_recipm1_alphas_cumprod, t, x_t
+        ) * eps
+
+    def q_posterior_mean_variance(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and variance of q(x_{t-1} | x_t, x0), Ho et al. Eqs. 6-7.
+
+        ``mean = coef1_t x0 + coef2_t x_t``, ``variance = beta-tilde_t``. At t = 0 the mean is x0 and the
+        variance is 0. Returns ``(mean, variance)``, mean shaped like ``x_t``, variance ``(N, 1, 1, 1)``.
+        """
+        mean = extract(self.posterior_mean_coef1, t, x_t) * x0 + extract(
+            self.posterior_mean_coef2, t, x_t
+        ) * x_t
+        return mean, extract(self.posterior_variance, t, x_t)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.config.items())
