@@ -1,0 +1,184 @@
+"""The DDPM LightningModule: the epsilon-MSE training objective and the reverse process, wired to Lightning.
+
+Training minimises L_simple (Ho et al. 2020, arXiv:2006.11239, Eq. 14 / Algorithm 1):
+``E_{x0, t, eps} || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2`` with t uniform in
+[0, T-1] (0-based) and eps ~ N(0, I). Sampling delegates to :mod:`ddpm_lightning.samplers`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from ddpm_lightning.errors import invalid
+from ddpm_lightning.samplers import DDPMSampler, SampleOutput, _Sampler
+from ddpm_lightning.schedule import NoiseSchedule
+
+NUM_QUARTILES = 4
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed that is a pure function of ``parts`` (e.g. seed, global step, rank)."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Put ``module`` in eval mode (dropout off) and restore its previous mode afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+class DDPM(L.LightningModule):
+    """A denoising diffusion probabilistic model: eps network + noise schedule + sampler.
+
+    Args:
+        net: eps network with the contract ``eps = net(x_t, t, y=None)`` (see :mod:`ddpm_lightning.networks`).
+        schedule: the :class:`~ddpm_lightning.schedule.NoiseSchedule` (T steps).
+        optimizer: a callable ``params -> torch.optim.Optimizer`` (a Hydra ``_partial_`` target);
+            None gives Adam(lr=1e-4), the paper's setting for 32x32 data.
+        sampler: the reverse process used by :meth:`sample`; None gives DDPM ancestral sampling (Algorithm 2).
+        seed: base seed of the per-step training noise and of the fixed validation noise.
+        image_shape: ``(C, H, W)`` of one image, default ``(1, 32, 32)``.
+        config: the resolved run configuration as plain containers, stored in the checkpoint so that a
+            checkpoint can be sampled without the original config files.
+
+    Batches are ``(x0, y)`` or ``x0`` with x0 ``(N, C, H, W)`` float in [-1, 1].
+
+    Randomness: each training step reseeds the global RNG with ``derive_seed(seed, global_step, global_rank)``,
+    so t, eps and dropout are a pure function of the step: a resumed run reproduces an uninterrupted one and
+    DDP ranks draw different noise. Validation uses fixed t and eps per batch index, so ``val/loss`` is
+    comparable across epochs and runs.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        schedule: NoiseSchedule,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        sampler: _Sampler | None = None,
+        seed: int = 0,
+        image_shape: tuple[int, int, int] = (1, 32, 32),
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        # Plain containers only: OmegaConf objects would break torch.load(weights_only=True).
+        self.save_hyperparameters({"config": config or {}, "seed": int(seed), "image_shape": list(image_shape)})
+        self.net = net
+        self.schedule = schedule
+        self.optimizer_factory = optimizer
+        self.sampler = sampler if sampler is not None else DDPMSampler()
+        self.seed = int(seed)
+        self.image_shape = tuple(image_shape)
+        self.val_loss = MeanMetric()
+        self.val_loss_quartiles = nn.ModuleList(MeanMetric() for _ in range(NUM_QUARTILES))
+
+    # ----------------------------------------------------------------------------------------------- model
+    def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """eps_theta(x_t, t): ``(N, C, H, W)`` noise prediction for int64 timesteps ``t`` in [0, T-1]."""
+        return self.net(x_t, t, y)
+
+    @staticmethod
+    def _split_batch(batch: Tensor | tuple | list) -> tuple[Tensor, Tensor | None]:
+        if isinstance(batch, (tuple, list)):
+            return batch[0], (batch[1] if len(batch) > 1 else None)
+        return batch, None
+
+    def _eps_loss(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """Per-sample epsilon-MSE, ``(N,)`` float32."""
+        x_t = self.schedule.q_sample(x0, t, noise)
+        eps = self(x_t, t)
+        return F.mse_loss(eps.float(), noise.float(), reduction="none").flatten(1).mean(1)
+
+    # ------------------------------------------------------------------------------------------- training
+    def training_step(self, batch: Tensor | tuple, batch_idx: int) -> Tensor:
+        x0, _ = self._split_batch(batch)
+        torch.manual_seed(derive_seed(self.seed, "train", self.global_step, self.global_rank))
+        t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=x0.device)
+        noise = torch.randn_like(x0)
+        loss = self._eps_loss(x0, t, noise).mean()
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x0.shape[0])
+        return loss
+
+    def validation_step(self, batch: Tensor | tuple, batch_idx: int) -> None:
+        x0, _ = self._split_batch(batch)
+        g = torch.Generator(device="cpu").manual_seed(derive_seed(self.seed, "val", batch_idx, self.global_rank))
+        t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), generator=g).to(x0.device)
+        noise = torch.randn(x0.shape, generator=g).to(device=x0.device, dtype=x0.dtype)
+        losses = self._eps_loss(x0, t, noise)
+        self.val_loss.update(losses)
+        quartile = (t * NUM_QUARTILES) // self.schedule.num_timesteps
+        for q, metric in enumerate(self.val_loss_quartiles):
+            mask = quartile == q
+            if mask.any():
+                metric.update(losses[mask])
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/loss", self.val_loss.compute(), prog_bar=True, sync_dist=False)
+        self.val_loss.reset()
+        for q, metric in enumerate(self.val_loss_quartiles):
+            if metric.update_called:
+                self.log(f"val/loss_q{q}", metric.compute())
+            metric.reset()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = self.net.parameters()
+        if self.optimizer_factory is None:
+            return torch.optim.Adam(params, lr=1e-4)
+        return self.optimizer_factory(params=params)
+
+    # ------------------------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def sample(
+        self,
+        num_samples: int,
+        generator: torch.Generator | None = None,
+        sampler: _Sampler | None = None,
+        trajectory_every: int | None = None,
+        noise: Tensor | None = None,
+        progress: bool = False,
+    ) -> SampleOutput:
+        """Draw samples with the reverse process, in eval mode (the previous mode is restored).
+
+        Args:
+            num_samples: N >= 1.
+            generator: a ``torch.Generator`` on this module's device for x_T and the per-step noise; None uses
+                the global RNG.
+            sampler: overrides the module's sampler (e.g. a ``DDIMSampler``).
+            trajectory_every: also return x_t every this many sampler steps.
+            noise: x_T, ``(N, C, H, W)``; drawn from ``generator`` when None.
+            progress: tqdm bar over the steps.
+
+        Returns:
+            :class:`~ddpm_lightning.samplers.SampleOutput`: ``x0`` of shape ``(N, C, H, W)`` in [-1, 1] and the
+            optional trajectory of ``(t, x_t)`` pairs.
+
+        Raises:
+            ConfigError: ``num_samples`` not a positive integer.
+        """
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise invalid("num_samples", num_samples, "must be a positive integer")
+        if noise is None:
+            noise = torch.randn((num_samples, *self.image_shape), generator=generator, device=self.device)
+        sampler = sampler or self.sampler
+        with eval_mode(self.net):
+            return sampler(
+                lambda x, t: self.net(x, t),
+                self.schedule,
+                noise,
+                generator=generator,
+                trajectory_every=trajectory_every,
+                progress=progress,
+            )

@@ -1,0 +1,125 @@
+"""Noise-prediction networks behind one contract: ``eps = net(x_t, t, y=None)``.
+
+* ``x_t``: ``(N, C, H, W)`` noisy images (the data lives in [-1, 1]).
+* ``t``: ``(N,)`` int64 timesteps in [0, T-1].
+* ``y``: ``(N,)`` int64 class labels in [0, num_classes-1], or None (unconditional).
+* returns eps, shaped like ``x_t``.
+
+Adding a network is one config file in ``conf/model/`` plus, at most, a small adapter class here.
+No Lightning import here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ddpm_lightning.errors import ConfigError, invalid
+
+
+class EpsNetwork(nn.Module):
+    """Base class of the adapters: ``num_classes`` is None for an unconditional network."""
+
+    num_classes: int | None = None
+
+    def _check_labels(self, y: Tensor | None) -> None:
+        if y is not None and self.num_classes is None:
+            raise ConfigError(
+                f"class labels were given to the unconditional network {type(self).__name__}: "
+                "set model.num_classes to train a class-conditional model"
+            )
+
+
+class DiffUNetEps(EpsNetwork):
+    """deepinv's ``DiffUNet`` (guided-diffusion's ADM UNet, ~93.6M parameters at 1 channel) as an eps network.
+
+    ``DiffUNet.forward(x, t)`` defaults to ``type_t="noise_level"``: a denoiser of [0, 1] images that returns an
+    image. This adapter always calls the timestep path (``type_t="timestep"``), whose output is the noise
+    estimate eps for [-1, 1] images. DiffUNet has dropout 0.1: sample in eval mode.
+
+    Args:
+        in_channels: image channels C (1 for MNIST).
+        large_model: deepinv's large variant (256 base channels).
+    """
+
+    def __init__(self, in_channels: int = 1, large_model: bool = False) -> None:
+        super().__init__()
+        from deepinv.models import DiffUNet
+
+        # pretrained=None: random initialisation (the released weights are RGB 256x256 and cannot load at 1 channel).
+        self.net = DiffUNet(in_channels=in_channels, out_channels=in_channels, large_model=large_model, pretrained=None)
+        self.in_channels = in_channels
+
+    def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        self._check_labels(y)
+        out = self.net(x_t, t, type_t="timestep")
+        return out[:, : self.in_channels]
+
+
+class ADMUNetEps(EpsNetwork):
+    """deepinv's ``ADMUNet`` (Dhariwal & Nichol 2021) used as a plain eps network through its raw UNet path.
+
+    ``ADMUNet.forward`` applies EDM preconditioning to a noise level sigma; this adapter bypasses it and calls
+    ``forward_unet(x_t, t)`` with the integer timestep as the noise label (sinusoidal embedding, as in DDPM).
+    Class labels enter as one-hot vectors; an all-zero vector is the null label used for classifier-free guidance.
+
+    Args:
+        img_resolution: H = W of the images (32 for padded MNIST).
+        in_channels: image channels C.
+        model_channels: base channel count (a multiple of 32 because of GroupNorm(32)).
+        channel_mult: per-resolution channel multipliers; len(channel_mult)-1 downsamplings.
+        num_blocks: residual blocks per resolution.
+        attn_resolutions: resolutions (e.g. [8]) with self-attention.
+        dropout: dropout probability in the residual blocks.
+        num_classes: None (unconditional) or the number of classes for conditioning.
+    """
+
+    def __init__(
+        self,
+        img_resolution: int = 32,
+        in_channels: int = 1,
+        model_channels: int = 64,
+        channel_mult: Sequence[int] = (1, 2, 2),
+        num_blocks: int = 1,
+        attn_resolutions: Sequence[int] = (8,),
+        dropout: float = 0.1,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        from deepinv.models import ADMUNet
+
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2):
+            raise invalid("model.num_classes", num_classes, "must be null or an integer >= 2")
+        self.net = ADMUNet(
+            img_resolution=img_resolution,
+            in_channels=in_channels,
+            out_channels=in_channels,
+            label_dim=num_classes or 0,
+            model_channels=model_channels,
+            channel_mult=tuple(channel_mult),
+            num_blocks=num_blocks,
+            attn_resolutions=tuple(attn_resolutions),
+            dropout=dropout,
+            label_dropout=0,
+            pretrained=None,
+        )
+        self.net.train()  # deepinv's constructor leaves the network in eval mode
+        self.num_classes = num_classes
+
+    def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        self._check_labels(y)
+        labels = None
+        if self.num_classes is not None:
+            labels = torch.zeros(x_t.shape[0], self.num_classes, device=x_t.device, dtype=x_t.dtype)
+            if y is not None:
+                keep = y >= 0  # y = -1 marks the null label (classifier-free guidance)
+                labels[keep] = F.one_hot(y[keep], self.num_classes).to(x_t.dtype)
+        return self.net.forward_unet(x_t, t.to(x_t.dtype), class_labels=labels)
+
+
+def count_parameters(net: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in net.parameters() if p.requires_grad)
