@@ -46,8 +46,11 @@ class SampleOutput(NamedTuple):
     trajectory: list[tuple[int, Tensor]]
 
 
-def _check_steps(steps: object, num_timesteps: int, key: str = "sampler.steps") -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
+def _check_steps(steps: object, num_timesteps: int | None, key: str = "sampler.steps") -> int:
+    """``steps`` must be an integer in [1, T] (or >= 1 while T is not known yet)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise invalid(key, steps, "must be a positive integer")
+    if num_timesteps is not None and steps > num_timesteps:
         raise invalid(key, steps, f"must be an integer in [1, schedule.timesteps={num_timesteps}]")
     return steps
 
@@ -56,7 +59,7 @@ def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "leading") -> 
     """Descending timesteps visited by DDIM, as diffusers defines the three spacings.
 
     For T = 1000, S = 50: ``leading`` = [980, 960, ..., 0] (``arange(S) * (T // S)``), ``trailing`` =
-    [999, 979, ..., 19] (``round(arange(T, 0, -T / S)) - 1``), ``linspace`` = [999, 979, 958, ..., 20, 0]
+    [999, 979, ..., 19] (``round(T - i * T / S) - 1``), ``linspace`` = [999, 979, 958, ..., 20, 0]
     (``round(linspace(0, T - 1, S))``). Returns S distinct int timesteps in [0, T-1].
 
     Raises:
@@ -66,7 +69,8 @@ def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "leading") -> 
     if spacing == "leading":
         ts = np.arange(steps) * (num_timesteps // steps)
     elif spacing == "trailing":
-        ts = np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)).astype(np.int64) - 1
+        # linspace, not arange with a float step: arange can return S+1 values (a spurious -1)
+        ts = np.round(np.linspace(num_timesteps, 0, steps, endpoint=False)).astype(np.int64) - 1
     elif spacing == "linspace":
         ts = np.round(np.linspace(0, num_timesteps - 1, steps)).astype(np.int64)
     else:
@@ -179,7 +183,7 @@ class DDPMSampler(_Sampler):
         if variance not in VARIANCES:
             raise invalid("sampler.variance", variance, f"must be one of {list(VARIANCES)}")
         if steps is not None:
-            _check_steps(steps, 10**12)
+            _check_steps(steps, None)
         self.variance = variance
         self.clip_denoised = bool(clip_denoised)
         self.steps = steps
@@ -229,7 +233,7 @@ class DDIMSampler(_Sampler):
         timestep_spacing: str = "leading",
         clip_denoised: bool = True,
     ):
-        _check_steps(steps, 10**12)
+        _check_steps(steps, None)
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0 or math.isinf(eta):
             raise invalid("sampler.eta", eta, "must be a finite number >= 0")
         if timestep_spacing not in TIMESTEP_SPACINGS:
