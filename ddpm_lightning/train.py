@@ -1,0 +1,154 @@
+"""``ddpm-train``: compose the Hydra config, build the parts, let Lightning run the loop.
+
+Usage (see README): ``ddpm-train experiment=seed data.root=../shared/data``;
+sweeps: ``ddpm-train -m schedule.beta_end=0.02,0.1,0.2``; resume: ``ddpm-train ckpt_path=<run>/checkpoints/last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ddpm_lightning.data import MNISTDataError
+from ddpm_lightning.errors import ConfigError, invalid
+from ddpm_lightning.module import DDPM
+
+log = logging.getLogger(__name__)
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """``auto`` -> ``bf16-mixed`` on a CPU or a GPU with bf16 support, else ``32-true``; other values unchanged."""
+    if str(precision) != "auto":
+        return str(precision)
+    use_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    return "bf16-mixed"
+
+
+def _hydra_output_dir() -> str | None:
+    return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
+
+
+def prepare_config(cfg: DictConfig) -> DictConfig:
+    """Check the run-level keys and fill in derived values, before any work starts.
+
+    * ``ckpt_path`` must be an existing file; resuming from ``<run>/checkpoints/<x>.ckpt`` writes into ``<run>``
+      (same checkpoints, samples and TensorBoard run) unless ``run_dir`` was set explicitly.
+    * ``trainer.precision=auto`` is resolved.
+
+    Raises:
+        ConfigError: one line naming the key, the value and what is allowed.
+    """
+    with open_dict(cfg):
+        if cfg.get("ckpt_path"):
+            ckpt = Path(str(cfg.ckpt_path)).expanduser()
+            if not ckpt.is_file():
+                raise invalid("ckpt_path", str(cfg.ckpt_path), "no such checkpoint file")
+            cfg.ckpt_path = str(ckpt.resolve())
+            run = ckpt.resolve().parent.parent
+            if ckpt.resolve().parent.name == "checkpoints" and str(cfg.run_dir) == str(_hydra_output_dir()):
+                cfg.run_dir = str(run)
+        lr = cfg.optimizer.get("lr") if "optimizer" in cfg else None
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
+            raise invalid("optimizer.lr", lr, "must be a number > 0")
+        seed = cfg.get("seed")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise invalid("seed", seed, "must be an integer >= 0")
+        cfg.trainer.precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
+    return cfg
+
+
+def _build(node: DictConfig, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that surfaces the project's one-line errors instead of Hydra's wrapper."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, (ConfigError, MNISTDataError)):
+            raise err.__cause__ from None
+        raise
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train a DDPM as configured; returns paths and the final logged metrics.
+
+    Returns:
+        dict with ``run_dir``, ``last_ckpt``, ``best_ckpt``, ``samples_dir``, ``tensorboard_dir``,
+        ``metrics`` (name -> float) and the ``trainer``.
+
+    Raises:
+        ConfigError: a bad value (one line naming the key), before any training.
+        MNISTDataError: missing or corrupt MNIST files, before any training.
+    """
+    cfg = prepare_config(cfg)
+    run_dir = Path(str(cfg.run_dir))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    datamodule = _build(cfg.data)
+    datamodule.prepare_data()  # fails here, with the data.root hint, if the files are missing
+    schedule = _build(cfg.schedule)
+    sampler = _build(cfg.sampler)
+    sampler.timesteps(schedule.num_timesteps)  # validates sampler.steps against schedule.timesteps
+    net = _build(cfg.model)
+    optimizer = _build(cfg.optimizer)
+    model = DDPM(
+        net=net,
+        schedule=schedule,
+        optimizer=optimizer,
+        sampler=sampler,
+        seed=cfg.seed,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    callbacks = [_build(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    logger = _build(cfg.logger) if cfg.get("logger") else False
+    trainer: L.Trainer = _build(cfg.trainer, callbacks=callbacks, logger=logger)
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    ckpt_dir = run_dir / "checkpoints"
+    best = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor), "")
+    result = {
+        "run_dir": run_dir,
+        "last_ckpt": ckpt_dir / "last.ckpt",
+        "best_ckpt": Path(best) if best else None,
+        "samples_dir": run_dir / "samples",
+        "tensorboard_dir": run_dir / "tensorboard",
+        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+        "trainer": trainer,
+    }
+    if trainer.is_global_zero:
+        print(
+            f"\nDone in {run_dir}\n"
+            f"  checkpoint : {result['last_ckpt']}\n"
+            f"  samples    : {result['samples_dir']}\n"
+            f"  tensorboard: tensorboard --logdir {result['tensorboard_dir']}",
+            flush=True,
+        )
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Console entry point. Bad input: one line on stderr and exit status 2, no traceback."""
+    try:
+        result = train(cfg)
+    except (ConfigError, MNISTDataError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    val = result["metrics"].get("val/loss")
+    return val  # lets Hydra sweepers optimise val/loss
+
+
+if __name__ == "__main__":
+    main()
