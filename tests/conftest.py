@@ -21,3 +21,35 @@ def real_mnist_root() -> Path:
     if not (REAL_MNIST_ROOT / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
         pytest.skip(f"real MNIST not found under {REAL_MNIST_ROOT}/MNIST/raw")
     return REAL_MNIST_ROOT
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+#: Overrides that make a real composed training run take seconds: the tiny ADMUNet, tiny data, DDIM-4 pictures.
+TINY_TRAIN = [
+    "model=adm_tiny",
+    "data.batch_size=8",
+    "data.subset_size=16",
+    "data.val_size=8",
+    "trainer.max_epochs=1",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "callbacks.samples.num_samples=4",
+    "callbacks.samples.trajectory_samples=2",
+    "callbacks.samples.trajectory_frames=3",
+    "callbacks.samples.sampler={_target_: ddpm_lightning.samplers.DDIMSampler, steps: 4}",
+]
+
+
+def compose_train(overrides: list[str]):
+    """Compose the real ``conf/train.yaml`` with ``overrides`` (as ``ddpm-train`` would, without running Hydra)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+@pytest.fixture
+def tiny_train_overrides(fake_mnist_root: Path, tmp_path: Path) -> list[str]:
+    """TINY_TRAIN on the fake MNIST, writing into ``tmp_path/run``."""
+    return [*TINY_TRAIN, f"data.root={fake_mnist_root}", f"run_dir={tmp_path / 'run'}"]

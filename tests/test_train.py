@@ -1,0 +1,173 @@
+"""ddpm-train end to end: the real Hydra configs, a tiny network, synthetic IDX files written by the tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CONF_DIR, TINY_TRAIN, compose_train
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from ddpm_lightning.train import train
+
+REPO = CONF_DIR.parent
+
+
+def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith("net.")}
+
+
+def test_default_config_follows_the_paper_and_the_seed():
+    cfg = compose_train([])
+    assert cfg.model._target_ == "ddpm_lightning.networks.DiffUNetEps"
+    assert (cfg.schedule.kind, cfg.schedule.timesteps) == ("linear", 1000)
+    assert (cfg.schedule.beta_start, cfg.schedule.beta_end) == (1e-4, 0.02)
+    assert cfg.optimizer._partial_ and cfg.optimizer.lr == 1e-4
+    assert cfg.trainer.max_epochs == 100
+    seed = compose_train(["experiment=seed"])
+    assert (seed.data.subset_size, seed.trainer.max_epochs, seed.data.batch_size) == (1000, 5, 32)
+
+
+def test_short_run_writes_checkpoint_tensorboard_and_pngs(tiny_train_overrides):
+    cfg = compose_train([*tiny_train_overrides, "trainer.max_epochs=2"])
+    result = train(cfg)
+    run = result["run_dir"]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 4 and ckpt["epoch"] == 1  # 16 images / batch 8 = 2 steps per epoch
+    # the checkpoint is self-describing with plain containers only
+    config = ckpt["hyper_parameters"]["config"]
+    assert type(config) is dict and config["schedule"]["beta_end"] == 0.02
+    assert any(k.startswith("schedule.") for k in ckpt["state_dict"])
+    assert result["best_ckpt"] is not None and result["best_ckpt"].is_file()
+    for name in ["epoch_000.png", "epoch_001.png", "trajectory_000.png", "trajectory_001.png"]:
+        assert (run / "samples" / name).stat().st_size > 100
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss_step", "train/loss_epoch", "val/loss"} <= scalars
+    assert {f"val/loss_q{q}" for q in range(4)} <= scalars
+    assert {"samples", "trajectory"} <= set(events.Tags()["images"])
+    assert all(torch.isfinite(torch.tensor(v)) for v in result["metrics"].values())
+
+
+def test_validation_loss_is_deterministic(tiny_train_overrides, tmp_path):
+    """Fixed validation noise and timesteps: the same weights give the same val/loss in two runs."""
+    a = train(compose_train([*tiny_train_overrides, "trainer.max_epochs=0", f"run_dir={tmp_path / 'a'}"]))
+    b = train(compose_train([*tiny_train_overrides, "trainer.max_epochs=0", f"run_dir={tmp_path / 'b'}"]))
+    va = a["trainer"].validate(a["trainer"].lightning_module, datamodule=a["trainer"].datamodule, verbose=False)
+    vb = b["trainer"].validate(b["trainer"].lightning_module, datamodule=b["trainer"].datamodule, verbose=False)
+    assert va[0]["val/loss"] == vb[0]["val/loss"]
+
+
+def test_resume_matches_an_uninterrupted_run(tiny_train_overrides, tmp_path):
+    """2 epochs straight == 1 epoch, then resume from last.ckpt for 1 more (same step, epoch, weights)."""
+    straight = train(compose_train([*tiny_train_overrides, "trainer.max_epochs=2", f"run_dir={tmp_path / 's'}"]))
+    first = train(compose_train([*tiny_train_overrides, "trainer.max_epochs=1", f"run_dir={tmp_path / 'r'}"]))
+    last = first["last_ckpt"]
+    resumed = train(
+        compose_train([*tiny_train_overrides, "trainer.max_epochs=2", f"run_dir={tmp_path / 'r'}", f"ckpt_path={last}"])
+    )
+    assert resumed["trainer"].global_step == straight["trainer"].global_step == 4
+    a, b = _weights(straight["last_ckpt"]), _weights(resumed["last_ckpt"])
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    # and the resumed run really trained: weights moved since the 1-epoch checkpoint
+    assert any(not torch.equal(_weights(last)[k], b[k]) for k in b) if last != resumed["last_ckpt"] else True
+
+
+def _cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "ddpm_lightning.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.slow
+def test_multirun_over_beta_end_writes_three_job_directories(fake_mnist_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = _cli(
+        [
+            "-m",
+            "schedule.beta_end=0.02,0.1,0.2",
+            *[o for o in TINY_TRAIN if not o.startswith("callbacks.samples.sampler")],
+            "callbacks.samples.sampler={_target_: ddpm_lightning.samplers.DDIMSampler, steps: 2}",
+            "data.subset_size=8",
+            f"data.root={fake_mnist_root}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1", "2"]
+    seen = []
+    for job in jobs:
+        ckpt = torch.load(job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        seen.append(ckpt["hyper_parameters"]["config"]["schedule"]["beta_end"])
+        assert (job / "samples" / "epoch_000.png").is_file()
+        assert any((job / "tensorboard").glob("events.out.tfevents.*"))
+        losses = ckpt["state_dict"]
+        assert all(torch.isfinite(v).all() for v in losses.values() if v.is_floating_point())
+    assert seen == [0.02, 0.1, 0.2]
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("schedule.beta_end=1.5", "schedule.beta_end=1.5 is invalid"),
+        ("schedule.timesteps=1e3", "schedule.timesteps=1000.0 is invalid"),
+        ("schedule.kind=quadratic", "schedule.kind='quadratic' is invalid"),
+        ("data.batch_size=0", "data.batch_size=0 is invalid"),
+        ("optimizer.lr=-1", "optimizer.lr=-1 is invalid"),
+        ("sampler=ddim", None),  # valid: DDIM-50 for the callback pictures; checked to run below
+        ("ckpt_path=/nonexistent/last.ckpt", "ckpt_path='/nonexistent/last.ckpt' is invalid"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(fake_mnist_root, tmp_path, override, needle):
+    if needle is None:
+        cfg = compose_train([*TINY_TRAIN, f"data.root={fake_mnist_root}", f"run_dir={tmp_path}", override])
+        assert cfg.sampler.steps == 50
+        return
+    proc = _cli([*TINY_TRAIN, f"data.root={fake_mnist_root}", override], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: ") and needle in lines[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.glob("outputs/*/*/checkpoints"))
+
+
+def test_missing_mnist_fails_before_training_with_the_data_root_hint(tmp_path):
+    proc = _cli([*TINY_TRAIN, f"data.root={tmp_path / 'nowhere'}"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "train-images-idx3-ubyte" in last and "data.root" in last
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_one_epoch_on_real_mnist(real_mnist_root, tmp_path):
+    """The real IDX files through the real configs (64 images, tiny network)."""
+    cfg = compose_train(
+        [
+            *TINY_TRAIN,
+            f"data.root={real_mnist_root}",
+            "data.subset_size=64",
+            "data.batch_size=32",
+            "data.val_size=32",
+            f"run_dir={tmp_path}",
+        ]
+    )
+    result = train(cfg)
+    assert result["last_ckpt"].is_file()
+    assert result["trainer"].datamodule.num_train == 64
+    assert 0.0 < result["metrics"]["val/loss"] < 2.0
