@@ -1,0 +1,143 @@
+"""Load a checkpoint written by ``ddpm-train`` back into a :class:`~ddpm_lightning.module.DDPM`, without the
+original config files.
+
+A ``ddpm-train`` checkpoint is self-describing: ``hyper_parameters["config"]`` holds the full resolved Hydra config
+as plain containers, so the ``model``, ``schedule`` and ``sampler`` nodes can be instantiated again and the
+``state_dict`` loaded into them. Files are read with ``torch.load(weights_only=True)``: a checkpoint that needs
+arbitrary unpickling (custom classes) is refused rather than executed.
+
+Optional EMA weights: when the checkpoint has a top-level ``"ema_state_dict"`` (the eps network's parameters,
+keyed like ``net.state_dict()`` or like the module's ``"net."``-prefixed ``state_dict``), ``use_ema=True`` loads
+them into the network; without it the raw weights are kept and a warning is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+
+from ddpm_lightning.errors import ConfigError, invalid
+from ddpm_lightning.module import DDPM
+
+log = logging.getLogger(__name__)
+
+EMA_KEY = "ema_state_dict"
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    """``ClassName: first line of the message`` (shortened), for one-line errors."""
+    lines = str(err).strip().splitlines()
+    text = lines[0].strip() if lines else ""
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a ``ddpm-train`` checkpoint onto the CPU with ``torch.load(weights_only=True)``.
+
+    Returns:
+        The checkpoint dict (``state_dict``, ``hyper_parameters`` with ``config``/``seed``/``image_shape``, ...).
+
+    Raises:
+        ConfigError: one line naming ``ckpt_path`` when the file does not exist, cannot be read as a
+            weights-only checkpoint (truncated, garbage, or pickled custom objects), or was not written by
+            ``ddpm-train`` (no ``hyper_parameters.config``).
+    """
+    p = Path(os.fspath(path)).expanduser()
+    if not p.is_file():
+        raise invalid("ckpt_path", str(path), "no such checkpoint file")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError, RuntimeError (bad zip), EOFError, ... : all mean "unreadable"
+        why = f"not a readable checkpoint (torch.load weights_only=True failed: {_first_line(err)})"
+        raise invalid("ckpt_path", str(path), why) from None
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, Mapping) else None
+    config = hp.get("config") if isinstance(hp, Mapping) else None
+    if not isinstance(config, Mapping) or not all(isinstance(config.get(k), Mapping) for k in ("model", "schedule")):
+        raise invalid(
+            "ckpt_path",
+            str(path),
+            "not written by ddpm-train (no hyper_parameters.config with model and schedule nodes)",
+        )
+    return ckpt
+
+
+def _instantiate(node: Mapping[str, Any], key: str) -> Any:
+    """Instantiate a stored config node; the project's one-line errors pass through unwrapped."""
+    try:
+        return instantiate(dict(node))
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ConfigError):
+            raise err.__cause__ from None
+        raise ConfigError(f"the checkpoint's {key} config cannot be instantiated: {_first_line(err)}") from None
+
+
+def _load_ema(model: DDPM, ema: Mapping[str, torch.Tensor], path: str) -> None:
+    """Load EMA weights keyed like ``net.state_dict()`` or like the module's ``"net."``-prefixed state_dict."""
+    state = dict(ema)
+    own = set(model.net.state_dict())
+    if set(state) != own:
+        stripped = {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}
+        if set(stripped) == own:
+            state = stripped
+    try:
+        model.net.load_state_dict(state)
+    except RuntimeError as err:
+        raise invalid("ckpt_path", path, f"its {EMA_KEY} does not match the network ({_first_line(err)})") from None
+
+
+def ddpm_from_checkpoint(
+    ckpt: Mapping[str, Any],
+    map_location: str | torch.device = "cpu",
+    use_ema: bool = False,
+    path: str = "<checkpoint>",
+) -> DDPM:
+    """Rebuild the DDPM from a dict returned by :func:`load_checkpoint` (see :func:`load_ddpm`)."""
+    hp = ckpt["hyper_parameters"]
+    config = hp["config"]
+    net = _instantiate(config["model"], "model")
+    schedule = _instantiate(config["schedule"], "schedule")
+    sampler = _instantiate(config["sampler"], "sampler") if isinstance(config.get("sampler"), Mapping) else None
+    model = DDPM(
+        net=net,
+        schedule=schedule,
+        sampler=sampler,
+        seed=int(hp.get("seed", config.get("seed", 0))),
+        image_shape=tuple(hp.get("image_shape", (1, 32, 32))),
+        config=dict(config),
+    )
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, KeyError) as err:
+        raise invalid(
+            "ckpt_path", path, f"its state_dict does not match the stored model config ({_first_line(err)})"
+        ) from None
+    if use_ema:
+        ema = ckpt.get(EMA_KEY)
+        if isinstance(ema, Mapping) and ema:
+            _load_ema(model, ema, path)
+        else:
+            log.warning("use_ema=true but %s has no %s: using the raw (non-EMA) weights", path, EMA_KEY)
+    model.eval()
+    return model.to(map_location)
+
+
+def load_ddpm(path: str | os.PathLike[str], map_location: str | torch.device = "cpu", use_ema: bool = False) -> DDPM:
+    """Load a ``ddpm-train`` checkpoint as a ready-to-sample :class:`DDPM` in eval mode on ``map_location``.
+
+    The network, schedule and sampler are instantiated from the config stored in the checkpoint, then the
+    weights are loaded (strictly). ``use_ema=True`` loads ``ckpt["ema_state_dict"]`` into the network when the
+    checkpoint has one, and otherwise logs a warning and keeps the raw weights.
+
+    Raises:
+        ConfigError: see :func:`load_checkpoint`; also when the stored config cannot be instantiated or the
+            weights do not fit it.
+    """
+    return ddpm_from_checkpoint(load_checkpoint(path), map_location=map_location, use_ema=use_ema, path=str(path))

@@ -1,0 +1,287 @@
+"""ddpm-sample and checkpoint loading: a tiny checkpoint trained once per module, the real conf/sample.yaml."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mnist_fixtures import write_fake_mnist
+from PIL import Image
+
+from ddpm_lightning import sample as sample_module
+from ddpm_lightning.checkpoint import load_checkpoint, load_ddpm
+from ddpm_lightning.errors import ConfigError
+from ddpm_lightning.samplers import DDIMSampler
+from ddpm_lightning.train import train
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+T = 50  #: schedule.timesteps of the test checkpoint: full DDPM sampling stays cheap and T is not the default
+DDPM_SAMPLE = Path(sys.executable).with_name("ddpm-sample")
+
+
+def _compose(name: str, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """One 1-epoch run of the tiny ADMUNet on fake MNIST (2 steps), T = 50."""
+    root = write_fake_mnist(tmp_path_factory.mktemp("data"), n_train=16, n_test=8)
+    cfg = _compose(
+        "train",
+        [
+            "model=adm_tiny",
+            f"data.root={root}",
+            "data.batch_size=8",
+            "data.val_size=8",
+            f"schedule.timesteps={T}",
+            "sampler=ddim",
+            "sampler.steps=3",
+            "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false",
+            "callbacks.samples.num_samples=1",
+            "callbacks.samples.trajectory_samples=0",
+            f"run_dir={tmp_path_factory.mktemp('run')}",
+        ],
+    )
+    return train(cfg)
+
+
+@pytest.fixture(scope="module")
+def ckpt(trained) -> Path:
+    return trained["last_ckpt"]
+
+
+def _sample_cfg(ckpt: Path, out_dir: Path, *overrides: str):
+    return _compose("sample", [f"ckpt_path={ckpt}", f"out_dir={out_dir}", "sampler.steps=3", *overrides])
+
+
+def _arr(path: Path) -> np.ndarray:
+    with np.load(path) as f:
+        assert f.files == ["arr_0"]
+        return f["arr_0"]
+
+
+# ------------------------------------------------------------------------------------------ checkpoint loading
+def test_load_ddpm_roundtrip(trained, ckpt):
+    model = load_ddpm(ckpt)
+    trained_state = trained["trainer"].lightning_module.state_dict()
+    state = model.state_dict()
+    assert state.keys() == trained_state.keys()
+    for k, v in trained_state.items():
+        assert torch.equal(state[k], v.cpu()), k
+    assert not model.training and not any(m.training for m in model.modules())
+    assert model.device.type == "cpu"
+    # rebuilt from the stored config, not from defaults
+    assert model.schedule.num_timesteps == T
+    assert isinstance(model.sampler, DDIMSampler) and model.sampler.steps == 3
+    assert model.hparams["config"] == load_checkpoint(ckpt)["hyper_parameters"]["config"]
+
+
+def test_use_ema_loads_ema_weights_or_warns(ckpt, tmp_path, caplog):
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+    net_state = {k[len("net."):]: v for k, v in raw["state_dict"].items() if k.startswith("net.")}
+    ema = {k: v + 1.0 if v.is_floating_point() else v for k, v in net_state.items()}
+    for name, stored in [("net_keys", ema), ("module_keys", {f"net.{k}": v for k, v in ema.items()})]:
+        path = tmp_path / f"{name}.ckpt"
+        torch.save({**raw, "ema_state_dict": stored}, path)
+        loaded = load_ddpm(path, use_ema=True).net.state_dict()
+        assert all(torch.equal(loaded[k], ema[k]) for k in ema), name
+        plain = load_ddpm(path).net.state_dict()  # use_ema=False: the raw weights
+        assert all(torch.equal(plain[k], net_state[k]) for k in net_state), name
+    with caplog.at_level("WARNING"):
+        fallback = load_ddpm(ckpt, use_ema=True).net.state_dict()
+    assert all(torch.equal(fallback[k], net_state[k]) for k in net_state)
+    assert "ema_state_dict" in caplog.text and "raw" in caplog.text
+
+
+_UNPICKLED = []
+
+
+def _side_effect() -> "_Evil":
+    _UNPICKLED.append(True)
+    return _Evil()
+
+
+class _Evil:
+    """An arbitrary object: unpickling it would run ``_side_effect`` (as a malicious file would run code)."""
+
+    def __reduce__(self):
+        return (_side_effect, ())
+
+
+def _one_line_error(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_weights_only_refuses_pickled_objects(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"config": {}}, "x": _Evil()}, path)
+    with pytest.raises(ConfigError) as excinfo:
+        load_checkpoint(path)
+    msg = _one_line_error(excinfo)
+    assert str(path) in msg and "not a readable checkpoint" in msg and "UnpicklingError" in msg
+    assert not _UNPICKLED  # nothing was executed
+    with pytest.raises(ConfigError):
+        load_ddpm(path)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage", "empty"])
+def test_unreadable_file_is_a_config_error(ckpt, tmp_path, kind):
+    path = tmp_path / f"{kind}.ckpt"
+    data = ckpt.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "garbage": os.urandom(4096), "empty": b""}[kind])
+    with pytest.raises(ConfigError) as excinfo:
+        load_ddpm(path)
+    msg = _one_line_error(excinfo)
+    assert msg.startswith(f"ckpt_path='{path}' is invalid: not a readable checkpoint")
+    assert "Error" in msg  # the original error class is named
+
+
+def test_missing_and_foreign_checkpoints(tmp_path):
+    missing = tmp_path / "nope.ckpt"
+    with pytest.raises(ConfigError, match="no such checkpoint file") as excinfo:
+        load_checkpoint(missing)
+    assert _one_line_error(excinfo) == f"ckpt_path='{missing}' is invalid: no such checkpoint file"
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "hyper_parameters": {"lr": 0.1}}, foreign)
+    with pytest.raises(ConfigError, match="not written by ddpm-train") as excinfo:
+        load_ddpm(foreign)
+    assert str(foreign) in _one_line_error(excinfo)
+
+
+# ------------------------------------------------------------------------------------------------- sampling
+def test_sample_writes_npz_grid_and_trajectory(ckpt, tmp_path):
+    """5 samples in batches of 2 (the last one smaller), with the trajectory pictures."""
+    out = tmp_path / "out"
+    cfg = _sample_cfg(ckpt, out, "num_samples=5", "batch_size=2", "sampler.steps=4", "trajectory=true",
+                      "trajectory_frames=3", "use_ema=false")
+    result = sample_module.sample(cfg)
+    arr = _arr(out / "samples.npz")
+    assert arr.shape == (5, 32, 32, 1) and arr.dtype == np.uint8
+    assert result["samples"] == out / "samples.npz" and result["num_samples"] == 5
+    with Image.open(out / "grid.png") as grid:
+        grid.load()
+        assert grid.size == (3 * 34 + 2, 2 * 34 + 2)  # ceil(sqrt(5)) = 3 per row, 2 px padding
+    # 4 DDIM steps, a frame every 4 // (3 - 1) = 2 steps: x_T, after step 2, x0
+    assert result["num_frames"] == 3
+    with Image.open(result["trajectory_png"]) as traj:
+        assert traj.size == (3 * 34 + 2, 5 * 34 + 2)  # rows = min(8, 5) samples, columns = frames
+    with Image.open(result["trajectory_gif"]) as gif:
+        assert gif.is_animated and gif.n_frames == result["num_frames"]
+        assert gif.info["loop"] == 0 and gif.info["duration"] == 100
+        gif.seek(gif.n_frames - 1)
+        last = np.asarray(gif.convert("L"))
+    # the last GIF frame is the grid of the final samples (first 5 of them, 3 per row)
+    assert np.array_equal(last[2:34, 2:34], arr[0, :, :, 0])
+    assert np.array_equal(last[2:34, 36:68], arr[1, :, :, 0])
+    # batch i is seeded with seed + i, independently of the other batches
+    alone = sample_module.sample(_sample_cfg(ckpt, tmp_path / "alone", "num_samples=2", "batch_size=2",
+                                             "sampler.steps=4", "use_ema=false"))
+    assert np.array_equal(_arr(alone["samples"]), arr[:2])
+    assert alone["trajectory_png"] is None and not (tmp_path / "alone" / "trajectory.gif").exists()
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [["sampler=ddim", "sampler.eta=0.0"], ["sampler=ddim", "sampler.eta=1.0"], ["sampler=ddpm", "sampler.steps=null"]],
+    ids=["ddim_eta0", "ddim_eta1", "ddpm_all_T_steps"],
+)
+def test_same_seed_gives_identical_samples(ckpt, tmp_path, sampler):
+    common = ["num_samples=3", "batch_size=2", *sampler]
+    runs = [
+        sample_module.sample(_sample_cfg(ckpt, tmp_path / name, *common, f"seed={seed}"))
+        for name, seed in [("a", 7), ("b", 7), ("c", 8)]
+    ]
+    a, b, c = (_arr(r["samples"]) for r in runs)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    if sampler[0] == "sampler=ddpm":
+        assert len(runs[0]["sampler"].timesteps(T)) == T
+
+
+def test_overwrite_true_replaces_samples(ckpt, tmp_path):
+    out = tmp_path / "out"
+    sample_module.sample(_sample_cfg(ckpt, out, "num_samples=2", "seed=1", "trajectory=true"))
+    first = _arr(out / "samples.npz")
+    sample_module.sample(_sample_cfg(ckpt, out, "num_samples=3", "seed=2", "overwrite=true"))
+    assert _arr(out / "samples.npz").shape[0] == 3 and not np.array_equal(_arr(out / "samples.npz")[:2], first)
+    assert not (out / "trajectory.gif").exists()  # stale pictures of the earlier run are removed
+
+
+def _not_called(*args, **kwargs):
+    raise AssertionError("the network was built before the options were validated")
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["num_samples=0"], "num_samples=0 is invalid"),
+        (["batch_size=-1"], "batch_size=-1 is invalid"),
+        (["num_samples=1.5"], "num_samples=1.5 is invalid"),
+        (["seed=-3"], "seed=-3 is invalid"),
+        (["trajectory_frames=1"], "trajectory_frames=1 is invalid"),
+        (["device=tpu"], "device='tpu' is invalid"),
+        (["ckpt_path=/nonexistent/x.ckpt"], "ckpt_path='/nonexistent/x.ckpt' is invalid: no such checkpoint file"),
+        ([f"sampler.steps={T + 1}"], f"sampler.steps={T + 1} is invalid: must be an integer in [1, schedule.timesteps={T}]"),
+        (["sampler=ddpm", f"sampler.steps={T + 1}"], f"sampler.steps={T + 1} is invalid"),
+        (["sampler.eta=-1"], "sampler.eta=-1 is invalid"),
+        (["existing"], "is invalid: already holds samples.npz; set overwrite=true"),
+    ],
+)
+def test_bad_inputs_fail_before_the_network_is_built(ckpt, tmp_path, monkeypatch, overrides, key):
+    out = tmp_path / "out"
+    if overrides == ["existing"]:
+        out.mkdir()
+        (out / "samples.npz").write_bytes(b"earlier samples")
+        overrides = []
+    monkeypatch.setattr(sample_module, "ddpm_from_checkpoint", _not_called)  # validation comes first
+    with pytest.raises(ConfigError) as excinfo:
+        sample_module.sample(_sample_cfg(ckpt, out, "num_samples=2", *overrides))
+    assert key in _one_line_error(excinfo)
+    if (out / "samples.npz").exists():
+        assert (out / "samples.npz").read_bytes() == b"earlier samples"
+    else:
+        assert not out.exists()
+
+
+def test_ckpt_path_is_required(tmp_path):
+    cfg = _compose("sample", [f"out_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="ckpt_path is required"):
+        sample_module.sample(cfg)
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([str(DDPM_SAMPLE), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_samples_and_refuses_to_overwrite(ckpt, tmp_path):
+    out = tmp_path / "cli"
+    proc = _run_cli([f"ckpt_path={ckpt}", "num_samples=2", "sampler.steps=3", f"out_dir={out}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "images/s" in proc.stdout and "Sampled 2 images with DDIMSampler(steps=3" in proc.stdout
+    assert str(out / "samples.npz") in proc.stdout and str(out / "grid.png") in proc.stdout
+    assert _arr(out / "samples.npz").shape == (2, 32, 32, 1)
+    before = (out / "samples.npz").read_bytes()
+
+    proc = _run_cli([f"ckpt_path={ckpt}", "num_samples=2", "sampler.steps=3", f"out_dir={out}", "seed=5"], tmp_path)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: out_dir='{out}' is invalid: already holds samples.npz; set overwrite=true to replace it, "
+        "or choose another out_dir"
+    ]
+    assert "Traceback" not in proc.stderr
+    assert (out / "samples.npz").read_bytes() == before
