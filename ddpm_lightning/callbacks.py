@@ -1,4 +1,4 @@
-"""Lightning callbacks: sample grids and denoising trajectories to TensorBoard and PNG files."""
+"""Lightning callbacks: the EMA of the weights, and sample grids / denoising trajectories (TensorBoard and PNG)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
@@ -15,11 +16,75 @@ from ddpm_lightning.images import save_png, sample_grid, trajectory_grid
 from ddpm_lightning.samplers import _Sampler
 
 
+def ema_decay(decay: float, num_averaged: int, warmup: bool = True) -> float:
+    """Decay of the n-th EMA update: ``min(decay, (1 + n) / (10 + n))`` with warm-up, else ``decay``.
+
+    The warm-up (as in TensorFlow's ExponentialMovingAverage with ``num_updates``) lets the average follow the
+    fast-changing early weights instead of remembering the random initialisation for ~1/(1-decay) steps.
+    """
+    return min(decay, (1.0 + num_averaged) / (10.0 + num_averaged)) if warmup else decay
+
+
+class EMA(WeightAveraging):
+    """Exponential moving average of the network weights, on Lightning's ``WeightAveraging`` callback.
+
+    ``ema <- d * ema + (1 - d) * weights`` after every ``update_every_n_steps`` optimizer steps, with ``d`` from
+    :func:`ema_decay`. Buffers (the noise schedule) are never averaged. Lightning swaps the EMA weights in for
+    validation (so ``val/loss`` is the EMA's), stores them in the checkpoint's ``state_dict`` with the raw weights
+    in ``current_model_state``, restores both on resume (training continues from the raw weights), and copies the
+    EMA into the module when training ends. :class:`SampleCallback` and ``ddpm-sample`` sample with the EMA.
+
+    Args:
+        decay: in [0, 1); 0.9999 as in Ho et al. 2020 (Appendix B).
+        warmup: use the warm-up schedule of :func:`ema_decay`.
+        update_every_n_steps: update interval in optimizer steps (>= 1).
+
+    Raises:
+        ConfigError: ``callbacks.ema.*`` out of range.
+    """
+
+    def __init__(self, decay: float = 0.9999, warmup: bool = True, update_every_n_steps: int = 1) -> None:
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+            raise invalid("callbacks.ema.decay", decay, "must be a number in [0, 1)")
+        if isinstance(update_every_n_steps, bool) or not isinstance(update_every_n_steps, int) or update_every_n_steps < 1:
+            raise invalid("callbacks.ema.update_every_n_steps", update_every_n_steps, "must be an integer >= 1")
+        self.decay = float(decay)
+        self.warmup = bool(warmup)
+        self.update_every_n_steps = update_every_n_steps
+        super().__init__(use_buffers=False, avg_fn=self._average)
+
+    def _average(self, averaged: Tensor, current: Tensor, num_averaged: Tensor) -> Tensor:
+        d = ema_decay(self.decay, int(num_averaged), self.warmup)
+        return averaged + (current - averaged) * (1.0 - d)
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return step_idx is not None and (step_idx + 1) % self.update_every_n_steps == 0
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # setup() built the average before the strategy moved the module to its device: follow it there.
+        if self._average_model is not None:
+            self._average_model.to(pl_module.device)
+
+    @property
+    def average_module(self) -> L.LightningModule | None:
+        """The averaged copy of the LightningModule (None outside fit)."""
+        return self._average_model.module if self._average_model is not None else None
+
+
+def ema_module(trainer: L.Trainer) -> L.LightningModule | None:
+    """The EMA copy of the module when an :class:`EMA` callback is active, else None."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, EMA) and callback.average_module is not None:
+            return callback.average_module
+    return None
+
+
 class SampleCallback(L.Callback):
     """Every ``every_n_epochs`` epochs and at the end of training, draw ``num_samples`` images with a fixed seed.
 
     Writes ``<dirpath>/epoch_XXX.png`` (a grid) and ``<dirpath>/trajectory_XXX.png`` (rows = samples,
     columns = x_t from pure noise to x0), and logs both as images ``samples`` and ``trajectory`` to TensorBoard.
+    Samples come from the EMA weights when an :class:`EMA` callback is active, else from the raw weights.
     Runs on global rank zero only and touches no collective, so it cannot hang a DDP job.
 
     Args:
@@ -75,7 +140,8 @@ class SampleCallback(L.Callback):
         steps = len(sampler.timesteps(pl_module.schedule.num_timesteps))
         every = max(1, steps // (self.trajectory_frames - 1)) if self.trajectory_samples else None
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        out = pl_module.sample(self.num_samples, generator=generator, sampler=sampler, trajectory_every=every)
+        module = ema_module(trainer) or pl_module
+        out = module.sample(self.num_samples, generator=generator, sampler=sampler, trajectory_every=every)
         grid = sample_grid(out.x0)
         self.dirpath.mkdir(parents=True, exist_ok=True)
         paths = [save_png(grid, self.dirpath / f"epoch_{epoch:03d}.png")]

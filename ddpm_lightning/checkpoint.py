@@ -6,9 +6,9 @@ as plain containers, so the ``model``, ``schedule`` and ``sampler`` nodes can be
 ``state_dict`` loaded into them. Files are read with ``torch.load(weights_only=True)``: a checkpoint that needs
 arbitrary unpickling (custom classes) is refused rather than executed.
 
-Optional EMA weights: when the checkpoint has a top-level ``"ema_state_dict"`` (the eps network's parameters,
-keyed like ``net.state_dict()`` or like the module's ``"net."``-prefixed ``state_dict``), ``use_ema=True`` loads
-them into the network; without it the raw weights are kept and a warning is logged.
+EMA weights: a run with the EMA callback (Lightning's ``WeightAveraging`` format) stores the averaged weights
+in ``state_dict`` and the raw weights in ``current_model_state``. ``use_ema=True`` loads the average,
+``use_ema=False`` the raw weights; a checkpoint without EMA has only raw weights (a warning when EMA was asked for).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from ddpm_lightning.module import DDPM
 
 log = logging.getLogger(__name__)
 
-EMA_KEY = "ema_state_dict"
+RAW_KEY = "current_model_state"  #: Lightning's WeightAveraging keeps the raw weights here; state_dict is the EMA
 
 
 def _first_line(err: BaseException, limit: int = 200) -> str:
@@ -79,18 +79,9 @@ def _instantiate(node: Mapping[str, Any], key: str) -> Any:
         raise ConfigError(f"the checkpoint's {key} config cannot be instantiated: {_first_line(err)}") from None
 
 
-def _load_ema(model: DDPM, ema: Mapping[str, torch.Tensor], path: str) -> None:
-    """Load EMA weights keyed like ``net.state_dict()`` or like the module's ``"net."``-prefixed state_dict."""
-    state = dict(ema)
-    own = set(model.net.state_dict())
-    if set(state) != own:
-        stripped = {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}
-        if set(stripped) == own:
-            state = stripped
-    try:
-        model.net.load_state_dict(state)
-    except RuntimeError as err:
-        raise invalid("ckpt_path", path, f"its {EMA_KEY} does not match the network ({_first_line(err)})") from None
+def has_ema(ckpt: Mapping[str, Any]) -> bool:
+    """True when ``ckpt`` was written with the EMA callback (``state_dict`` = EMA, ``current_model_state`` = raw)."""
+    return isinstance(ckpt.get(RAW_KEY), Mapping)
 
 
 def ddpm_from_checkpoint(
@@ -113,18 +104,13 @@ def ddpm_from_checkpoint(
         image_shape=tuple(hp.get("image_shape", (1, 32, 32))),
         config=dict(config),
     )
+    key = "state_dict" if (use_ema or not has_ema(ckpt)) else RAW_KEY
+    if use_ema and not has_ema(ckpt):
+        log.warning("use_ema=true but %s was trained without EMA: using the raw weights", path)
     try:
-        model.load_state_dict(ckpt["state_dict"])
+        model.load_state_dict(ckpt[key])
     except (RuntimeError, KeyError) as err:
-        raise invalid(
-            "ckpt_path", path, f"its state_dict does not match the stored model config ({_first_line(err)})"
-        ) from None
-    if use_ema:
-        ema = ckpt.get(EMA_KEY)
-        if isinstance(ema, Mapping) and ema:
-            _load_ema(model, ema, path)
-        else:
-            log.warning("use_ema=true but %s has no %s: using the raw (non-EMA) weights", path, EMA_KEY)
+        raise invalid("ckpt_path", path, f"its {key} does not match the stored model config ({_first_line(err)})") from None
     model.eval()
     return model.to(map_location)
 
@@ -133,8 +119,8 @@ def load_ddpm(path: str | os.PathLike[str], map_location: str | torch.device = "
     """Load a ``ddpm-train`` checkpoint as a ready-to-sample :class:`DDPM` in eval mode on ``map_location``.
 
     The network, schedule and sampler are instantiated from the config stored in the checkpoint, then the
-    weights are loaded (strictly). ``use_ema=True`` loads ``ckpt["ema_state_dict"]`` into the network when the
-    checkpoint has one, and otherwise logs a warning and keeps the raw weights.
+    weights are loaded (strictly). ``use_ema=True`` loads the EMA weights when the run had the EMA callback, and
+    otherwise logs a warning and keeps the raw weights; ``use_ema=False`` always loads the raw weights.
 
     Raises:
         ConfigError: see :func:`load_checkpoint`; also when the stored config cannot be instantiated or the

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ddpm_lightning.checkpoint import ddpm_from_checkpoint, load_checkpoint
+from ddpm_lightning.checkpoint import ddpm_from_checkpoint, has_ema, load_checkpoint
 from ddpm_lightning.data import to_uint8
 from ddpm_lightning.errors import ConfigError, invalid
 from ddpm_lightning.images import sample_grid, save_png, trajectory_grid
@@ -174,7 +174,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         sampler = _build(dict(config["sampler"])) if config.get("sampler") else None
     if sampler is not None:
         sampler.timesteps(schedule.num_timesteps)  # raises ConfigError naming sampler.steps
-    used_ema = opts["use_ema"] and bool(ckpt.get("ema_state_dict"))
+    used_ema = opts["use_ema"] and has_ema(ckpt)
     model = ddpm_from_checkpoint(ckpt, map_location=opts["device"], use_ema=opts["use_ema"], path=path)
     del ckpt
     sampler = sampler or model.sampler

@@ -72,7 +72,7 @@ def _arr(path: Path) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------ checkpoint loading
 def test_load_ddpm_roundtrip(trained, ckpt):
-    model = load_ddpm(ckpt)
+    model = load_ddpm(ckpt, use_ema=True)  # after fit the module holds the EMA weights (EMA is on by default)
     trained_state = trained["trainer"].lightning_module.state_dict()
     state = model.state_dict()
     assert state.keys() == trained_state.keys()
@@ -87,20 +87,23 @@ def test_load_ddpm_roundtrip(trained, ckpt):
 
 
 def test_use_ema_loads_ema_weights_or_warns(ckpt, tmp_path, caplog):
+    """Lightning's WeightAveraging layout: state_dict = EMA, current_model_state = raw weights."""
     raw = torch.load(ckpt, map_location="cpu", weights_only=True)
-    net_state = {k[len("net."):]: v for k, v in raw["state_dict"].items() if k.startswith("net.")}
-    ema = {k: v + 1.0 if v.is_floating_point() else v for k, v in net_state.items()}
-    for name, stored in [("net_keys", ema), ("module_keys", {f"net.{k}": v for k, v in ema.items()})]:
-        path = tmp_path / f"{name}.ckpt"
-        torch.save({**raw, "ema_state_dict": stored}, path)
-        loaded = load_ddpm(path, use_ema=True).net.state_dict()
-        assert all(torch.equal(loaded[k], ema[k]) for k in ema), name
-        plain = load_ddpm(path).net.state_dict()  # use_ema=False: the raw weights
-        assert all(torch.equal(plain[k], net_state[k]) for k in net_state), name
+    raw.pop("averaging_state", None)
+    raw_state = raw.pop("current_model_state")
+    no_ema = tmp_path / "no_ema.ckpt"
+    torch.save({**raw, "state_dict": raw_state}, no_ema)
+    ema_state = {k: v + 1.0 if (v.is_floating_point() and k.startswith("net.")) else v for k, v in raw_state.items()}
+    path = tmp_path / "ema.ckpt"
+    torch.save({**raw, "state_dict": ema_state, "current_model_state": raw_state}, path)
+    loaded = load_ddpm(path, use_ema=True).state_dict()
+    assert all(torch.equal(loaded[k], ema_state[k]) for k in ema_state if k.startswith("net."))
+    plain = load_ddpm(path).state_dict()  # use_ema=False: the raw weights
+    assert all(torch.equal(plain[k], raw_state[k]) for k in raw_state if k.startswith("net."))
     with caplog.at_level("WARNING"):
-        fallback = load_ddpm(ckpt, use_ema=True).net.state_dict()
-    assert all(torch.equal(fallback[k], net_state[k]) for k in net_state)
-    assert "ema_state_dict" in caplog.text and "raw" in caplog.text
+        fallback = load_ddpm(no_ema, use_ema=True).state_dict()
+    assert all(torch.equal(fallback[k], raw_state[k]) for k in raw_state if k.startswith("net."))
+    assert "without EMA" in caplog.text and "raw" in caplog.text
 
 
 _UNPICKLED = []

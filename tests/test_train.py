@@ -17,8 +17,9 @@ from ddpm_lightning.train import train
 REPO = CONF_DIR.parent
 
 
-def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+def _weights(ckpt: Path, key: str = "state_dict") -> dict[str, torch.Tensor]:
+    """Network weights of a checkpoint: ``state_dict`` (the EMA when EMA is on) or ``current_model_state`` (raw)."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)[key]
     return {k: v for k, v in state.items() if k.startswith("net.")}
 
 
@@ -64,7 +65,8 @@ def test_validation_loss_is_deterministic(tiny_train_overrides, tmp_path):
 
 
 def test_resume_matches_an_uninterrupted_run(tiny_train_overrides, tmp_path):
-    """2 epochs straight == 1 epoch, then resume from last.ckpt for 1 more (same step, epoch, weights)."""
+    """2 epochs straight == 1 epoch, then resume from last.ckpt for 1 more: same step, raw weights, EMA weights
+    and EMA state (the default config has EMA on)."""
     straight = train(compose_train([*tiny_train_overrides, "trainer.max_epochs=2", f"run_dir={tmp_path / 's'}"]))
     first = train(compose_train([*tiny_train_overrides, "trainer.max_epochs=1", f"run_dir={tmp_path / 'r'}"]))
     last = first["last_ckpt"]
@@ -72,12 +74,15 @@ def test_resume_matches_an_uninterrupted_run(tiny_train_overrides, tmp_path):
         compose_train([*tiny_train_overrides, "trainer.max_epochs=2", f"run_dir={tmp_path / 'r'}", f"ckpt_path={last}"])
     )
     assert resumed["trainer"].global_step == straight["trainer"].global_step == 4
-    a, b = _weights(straight["last_ckpt"]), _weights(resumed["last_ckpt"])
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
-    # and the resumed run really trained: weights moved since the 1-epoch checkpoint
-    assert any(not torch.equal(_weights(last)[k], b[k]) for k in b) if last != resumed["last_ckpt"] else True
+    for key in ["state_dict", "current_model_state"]:
+        a, b = _weights(straight["last_ckpt"], key), _weights(resumed["last_ckpt"], key)
+        assert a.keys() == b.keys() and a
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{key}: {k}")
+    ckpt = torch.load(resumed["last_ckpt"], map_location="cpu", weights_only=True)
+    assert int(ckpt["averaging_state"]["n_averaged"]) == 4
+    ema, raw = _weights(resumed["last_ckpt"]), _weights(resumed["last_ckpt"], "current_model_state")
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema)  # the EMA is not the raw weights
 
 
 def _cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
