@@ -1,0 +1,116 @@
+"""The LightningModule and the network adapters: L_simple, eval-mode sampling, the DiffUNet eps path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ddpm_lightning.errors import ConfigError
+from ddpm_lightning.module import DDPM, derive_seed
+from ddpm_lightning.networks import ADMUNetEps, DiffUNetEps
+from ddpm_lightning.samplers import DDIMSampler
+from ddpm_lightning.schedule import NoiseSchedule
+
+
+def tiny_net(**kw) -> ADMUNetEps:
+    return ADMUNetEps(model_channels=32, channel_mult=(1,), num_blocks=1, attn_resolutions=(), **kw)
+
+
+@pytest.fixture(scope="module")
+def diffunet() -> DiffUNetEps:
+    torch.manual_seed(0)
+    net = DiffUNetEps().eval()
+    with torch.no_grad():  # guided-diffusion zero-initialises output convs: give them weights so outputs depend on t
+        for p in net.parameters():
+            if p.ndim > 1 and not p.any():
+                p.normal_(0.0, 0.05)
+    return net
+
+
+def test_diffunet_adapter_returns_eps_from_the_timestep_path(diffunet):
+    """DiffUNet's default forward (type_t='noise_level') is an image denoiser; the adapter must not use it."""
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        eps = diffunet(x, t)
+        direct = diffunet.net.forward_diffusion(x, t)[:, :1]
+        denoised = diffunet.net(x, t)  # deepinv's default: type_t="noise_level"
+    assert eps.shape == (2, 1, 32, 32)
+    torch.testing.assert_close(eps, direct)
+    assert (eps - denoised).abs().max() > 1e-3
+    # the timestep matters: the same x at another t gives another eps
+    with torch.no_grad():
+        other = diffunet(x, torch.tensor([500, 500]))
+    assert (eps - other).abs().max() > 1e-4
+
+
+def test_diffunet_is_the_paper_size(diffunet):
+    assert sum(p.numel() for p in diffunet.parameters()) == 93_555_841
+
+
+def test_unconditional_network_refuses_labels():
+    with pytest.raises(ConfigError, match="model.num_classes"):
+        tiny_net()(torch.zeros(1, 1, 32, 32), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+
+
+def test_training_step_is_l_simple_with_uniform_0_based_timesteps():
+    """Ho et al. Algorithm 1: t ~ U{0..T-1}, eps ~ N(0, I), loss = ||eps - eps_theta(q_sample(x0, t, eps), t)||^2."""
+    torch.manual_seed(0)
+    model = DDPM(tiny_net(dropout=0.0), NoiseSchedule(timesteps=1000), seed=3)
+    x0 = torch.rand(6, 1, 32, 32) * 2 - 1
+    loss = model.training_step((x0, torch.zeros(6, dtype=torch.long)), 0)
+    torch.manual_seed(derive_seed(3, "train", 0, 0))
+    t = torch.randint(0, 1000, (6,))
+    eps = torch.randn_like(x0)
+    abar = model.schedule.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+    x_t = (abar.sqrt() * x0.double() + (1 - abar).sqrt() * eps.double()).float()
+    expected = ((model.net(x_t, t) - eps) ** 2).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_training_timesteps_cover_0_to_T_minus_1():
+    seen = set()
+    for step in range(40):
+        torch.manual_seed(derive_seed(0, "train", step, 0))
+        seen.update(torch.randint(0, 10, (64,)).tolist())
+    assert seen == set(range(10))
+
+
+def test_sample_runs_in_eval_mode_and_restores_train_mode():
+    model = DDPM(tiny_net(dropout=0.5), NoiseSchedule(timesteps=20), sampler=DDIMSampler(steps=5))
+    model.train()
+    modes = []
+    original = model.net.forward
+
+    def spy(*args, **kwargs):
+        modes.append(model.net.training)
+        return original(*args, **kwargs)
+
+    model.net.forward = spy
+    out = model.sample(3, generator=torch.Generator().manual_seed(0), trajectory_every=2)
+    assert modes and not any(modes)  # dropout off while sampling
+    assert model.net.training  # restored
+    assert out.x0.shape == (3, 1, 32, 32) and out.x0.min() >= -1 and out.x0.max() <= 1
+    assert [t for t, _ in out.trajectory] == [16, 8, 0, -1]  # leading spacing of 5 steps over T=20: 16,12,8,4,0
+    again = model.sample(3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out.x0, again.x0)  # eval mode + fixed seed: reproducible
+
+
+@pytest.mark.parametrize("num_samples", [0, -2, 1.5, True])
+def test_sample_rejects_bad_num_samples(num_samples):
+    model = DDPM(tiny_net(), NoiseSchedule(timesteps=10))
+    with pytest.raises(ConfigError, match="num_samples"):
+        model.sample(num_samples)
+
+
+def test_beta_end_0_2_trains_and_samples_finite():
+    """abar_999 ~ 2e-47 underflows float32, yet the loss, the gradients and the samples stay finite."""
+    torch.manual_seed(0)
+    model = DDPM(tiny_net(), NoiseSchedule(beta_end=0.2))
+    x0 = torch.rand(4, 1, 32, 32) * 2 - 1
+    loss = model.training_step(x0, 0)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    for sampler in [DDIMSampler(steps=10, clip_denoised=False), DDIMSampler(steps=10)]:
+        assert torch.isfinite(model.sample(2, sampler=sampler).x0).all()
