@@ -8,6 +8,7 @@ Training minimises L_simple (Ho et al. 2020, arXiv:2006.11239, Eq. 14 / Algorith
 from __future__ import annotations
 
 import hashlib
+import math
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -54,8 +55,11 @@ class DDPM(L.LightningModule):
         image_shape: ``(C, H, W)`` of one image, default ``(1, 32, 32)``.
         config: the resolved run configuration as plain containers, stored in the checkpoint so that a
             checkpoint can be sampled without the original config files.
+        label_dropout: class-conditional networks only (``net.num_classes`` set): the probability of replacing a
+            label by the null label during training, for classifier-free guidance (Ho & Salimans 2022).
 
-    Batches are ``(x0, y)`` or ``x0`` with x0 ``(N, C, H, W)`` float in [-1, 1].
+    Batches are ``(x0, y)`` or ``x0`` with x0 ``(N, C, H, W)`` float in [-1, 1] and y ``(N,)`` int64 labels
+    (used only by a class-conditional network).
 
     Randomness: each training step reseeds the global RNG with ``derive_seed(seed, global_step, global_rank)``,
     so t, eps and dropout are a pure function of the step: a resumed run reproduces an uninterrupted one and
@@ -72,8 +76,11 @@ class DDPM(L.LightningModule):
         seed: int = 0,
         image_shape: tuple[int, int, int] = (1, 32, 32),
         config: dict[str, Any] | None = None,
+        label_dropout: float = 0.1,
     ) -> None:
         super().__init__()
+        if isinstance(label_dropout, bool) or not isinstance(label_dropout, (int, float)) or not 0 <= label_dropout < 1:
+            raise invalid("label_dropout", label_dropout, "must be a number in [0, 1)")
         # Plain containers only: OmegaConf objects would break torch.load(weights_only=True).
         self.save_hyperparameters({"config": config or {}, "seed": int(seed), "image_shape": list(image_shape)})
         self.net = net
@@ -82,6 +89,8 @@ class DDPM(L.LightningModule):
         self.sampler = sampler if sampler is not None else DDPMSampler()
         self.seed = int(seed)
         self.image_shape = tuple(image_shape)
+        self.num_classes: int | None = getattr(net, "num_classes", None)
+        self.label_dropout = float(label_dropout)
         self.val_loss = MeanMetric()
         self.val_loss_quartiles = nn.ModuleList(MeanMetric() for _ in range(NUM_QUARTILES))
 
@@ -96,28 +105,31 @@ class DDPM(L.LightningModule):
             return batch[0], (batch[1] if len(batch) > 1 else None)
         return batch, None
 
-    def _eps_loss(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    def _eps_loss(self, x0: Tensor, t: Tensor, noise: Tensor, y: Tensor | None = None) -> Tensor:
         """Per-sample epsilon-MSE, ``(N,)`` float32."""
         x_t = self.schedule.q_sample(x0, t, noise)
-        eps = self(x_t, t)
+        eps = self(x_t, t, y if self.num_classes is not None else None)
         return F.mse_loss(eps.float(), noise.float(), reduction="none").flatten(1).mean(1)
 
     # ------------------------------------------------------------------------------------------- training
     def training_step(self, batch: Tensor | tuple, batch_idx: int) -> Tensor:
-        x0, _ = self._split_batch(batch)
+        x0, y = self._split_batch(batch)
         torch.manual_seed(derive_seed(self.seed, "train", self.global_step, self.global_rank))
         t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0)
-        loss = self._eps_loss(x0, t, noise).mean()
+        if self.num_classes is not None and y is not None and self.label_dropout > 0:
+            drop = torch.rand(y.shape, device=y.device) < self.label_dropout
+            y = torch.where(drop, torch.full_like(y, -1), y)  # -1 = the null label
+        loss = self._eps_loss(x0, t, noise, y).mean()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x0.shape[0])
         return loss
 
     def validation_step(self, batch: Tensor | tuple, batch_idx: int) -> None:
-        x0, _ = self._split_batch(batch)
+        x0, y = self._split_batch(batch)
         g = torch.Generator(device="cpu").manual_seed(derive_seed(self.seed, "val", batch_idx, self.global_rank))
         t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), generator=g).to(x0.device)
         noise = torch.randn(x0.shape, generator=g).to(device=x0.device, dtype=x0.dtype)
-        losses = self._eps_loss(x0, t, noise)
+        losses = self._eps_loss(x0, t, noise, y)
         self.val_loss.update(losses)
         quartile = (t * NUM_QUARTILES) // self.schedule.num_timesteps
         for q, metric in enumerate(self.val_loss_quartiles):
@@ -149,6 +161,8 @@ class DDPM(L.LightningModule):
         trajectory_every: int | None = None,
         noise: Tensor | None = None,
         progress: bool = False,
+        class_labels: Tensor | None = None,
+        guidance_scale: float = 1.0,
     ) -> SampleOutput:
         """Draw samples with the reverse process, in eval mode (the previous mode is restored).
 
@@ -160,25 +174,65 @@ class DDPM(L.LightningModule):
             trajectory_every: also return x_t every this many sampler steps.
             noise: x_T, ``(N, C, H, W)``; drawn from ``generator`` when None.
             progress: tqdm bar over the steps.
+            class_labels: ``(N,)`` int64 in [0, num_classes-1] for a class-conditional network; None gives the
+                digits 0, 1, ..., num_classes-1 in turn. Refused by an unconditional network.
+            guidance_scale: classifier-free guidance (Ho & Salimans 2022, Eq. 6 with w = guidance_scale - 1):
+                ``eps = eps_null + guidance_scale * (eps_cond - eps_null)``; 1 = plain conditional, 0 = unconditional.
+                Must be 1 for an unconditional network.
 
         Returns:
             :class:`~ddpm_lightning.samplers.SampleOutput`: ``x0`` of shape ``(N, C, H, W)`` in [-1, 1] and the
             optional trajectory of ``(t, x_t)`` pairs.
 
         Raises:
-            ConfigError: ``num_samples`` not a positive integer.
+            ConfigError: ``num_samples`` not a positive integer; labels or guidance for an unconditional network;
+                labels out of range.
         """
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise invalid("num_samples", num_samples, "must be a positive integer")
+        eps_fn = self._guided_eps_fn(num_samples, class_labels, guidance_scale)
         if noise is None:
             noise = torch.randn((num_samples, *self.image_shape), generator=generator, device=self.device)
         sampler = sampler or self.sampler
         with eval_mode(self.net):
             return sampler(
-                lambda x, t: self.net(x, t),
+                eps_fn,
                 self.schedule,
                 noise,
                 generator=generator,
                 trajectory_every=trajectory_every,
                 progress=progress,
             )
+
+    def _guided_eps_fn(
+        self, num_samples: int, class_labels: Tensor | None, guidance_scale: float
+    ) -> Callable[[Tensor, Tensor], Tensor]:
+        """The eps function the sampler calls: plain, conditional, or classifier-free guided."""
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+            raise invalid("guidance_scale", guidance_scale, "must be a finite number")
+        if self.num_classes is None:
+            if class_labels is not None:
+                raise invalid("class_label", _label_repr(class_labels), "the model is unconditional (model.num_classes=null)")
+            if guidance_scale != 1.0:
+                raise invalid("guidance_scale", guidance_scale, "the model is unconditional (model.num_classes=null); use 1.0")
+            return lambda x, t: self.net(x, t)
+        if class_labels is None:
+            class_labels = torch.arange(num_samples) % self.num_classes
+        y = torch.as_tensor(class_labels, dtype=torch.long, device=self.device).reshape(-1)
+        if y.numel() == 1:
+            y = y.expand(num_samples)
+        if y.shape != (num_samples,) or bool(((y < 0) | (y >= self.num_classes)).any()):
+            raise invalid("class_label", _label_repr(class_labels), f"must be integers in [0, {self.num_classes - 1}], one per sample")
+        if guidance_scale == 1.0:
+            return lambda x, t: self.net(x, t, y)
+        null = torch.full_like(y, -1)
+
+        def guided(x: Tensor, t: Tensor) -> Tensor:
+            eps_cond, eps_null = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+            return eps_null + guidance_scale * (eps_cond - eps_null)
+
+        return guided
+
+
+def _label_repr(labels: Any) -> Any:
+    return labels.tolist() if isinstance(labels, Tensor) else labels

@@ -43,12 +43,20 @@ class DiffUNetEps(EpsNetwork):
     Args:
         in_channels: image channels C (1 for MNIST).
         large_model: deepinv's large variant (256 base channels).
+        num_classes: must be None (deepinv's DiffUNet has no class embedding).
+
+    Raises:
+        ConfigError: ``model.num_classes`` set.
     """
 
-    def __init__(self, in_channels: int = 1, large_model: bool = False) -> None:
+    def __init__(self, in_channels: int = 1, large_model: bool = False, num_classes: int | None = None) -> None:
         super().__init__()
         from deepinv.models import DiffUNet
 
+        if num_classes is not None:
+            raise invalid(
+                "model.num_classes", num_classes, "deepinv's DiffUNet is unconditional; use model=adm_small for labels"
+            )
         # pretrained=None: random initialisation (the released weights are RGB 256x256 and cannot load at 1 channel).
         self.net = DiffUNet(in_channels=in_channels, out_channels=in_channels, large_model=large_model, pretrained=None)
         self.in_channels = in_channels

@@ -131,7 +131,27 @@ def _validate(cfg: DictConfig) -> dict[str, Any]:
         )
     opts["out_dir"] = out_dir
     opts["sampler"] = _build(cfg.sampler) if cfg.get("sampler") is not None else None
+    label = cfg.get("class_label")
+    if label is not None and (isinstance(label, bool) or not isinstance(label, int) or label < 0):
+        raise invalid("class_label", label, "must be null or an integer class index >= 0")
+    scale = cfg.get("guidance_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise invalid("guidance_scale", scale, "must be a finite number (1 = no guidance)")
+    opts["class_label"], opts["guidance_scale"] = label, float(scale)
     return opts
+
+
+def _check_conditioning(opts: dict[str, Any], num_classes: int | None) -> None:
+    """class_label / guidance_scale against the checkpoint's model, before the network is built."""
+    if num_classes is None:
+        if opts["class_label"] is not None:
+            raise invalid("class_label", opts["class_label"], "the checkpoint's model is unconditional (model.num_classes=null)")
+        if opts["guidance_scale"] != 1.0:
+            raise invalid(
+                "guidance_scale", opts["guidance_scale"], "the checkpoint's model is unconditional (model.num_classes=null); use 1.0"
+            )
+    elif opts["class_label"] is not None and opts["class_label"] >= num_classes:
+        raise invalid("class_label", opts["class_label"], f"must be in [0, {num_classes - 1}] for this checkpoint")
 
 
 def _save_gif(frames: list[torch.Tensor], path: Path) -> Path:
@@ -174,6 +194,8 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         sampler = _build(dict(config["sampler"])) if config.get("sampler") else None
     if sampler is not None:
         sampler.timesteps(schedule.num_timesteps)  # raises ConfigError naming sampler.steps
+    num_classes = config["model"].get("num_classes")
+    _check_conditioning(opts, num_classes)
     used_ema = opts["use_ema"] and has_ema(ckpt)
     model = ddpm_from_checkpoint(ckpt, map_location=opts["device"], use_ema=opts["use_ema"], path=path)
     del ckpt
@@ -183,6 +205,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     n, bs, device = opts["num_samples"], opts["batch_size"], opts["device"]
     every = max(1, num_steps // (opts["trajectory_frames"] - 1)) if opts["trajectory"] else None
     chunks: list[torch.Tensor] = []
+    label_chunks: list[torch.Tensor] = []
     traj_chunks: list[list[torch.Tensor]] = []  # per batch: frames of its first rows, (k, C, H, W) on the CPU
     traj_rows = 0
     num_batches = math.ceil(n / bs)
@@ -192,8 +215,19 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
             size = min(bs, n - i * bs)
             generator = torch.Generator(device=device).manual_seed(opts["seed"] + i)
             want = min(TRAJECTORY_ROWS - traj_rows, size) if every is not None else 0
+            labels = None
+            if num_classes is not None:  # one class, or all classes in turn across the whole run
+                first = opts["class_label"]
+                labels = torch.full((size,), first) if first is not None else torch.arange(i * bs, i * bs + size) % num_classes
+                label_chunks.append(labels)
             out = model.sample(
-                size, generator=generator, sampler=sampler, trajectory_every=every if want > 0 else None, progress=True
+                size,
+                generator=generator,
+                sampler=sampler,
+                trajectory_every=every if want > 0 else None,
+                progress=True,
+                class_labels=labels,
+                guidance_scale=opts["guidance_scale"],
             )
             chunks.append(to_uint8(out.x0).cpu())
             if want > 0:
@@ -209,7 +243,10 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     samples_path = out_dir / SAMPLES_FILE
     tmp = out_dir / (SAMPLES_FILE + ".tmp")
     with open(tmp, "wb") as f:
-        np.savez(f, images.permute(0, 2, 3, 1).contiguous().numpy())
+        arrays = [images.permute(0, 2, 3, 1).contiguous().numpy()]
+        if label_chunks:  # guided-diffusion's layout for class-conditional samples: arr_1 = labels
+            arrays.append(torch.cat(label_chunks).numpy())
+        np.savez(f, *arrays)
     os.replace(tmp, samples_path)
     grid_x = images[:GRID_MAX].float() / 255 * 2 - 1
     grid_path = save_png(sample_grid(grid_x), out_dir / GRID_FILE)

@@ -113,6 +113,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         sampler=sampler,
         seed=cfg.seed,
         config=OmegaConf.to_container(cfg, resolve=True),
+        label_dropout=cfg.get("label_dropout", 0.1),
     )
     callbacks = [_build(c) for c in cfg.get("callbacks", {}).values() if c is not None]
     logger = _build(cfg.logger) if cfg.get("logger") else False

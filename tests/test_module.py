@@ -114,3 +114,58 @@ def test_beta_end_0_2_trains_and_samples_finite():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     for sampler in [DDIMSampler(steps=10, clip_denoised=False), DDIMSampler(steps=10)]:
         assert torch.isfinite(model.sample(2, sampler=sampler).x0).all()
+
+
+def test_class_conditional_training_drops_labels_and_guidance_mixes_two_passes():
+    torch.manual_seed(0)
+    net = tiny_net(num_classes=10)
+    model = DDPM(net, NoiseSchedule(timesteps=20), sampler=DDIMSampler(steps=4), label_dropout=0.5)
+    seen = []
+    original = net.forward
+
+    def spy(x, t, y=None):
+        seen.append(None if y is None else y.clone())
+        return original(x, t, y)
+
+    net.forward = spy
+    x0 = torch.rand(64, 1, 32, 32) * 2 - 1
+    y = torch.arange(64) % 10
+    model.training_step((x0, y), 0)
+    dropped = (seen[-1] == -1).float().mean().item()
+    assert 0.3 < dropped < 0.7  # label dropout 0.5 -> about half null labels
+    kept = seen[-1] != -1
+    assert torch.equal(seen[-1][kept], y[kept])
+    # guidance: eps = eps_null + s * (eps_cond - eps_null), evaluated in one batch of 2N
+    seen.clear()
+    x = torch.randn(3, 1, 32, 32)
+    t = torch.tensor([5, 5, 5])
+    labels = torch.tensor([1, 2, 3])
+    fn = model._guided_eps_fn(3, labels, 3.0)
+    with torch.no_grad():
+        guided = fn(x, t)
+        cond, null = original(x, t, labels), original(x, t, torch.full_like(labels, -1))
+    torch.testing.assert_close(guided, null + 3.0 * (cond - null), rtol=1e-4, atol=1e-5)
+    assert torch.equal(seen[-1], torch.tensor([1, 2, 3, -1, -1, -1]))
+    out = model.sample(4, class_labels=torch.tensor(7), guidance_scale=2.0)
+    assert out.x0.shape == (4, 1, 32, 32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [({"class_labels": torch.tensor([1])}, "class_label"), ({"guidance_scale": 3.0}, "guidance_scale")],
+)
+def test_conditional_options_on_an_unconditional_model_are_refused(kwargs, key):
+    model = DDPM(tiny_net(), NoiseSchedule(timesteps=10))
+    with pytest.raises(ConfigError, match=f"{key}.*unconditional"):
+        model.sample(1, **kwargs)
+
+
+def test_conditional_labels_out_of_range_are_refused():
+    model = DDPM(tiny_net(num_classes=10), NoiseSchedule(timesteps=10))
+    with pytest.raises(ConfigError, match="class_label"):
+        model.sample(2, class_labels=torch.tensor([3, 10]))
+
+
+def test_diffunet_refuses_num_classes():
+    with pytest.raises(ConfigError, match="model.num_classes=10"):
+        DiffUNetEps(num_classes=10)

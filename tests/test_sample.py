@@ -288,3 +288,53 @@ def test_cli_samples_and_refuses_to_overwrite(ckpt, tmp_path):
     ]
     assert "Traceback" not in proc.stderr
     assert (out / "samples.npz").read_bytes() == before
+
+
+@pytest.fixture(scope="module")
+def conditional_ckpt(tmp_path_factory) -> Path:
+    """A 1-epoch class-conditional tiny ADMUNet (model.num_classes=10), T = 50."""
+    root = write_fake_mnist(tmp_path_factory.mktemp("cdata"), n_train=16, n_test=8)
+    cfg = _compose(
+        "train",
+        [
+            "model=adm_tiny",
+            "model.num_classes=10",
+            f"data.root={root}",
+            "data.batch_size=8",
+            "data.val_size=8",
+            f"schedule.timesteps={T}",
+            "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false",
+            "callbacks.samples.num_samples=2",
+            "callbacks.samples.trajectory_samples=0",
+            "callbacks.samples.sampler={_target_: ddpm_lightning.samplers.DDIMSampler, steps: 2}",
+            f"run_dir={tmp_path_factory.mktemp('crun')}",
+        ],
+    )
+    return train(cfg)["last_ckpt"]
+
+
+def test_class_label_and_guidance_on_a_conditional_checkpoint(conditional_ckpt, tmp_path):
+    one = sample_module.sample(_sample_cfg(conditional_ckpt, tmp_path / "seven", "num_samples=3", "class_label=7",
+                                           "guidance_scale=3"))
+    with np.load(one["samples"]) as f:
+        assert f.files == ["arr_0", "arr_1"] and f["arr_0"].shape == (3, 32, 32, 1)
+        assert f["arr_1"].tolist() == [7, 7, 7]
+    every = sample_module.sample(_sample_cfg(conditional_ckpt, tmp_path / "all", "num_samples=12", "batch_size=5"))
+    with np.load(every["samples"]) as f:
+        assert f["arr_1"].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]  # all classes in turn across batches
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [("class_label=7", "class_label=7 is invalid"), ("guidance_scale=3", "guidance_scale=3.0 is invalid")],
+)
+def test_conditioning_an_unconditional_checkpoint_is_refused(ckpt, tmp_path, override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        sample_module.sample(_sample_cfg(ckpt, tmp_path / "out", override))
+    assert not (tmp_path / "out" / "samples.npz").exists()
+
+
+def test_class_label_out_of_range_for_the_checkpoint(conditional_ckpt, tmp_path):
+    with pytest.raises(ConfigError, match=r"class_label=10 is invalid: must be in \[0, 9\]"):
+        sample_module.sample(_sample_cfg(conditional_ckpt, tmp_path / "out", "class_label=10"))
