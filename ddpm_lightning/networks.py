@@ -89,7 +89,7 @@ class ADMUNetEps(EpsNetwork):
         self,
         img_resolution: int = 32,
         in_channels: int = 1,
-        model_channels: int = 64,
+        model_channels: int = 32,
         channel_mult: Sequence[int] = (1, 2, 2),
         num_blocks: int = 1,
         attn_resolutions: Sequence[int] = (8,),
