@@ -20,8 +20,8 @@ from typing import Any, Mapping
 
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 
+from ddpm_lightning.config import build
 from ddpm_lightning.errors import ConfigError, invalid
 from ddpm_lightning.module import DDPM
 
@@ -72,10 +72,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 def _instantiate(node: Mapping[str, Any], key: str) -> Any:
     """Instantiate a stored config node; the project's one-line errors pass through unwrapped."""
     try:
-        return instantiate(dict(node))
+        return build(dict(node))
     except InstantiationException as err:
-        if isinstance(err.__cause__, ConfigError):
-            raise err.__cause__ from None
         raise ConfigError(f"the checkpoint's {key} config cannot be instantiated: {_first_line(err)}") from None
 
 

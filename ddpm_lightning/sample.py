@@ -27,13 +27,12 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
 from ddpm_lightning.checkpoint import ddpm_from_checkpoint, has_ema, load_checkpoint
+from ddpm_lightning.config import build
 from ddpm_lightning.data import to_uint8
 from ddpm_lightning.errors import ConfigError, invalid
 from ddpm_lightning.images import sample_grid, save_png, trajectory_grid
@@ -92,16 +91,6 @@ def _out_dir(cfg: DictConfig) -> Path:
     return Path(str(value)).expanduser()
 
 
-def _build(node: Any) -> Any:
-    """``hydra.utils.instantiate`` that surfaces the project's one-line errors instead of Hydra's wrapper."""
-    try:
-        return instantiate(node)
-    except InstantiationException as err:
-        if isinstance(err.__cause__, ConfigError):
-            raise err.__cause__ from None
-        raise
-
-
 def _validate(cfg: DictConfig) -> dict[str, Any]:
     """Every check that needs neither the checkpoint's weights nor the network, in the order a user fixes them."""
     opts: dict[str, Any] = {
@@ -130,7 +119,7 @@ def _validate(cfg: DictConfig) -> dict[str, Any]:
             f"already holds {SAMPLES_FILE}; set overwrite=true to replace it, or choose another out_dir",
         )
     opts["out_dir"] = out_dir
-    opts["sampler"] = _build(cfg.sampler) if cfg.get("sampler") is not None else None
+    opts["sampler"] = build(cfg.sampler) if cfg.get("sampler") is not None else None
     label = cfg.get("class_label")
     if label is not None and (isinstance(label, bool) or not isinstance(label, int) or label < 0):
         raise invalid("class_label", label, "must be null or an integer class index >= 0")
@@ -188,10 +177,10 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     ckpt = load_checkpoint(path)
     config = ckpt["hyper_parameters"]["config"]
     # sampler.steps vs the checkpoint's schedule.timesteps, before the network is built (the schedule is cheap)
-    schedule = _build(dict(config["schedule"]))
+    schedule = build(dict(config["schedule"]))
     sampler = opts["sampler"]
     if sampler is None:  # sampler=null: the checkpoint's own sampler
-        sampler = _build(dict(config["sampler"])) if config.get("sampler") else None
+        sampler = build(dict(config["sampler"])) if config.get("sampler") else None
     if sampler is not None:
         sampler.timesteps(schedule.num_timesteps)  # raises ConfigError naming sampler.steps
     num_classes = config["model"].get("num_classes")

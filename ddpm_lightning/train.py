@@ -15,10 +15,9 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ddpm_lightning.config import build
 from ddpm_lightning.data import MNISTDataError
 from ddpm_lightning.errors import ConfigError, invalid
 from ddpm_lightning.module import DDPM
@@ -74,16 +73,6 @@ def prepare_config(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def _build(node: DictConfig, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` that surfaces the project's one-line errors instead of Hydra's wrapper."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as err:
-        if isinstance(err.__cause__, (ConfigError, MNISTDataError)):
-            raise err.__cause__ from None
-        raise
-
-
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train a DDPM as configured; returns paths and the final logged metrics.
 
@@ -99,13 +88,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(str(cfg.run_dir))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    datamodule = _build(cfg.data)
+    datamodule = build(cfg.data)
     datamodule.prepare_data()  # fails here, with the data.root hint, if the files are missing
-    schedule = _build(cfg.schedule)
-    sampler = _build(cfg.sampler)
+    schedule = build(cfg.schedule)
+    sampler = build(cfg.sampler)
     sampler.timesteps(schedule.num_timesteps)  # validates sampler.steps against schedule.timesteps
-    net = _build(cfg.model)
-    optimizer = _build(cfg.optimizer)
+    net = build(cfg.model)
+    optimizer = build(cfg.optimizer)
     model = DDPM(
         net=net,
         schedule=schedule,
@@ -115,9 +104,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         config=OmegaConf.to_container(cfg, resolve=True),
         label_dropout=cfg.get("label_dropout", 0.1),
     )
-    callbacks = [_build(c) for c in cfg.get("callbacks", {}).values() if c is not None]
-    logger = _build(cfg.logger) if cfg.get("logger") else False
-    trainer: L.Trainer = _build(cfg.trainer, callbacks=callbacks, logger=logger)
+    callbacks = [build(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    logger = build(cfg.logger) if cfg.get("logger") else False
+    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=logger)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
