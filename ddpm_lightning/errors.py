@@ -14,3 +14,8 @@ class ConfigError(ValueError):
 def invalid(key: str, value: object, allowed: str) -> ConfigError:
     """Build the standard message ``<key>=<value> is invalid: <allowed>``."""
     return ConfigError(f"{key}={value!r} is invalid: {allowed}")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; raised before the optimizer step, so no checkpoint holds the
+    corrupted weights. The message names the global step, the loss and the learning rate."""

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from ddpm_lightning.errors import invalid
+from ddpm_lightning.errors import NonFiniteLossError, invalid
 from ddpm_lightning.samplers import DDPMSampler, SampleOutput, _Sampler
 from ddpm_lightning.schedule import NoiseSchedule
 
@@ -121,8 +121,19 @@ class DDPM(L.LightningModule):
             drop = torch.rand(y.shape, device=y.device) < self.label_dropout
             y = torch.where(drop, torch.full_like(y, -1), y)  # -1 = the null label
         loss = self._eps_loss(x0, t, noise, y).mean()
+        if not torch.isfinite(loss):
+            self._raise_non_finite(loss)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x0.shape[0])
         return loss
+
+    def _raise_non_finite(self, loss: Tensor) -> None:
+        lr = float("nan")
+        if self._trainer is not None and self.trainer.optimizers:
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        raise NonFiniteLossError(
+            f"training stopped: non-finite loss {loss.item()} at global step {self.global_step} (lr={lr:g}); "
+            "the newest checkpoint is the last good one. Try a lower optimizer.lr or trainer.gradient_clip_val"
+        )
 
     def validation_step(self, batch: Tensor | tuple, batch_idx: int) -> None:
         x0, y = self._split_batch(batch)

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ddpm_lightning.config import build
 from ddpm_lightning.data import MNISTDataError
-from ddpm_lightning.errors import ConfigError, invalid
+from ddpm_lightning.errors import ConfigError, NonFiniteLossError, invalid
 from ddpm_lightning.module import DDPM
 
 log = logging.getLogger(__name__)
@@ -134,12 +134,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Console entry point. Bad input: one line on stderr and exit status 2, no traceback."""
+    """Console entry point. Bad input: one line on stderr and exit status 2; a non-finite loss: one line and exit
+    status 3 (the newest checkpoint is the last good one). No traceback in either case."""
     try:
         result = train(cfg)
     except (ConfigError, MNISTDataError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(3)
     val = result["metrics"].get("val/loss")
     return val  # lets Hydra sweepers optimise val/loss
 

@@ -176,3 +176,25 @@ def test_one_epoch_on_real_mnist(real_mnist_root, tmp_path):
     assert result["last_ckpt"].is_file()
     assert result["trainer"].datamodule.num_train == 64
     assert 0.0 < result["metrics"]["val/loss"] < 2.0
+
+
+def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_train_overrides, monkeypatch):
+    """A NaN loss in epoch 2 stops the run before the optimizer step; last.ckpt stays the finite epoch-1 one."""
+    from ddpm_lightning.errors import NonFiniteLossError
+    from ddpm_lightning.module import DDPM
+
+    original = DDPM._eps_loss
+
+    def poisoned(self, *args, **kwargs):
+        losses = original(self, *args, **kwargs)
+        return losses * float("nan") if self.global_step >= 3 else losses
+
+    monkeypatch.setattr(DDPM, "_eps_loss", poisoned)
+    cfg = compose_train([*tiny_train_overrides, "trainer.max_epochs=3"])
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan at global step 3 \(lr=0.0001\)"):
+        train(cfg)
+    last = Path(str(cfg.run_dir)) / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2
+    for key in ["state_dict", "current_model_state"]:
+        assert all(torch.isfinite(v).all() for v in ckpt[key].values() if v.is_floating_point())
