@@ -1,0 +1,392 @@
+"""``ddpm-report``: summarise a Hydra multirun sweep of ``ddpm-train`` in a table and one plot per metric.
+
+Usage::
+
+    ddpm-report <sweep dir> [--out DIR] [--metric val/loss --metric fid ...] [--log-x auto|on|off]
+
+Input: the directory written by ``ddpm-train -m schedule.beta_end=0.02,0.1,0.2 ...``
+(``hydra.sweep.dir``). Each job is a numeric sub-folder ``<sweep>/<n>`` (read in numeric order) holding
+
+* ``.hydra/overrides.yaml``: a YAML list of ``key=value`` strings (required: a folder without it is not a job);
+  the *swept parameters* are the override keys whose values differ across jobs;
+* ``tensorboard/events.out.tfevents.*``: TensorBoard scalars; the report keeps, for each of ``val/loss``,
+  ``val/loss_q0`` .. ``val/loss_q3``, ``train/loss_epoch`` (and ``val/fid`` when logged), the value at the largest
+  step. Several event files in one folder are one run continued after a resume: they are merged, and at equal
+  steps the later-written value wins;
+* ``checkpoints/last.ckpt`` (optional): ``global_step`` and ``epoch`` are read from it;
+* ``metrics.json`` (optional, written by ``ddpm-evaluate``): a JSON object; its numeric top-level values
+  (``fid``, ``fid_floor``, ``inception_score``, ``class_entropy``, ``confident_fraction``, ...) are reported.
+
+Outputs in ``--out`` (default: the sweep directory):
+
+* ``report.md``: a markdown table, one row per job: ``job``, the swept parameters, ``status``, ``step``,
+  ``epoch``, ``val/loss``, ``q0`` .. ``q3`` (the ``val/loss_q*`` timestep-quartile losses),
+  ``train/loss``, ``fid`` (when any job has one), and ``best`` (``**best**`` on the job with the lowest
+  ``fid`` when any job has a FID, else the lowest ``val/loss``). The overrides shared by all jobs are listed
+  under the table.
+* ``report.csv``: the same rows with every column: ``job``, every override key (swept ones first),
+  ``status``, ``step``, ``epoch``, the TensorBoard scalars under their tag names, every ``metrics.json`` key,
+  and ``best`` (1 or 0). Missing values are empty cells; floats are written with full precision.
+* ``report_<metric>.png`` (``/`` in the metric name becomes ``_``, e.g. ``report_val_loss_q0.png``): the
+  metric against the first swept parameter (a numeric axis when all its values are numbers, logarithmic when
+  they are positive and span more than 10x, unless ``--log-x`` says otherwise), one line per value of the other
+  swept parameters. Default metrics: ``val/loss``, ``val/loss_q0`` .. ``val/loss_q3`` and ``fid`` when present.
+
+A job without an event file or without ``val/loss`` stays in the table with its status (``no event file``,
+``no val/loss``) and blank values. A path without any job folder is an error: one line on stderr, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+#: TensorBoard scalar tags read from every job, in table order.
+SCALAR_TAGS = ["val/loss", "val/loss_q0", "val/loss_q1", "val/loss_q2", "val/loss_q3", "train/loss_epoch", "val/fid"]
+#: Short markdown column names of the scalar tags.
+SHORT = {
+    "val/loss_q0": "q0",
+    "val/loss_q1": "q1",
+    "val/loss_q2": "q2",
+    "val/loss_q3": "q3",
+    "train/loss_epoch": "train/loss",
+}
+DEFAULT_METRICS = ["val/loss", "val/loss_q0", "val/loss_q1", "val/loss_q2", "val/loss_q3", "fid"]
+
+
+class NotASweepError(ValueError):
+    """The path holds no numeric job folder with ``.hydra/overrides.yaml``."""
+
+
+# ----------------------------------------------------------------------------------------------------- reading
+def find_jobs(sweep: Path) -> list[Path]:
+    """The job folders of a multirun directory: numeric sub-folders with ``.hydra/overrides.yaml``, in numeric
+    order. Raises :class:`NotASweepError` when there is none."""
+    sweep = Path(sweep)
+    jobs = []
+    if sweep.is_dir():
+        jobs = [p for p in sweep.iterdir() if p.name.isdigit() and (p / ".hydra" / "overrides.yaml").is_file()]
+    if not jobs:
+        raise NotASweepError(
+            f"{sweep} is not a Hydra multirun directory (expected {sweep}/0/.hydra/overrides.yaml)"
+        )
+    return sorted(jobs, key=lambda p: int(p.name))
+
+
+def read_overrides(job: Path) -> dict[str, str]:
+    """``.hydra/overrides.yaml`` (a YAML list of ``key=value`` strings) as an ordered ``{key: value}`` dict.
+    The value is everything after the first ``=``; a leading ``+``/``++`` on the key is dropped."""
+    items = yaml.safe_load((Path(job) / ".hydra" / "overrides.yaml").read_text()) or []
+    out: dict[str, str] = {}
+    for item in items:
+        key, _, value = str(item).partition("=")
+        out[key.lstrip("+")] = value
+    return out
+
+
+def read_scalars(folder: Path, tags: list[str] | None = None) -> dict[str, tuple[int, float]]:
+    """``{tag: (step, value)}`` at the largest step, over all ``events.out.tfevents.*`` files under ``folder``.
+
+    Each file is read on its own and merged, so a run resumed into the same folder (a second event file that
+    repeats or continues the steps) gives the final value; at equal steps the later wall time wins. ``tags``:
+    keep only these (default: all scalar tags)."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    best: dict[str, tuple[int, float, float]] = {}  # tag -> (step, wall_time, value)
+    for file in sorted(Path(folder).rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(file), size_guidance={SCALARS: 0})
+        try:
+            acc.Reload()
+        except Exception:  # a truncated file of a killed job: use what the other files hold
+            continue
+        for tag in acc.Tags().get("scalars", []):
+            if tags is not None and tag not in tags:
+                continue
+            for ev in acc.Scalars(tag):
+                cand = (int(ev.step), float(ev.wall_time), float(ev.value))
+                if tag not in best or cand[:2] >= best[tag][:2]:
+                    best[tag] = cand
+    return {tag: (step, value) for tag, (step, _, value) in best.items()}
+
+
+def read_checkpoint_progress(ckpt: Path) -> dict[str, int]:
+    """``{"step": global_step, "epoch": epoch}`` of a Lightning checkpoint, ``{}`` when absent or unreadable."""
+    if not Path(ckpt).is_file():
+        return {}
+    import torch
+
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception:
+        return {}
+    out = {}
+    for key, name in [("global_step", "step"), ("epoch", "epoch")]:
+        if isinstance(state.get(key), int):
+            out[name] = state[key]
+    return out
+
+
+def read_metrics_json(job: Path) -> dict[str, float]:
+    """The numeric top-level values of ``<job>/metrics.json`` (``{}`` when absent or not a JSON object)."""
+    path = Path(job) / "metrics.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: float(v) for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def read_job(job: Path) -> dict[str, Any]:
+    """One job as a dict: ``job`` (folder name), ``overrides``, ``status``, ``step``, ``epoch``, ``scalars``
+    (``{tag: value}``) and ``metrics`` (from ``metrics.json``)."""
+    job = Path(job)
+    tb = job / "tensorboard" if (job / "tensorboard").is_dir() else job
+    has_events = any(tb.rglob("events.out.tfevents.*"))
+    found = read_scalars(tb, SCALAR_TAGS) if has_events else {}
+    progress = read_checkpoint_progress(job / "checkpoints" / "last.ckpt")
+    step = progress.get("step")
+    if step is None and found:
+        step = max(s for s, _ in found.values())
+    if not has_events:
+        status = "no event file"
+    elif "val/loss" not in found:
+        status = "no val/loss"
+    elif not math.isfinite(found["val/loss"][1]):
+        status = "non-finite val/loss"
+    else:
+        status = "ok"
+    metrics = read_metrics_json(job)
+    if "fid" not in metrics and "val/fid" in found:
+        metrics["fid"] = found["val/fid"][1]
+    return {
+        "job": job.name,
+        "overrides": read_overrides(job),
+        "status": status,
+        "step": step,
+        "epoch": progress.get("epoch"),
+        "scalars": {tag: value for tag, (_, value) in found.items()},
+        "metrics": metrics,
+    }
+
+
+def swept_keys(jobs: list[dict[str, Any]]) -> list[str]:
+    """Override keys whose value differs across jobs (a key missing in some job counts as differing)."""
+    keys: list[str] = []
+    for j in jobs:
+        keys += [k for k in j["overrides"] if k not in keys]
+    return [k for k in keys if len({j["overrides"].get(k) for j in jobs}) > 1]
+
+
+def _number(text: Any) -> float | None:
+    if text is None or isinstance(text, bool):
+        return None
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def metric_value(job: dict[str, Any], metric: str) -> float | None:
+    """A job's value of ``metric``: a TensorBoard tag (``val/loss``) or a ``metrics.json`` key (``fid``)."""
+    value = job["scalars"].get(metric, job["metrics"].get(metric))
+    return value if value is not None and math.isfinite(value) else None
+
+
+def best_job(jobs: list[dict[str, Any]]) -> tuple[str | None, str]:
+    """``(job name, ranking metric)``: the lowest ``fid`` when any job has one, else the lowest ``val/loss``."""
+    metric = "fid" if any(metric_value(j, "fid") is not None for j in jobs) else "val/loss"
+    ranked = [(metric_value(j, metric), int(j["job"])) for j in jobs if metric_value(j, metric) is not None]
+    return (str(min(ranked)[1]) if ranked else None), metric
+
+
+# ----------------------------------------------------------------------------------------------------- writing
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.5g}"
+    return str(value)
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(jobs: list[dict[str, Any]], swept: list[str], best: str | None, rank_metric: str) -> str:
+    """The ``report.md`` text: the table, then the overrides shared by all jobs and the ranking metric."""
+    has_fid = any(metric_value(j, "fid") is not None for j in jobs)
+    tags = ["val/loss", "val/loss_q0", "val/loss_q1", "val/loss_q2", "val/loss_q3", "train/loss_epoch"]
+    header = ["job", *swept, "status", "step", "epoch", *[SHORT.get(t, t) for t in tags]]
+    if has_fid:
+        header.append("fid")
+    header.append("best")
+    lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    for j in jobs:
+        row = [j["job"], *[j["overrides"].get(k, "") for k in swept], j["status"], _fmt(j["step"]), _fmt(j["epoch"])]
+        row += [_fmt(j["scalars"].get(t)) for t in tags]
+        if has_fid:
+            row.append(_fmt(j["metrics"].get("fid")))
+        row.append("**best**" if j["job"] == best else "")
+        lines.append("| " + " | ".join(_md_cell(c) for c in row) + " |")
+    fixed = {k: v for k, v in jobs[0]["overrides"].items() if k not in swept}
+    lines.append("")
+    lines.append(f"best: lowest {rank_metric}" + (f" (job {best})" if best is not None else " (no job has one)"))
+    if fixed:
+        lines.append("")
+        lines.append("Overrides shared by all jobs: " + ", ".join(f"`{k}={v}`" for k, v in fixed.items()))
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: Path, jobs: list[dict[str, Any]], swept: list[str], best: str | None) -> None:
+    """``report.csv``: one row per job, every override, the scalars, the ``metrics.json`` values, ``best``."""
+    keys = list(swept)
+    for j in jobs:
+        keys += [k for k in j["overrides"] if k not in keys]
+    # the loss columns always (empty when no job has them), other tags only when some job logged them
+    tags = [t for t in SCALAR_TAGS if t != "val/fid" or any(t in j["scalars"] for j in jobs)]
+    mkeys: list[str] = []
+    for j in jobs:
+        mkeys += [k for k in j["metrics"] if k not in mkeys]
+    header = ["job", *keys, "status", "step", "epoch", *tags, *mkeys, "best"]
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        for j in jobs:
+            row = [j["job"], *[j["overrides"].get(k, "") for k in keys], j["status"], j["step"], j["epoch"]]
+            row += [j["scalars"].get(t) for t in tags] + [j["metrics"].get(k) for k in mkeys]
+            row.append(int(j["job"] == best))
+            writer.writerow(["" if v is None else (repr(v) if isinstance(v, float) else v) for v in row])
+
+
+def metric_filename(metric: str) -> str:
+    """``report_<metric>.png`` with every character outside ``[A-Za-z0-9_.-]`` replaced by ``_``."""
+    return "report_" + re.sub(r"[^A-Za-z0-9_.-]", "_", metric) + ".png"
+
+
+def plot_metric(path: Path, jobs: list[dict[str, Any]], swept: list[str], metric: str, log_x: str = "auto") -> None:
+    """One PNG: ``metric`` against the first swept parameter (the job number when nothing is swept), one line
+    per combination of the other swept parameters. ``log_x``: ``auto`` (log when the positive numeric values
+    span more than 10x), ``on`` or ``off``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xkey = swept[0] if swept else None
+    xs_raw = [j["overrides"].get(xkey) if xkey else j["job"] for j in jobs]
+    nums = [_number(x) for x in xs_raw]
+    numeric = all(n is not None for n in nums)
+    if numeric:
+        xpos = {x: n for x, n in zip(xs_raw, nums)}
+    else:
+        order = sorted({str(x) for x in xs_raw})
+        xpos = {x: float(order.index(str(x))) for x in xs_raw}
+
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for j, x in zip(jobs, xs_raw):
+        label = ", ".join(f"{k}={j['overrides'].get(k, '')}" for k in swept[1:])
+        y = metric_value(j, metric)
+        if y is not None:
+            groups.setdefault(label, []).append((xpos[x], y))
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for label, pts in groups.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label or None)
+    if not groups:
+        ax.text(0.5, 0.5, f"no job has {metric}", ha="center", va="center", transform=ax.transAxes)
+    if numeric:
+        positive = [n for n in nums if n is not None and n > 0]
+        span = len(positive) == len(nums) and positive and max(positive) / min(positive) > 10
+        if log_x == "on" or (log_x == "auto" and span):
+            if positive and len(positive) == len(nums):
+                ax.set_xscale("log")
+    else:
+        order = sorted({str(x) for x in xs_raw})
+        ax.set_xticks(range(len(order)))
+        ax.set_xticklabels(order, rotation=20, ha="right")
+    ax.set_xlabel(xkey or "job")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} vs {xkey or 'job'}")
+    ax.grid(True, alpha=0.3)
+    if any(groups) and len(groups) > 1:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def report(sweep: Path, out: Path | None = None, metrics: list[str] | None = None, log_x: str = "auto") -> dict:
+    """Read the sweep, write ``report.md``, ``report.csv`` and the PNGs into ``out`` (default ``sweep``).
+
+    Returns ``{"jobs", "swept", "best", "rank_metric", "markdown", "md", "csv", "plots"}``."""
+    sweep = Path(sweep)
+    job_dirs = find_jobs(sweep)
+    out = Path(out) if out is not None else sweep
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [read_job(d) for d in job_dirs]
+    swept = swept_keys(jobs)
+    best, rank_metric = best_job(jobs)
+    text = markdown_table(jobs, swept, best, rank_metric)
+    (out / "report.md").write_text(f"# Sweep report: {sweep}\n\n" + text)
+    write_csv(out / "report.csv", jobs, swept, best)
+    if metrics is None:
+        metrics = [m for m in DEFAULT_METRICS if m != "fid" or any(metric_value(j, "fid") is not None for j in jobs)]
+    plots = []
+    for metric in metrics:
+        path = out / metric_filename(metric)
+        plot_metric(path, jobs, swept, metric, log_x)
+        plots.append(path)
+    return {
+        "jobs": jobs,
+        "swept": swept,
+        "best": best,
+        "rank_metric": rank_metric,
+        "markdown": text,
+        "md": out / "report.md",
+        "csv": out / "report.csv",
+        "plots": plots,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns the exit status (2 with one ``error:`` line when the path is not a sweep)."""
+    parser = argparse.ArgumentParser(prog="ddpm-report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep", type=Path, help="Hydra multirun directory (hydra.sweep.dir) of ddpm-train -m")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: the sweep directory)")
+    parser.add_argument(
+        "--metric",
+        action="append",
+        default=None,
+        help="metric to plot, repeatable: a TensorBoard tag (val/loss, val/loss_q0, train/loss_epoch) or a "
+        "metrics.json key (fid, inception_score); default: val/loss, val/loss_q0..q3 and fid when present",
+    )
+    parser.add_argument("--log-x", choices=["auto", "on", "off"], default="auto", help="log scale of the x axis")
+    args = parser.parse_args(argv)
+    try:
+        result = report(args.sweep, args.out, args.metric, args.log_x)
+    except NotASweepError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    print(result["markdown"])
+    print(f"wrote {result['md']}")
+    print(f"wrote {result['csv']}")
+    for path in result["plots"]:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
