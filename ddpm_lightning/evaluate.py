@@ -1,0 +1,274 @@
+"""``ddpm-evaluate``: sample quality of a DDPM on MNIST, measured with a small MNIST classifier.
+
+Usage::
+
+    ddpm-evaluate samples=outputs/samples/<day>/<time>/samples.npz data.root=../shared/data
+    ddpm-evaluate ckpt_path=<run>/checkpoints/last.ckpt num_samples=1000 sampler.steps=50 data.root=../shared/data
+    ddpm-evaluate samples=real n=1000 data.root=../shared/data          # the real-vs-real floor alone
+
+Metrics (see :mod:`ddpm_lightning.metrics`): FID in the classifier's feature space against the 10,000 test images,
+the floor (the first ``n`` real training images against the test images; a model's FID is read against the floor
+at the same ``n``), the Inception Score with the classifier, the class histogram and its normalised entropy, and the
+fraction of confidently classified images. Prints a table and writes ``metrics.json`` to ``out_dir``.
+
+The classifier comes from ``classifier_path`` (null = :func:`ddpm_lightning.metrics.default_classifier_path`); when
+it is missing the command fails with a one-line hint to run ``ddpm-train-classifier data.root=...``, unless
+``train_classifier_if_missing=true``. Every input is checked before any work starts; bad input prints one line on
+stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ddpm_lightning.data import MNISTDataError, check_mnist_files, load_mnist_split
+from ddpm_lightning.errors import ConfigError, invalid
+from ddpm_lightning.metrics import (
+    default_classifier_path,
+    evaluate_images,
+    load_classifier,
+    train_classifier,
+)
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+METRICS_FILE = "metrics.json"
+REAL_MODES = ("real", "real-train")
+REAL_DEFAULT_N = 10000
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _flag(cfg: DictConfig, key: str) -> bool:
+    value = cfg.get(key)
+    if not isinstance(value, bool):
+        raise invalid(key, value, "must be true or false")
+    return value
+
+
+def _out_dir(cfg: DictConfig) -> Path:
+    try:
+        value = cfg.get("out_dir")
+    except Exception:  # ${hydra:runtime.output_dir} outside a Hydra run
+        raise ConfigError("out_dir is not set: pass out_dir=<folder> when not running through ddpm-evaluate") from None
+    if value is None or str(value) == "":
+        raise invalid("out_dir", value, "must be a folder path")
+    return Path(str(value)).expanduser()
+
+
+def load_samples(path: Path) -> torch.Tensor:
+    """``arr_0`` of a samples.npz as uint8 ``(N, 1, 32, 32)``; ConfigError naming ``samples=`` otherwise."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "arr_0" not in f.files:
+                raise invalid("samples", str(path), f"holds no arr_0 (arrays: {', '.join(f.files) or 'none'})")
+            arr = f["arr_0"]
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise invalid("samples", str(path), f"not a readable .npz file ({type(err).__name__})") from None
+    if arr.dtype != np.uint8:
+        raise invalid("samples", str(path), f"arr_0 must be uint8 0..255, got {arr.dtype}")
+    if arr.ndim == 4 and arr.shape[1:] == (32, 32, 1):
+        arr = arr.transpose(0, 3, 1, 2)
+    if arr.ndim != 4 or arr.shape[1:] != (1, 32, 32):
+        raise invalid("samples", str(path), f"arr_0 must be (N, 32, 32, 1) or (N, 1, 32, 32), got {arr.shape}")
+    if arr.shape[0] < 2:
+        raise invalid("samples", str(path), f"holds {arr.shape[0]} image(s); FID needs at least 2")
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _validate(cfg: DictConfig) -> dict[str, Any]:
+    """Every check that needs neither the classifier nor the images, in the order a user fixes them."""
+    opts: dict[str, Any] = {}
+    opts["overwrite"] = _flag(cfg, "overwrite")
+    opts["train_if_missing"] = _flag(cfg, "train_classifier_if_missing")
+    samples, ckpt = cfg.get("samples"), cfg.get("ckpt_path")
+    if (samples is None) == (ckpt is None):
+        raise ConfigError(
+            "give exactly one of samples=<samples.npz> (or samples=real) and ckpt_path=<checkpoint>: "
+            f"got samples={samples!r}, ckpt_path={ckpt!r}"
+        )
+    if samples is not None:
+        if str(samples) in REAL_MODES:
+            opts["mode"] = "real"
+        else:
+            opts["mode"] = "samples"
+            path = Path(str(samples)).expanduser()
+            if not path.is_file():
+                raise invalid("samples", str(samples), "no such file; give a samples.npz from ddpm-sample, or real")
+            opts["samples"] = path.resolve()
+    else:
+        opts["mode"] = "checkpoint"
+        path = Path(str(ckpt)).expanduser()
+        if not path.is_file():
+            raise invalid("ckpt_path", str(ckpt), "no such checkpoint file")
+        opts["ckpt_path"] = path.resolve()
+        num = cfg.get("num_samples")
+        if not _is_int(num) or num < 2:
+            raise invalid("num_samples", num, "must be an integer >= 2 (FID needs at least 2 images)")
+    n = cfg.get("n")
+    if n is not None and (not _is_int(n) or n < 2):
+        raise invalid("n", n, "must be null (all images) or an integer >= 2")
+    opts["n"] = n
+    epochs = cfg.get("classifier_epochs", 3)
+    if not _is_int(epochs) or epochs < 1:
+        raise invalid("classifier_epochs", epochs, "must be a positive integer")
+    opts["classifier_epochs"] = epochs
+    out_dir = _out_dir(cfg)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise invalid("out_dir", str(out_dir), "exists and is not a folder")
+    if (out_dir / METRICS_FILE).exists() and not opts["overwrite"]:
+        raise invalid(
+            "out_dir", str(out_dir), f"already holds {METRICS_FILE}; set overwrite=true to replace it, or choose another out_dir"
+        )
+    opts["out_dir"] = out_dir
+    root = cfg.get("data", {}).get("root") if cfg.get("data") is not None else None
+    if root is None or str(root) == "":
+        raise invalid("data.root", root, "must be the directory containing MNIST/raw (e.g. data.root=../shared/data)")
+    check_mnist_files(str(root))  # MNISTDataError: one line naming data.root
+    opts["root"] = str(root)
+    clf = cfg.get("classifier_path")
+    clf_path = Path(str(clf)).expanduser() if clf is not None else default_classifier_path()
+    if clf_path.exists() and not clf_path.is_file():
+        raise invalid("classifier_path", str(clf_path), "is a folder, not a classifier file")
+    if not clf_path.is_file() and not opts["train_if_missing"]:
+        raise ConfigError(
+            f"classifier_path={str(clf_path)!r} is invalid: no such file; train one with "
+            f"ddpm-train-classifier data.root={root} out={clf_path} (or pass train_classifier_if_missing=true)"
+        )
+    opts["classifier_path"] = clf_path
+    return opts
+
+
+def _sample_config(cfg: DictConfig, opts: dict[str, Any]) -> DictConfig:
+    """conf/sample.yaml's options (without Hydra's keys) with this run's checkpoint, count, sampler and out_dir."""
+    base = OmegaConf.load(Path(CONFIG_DIR) / "sample.yaml")
+    for key in ("defaults", "hydra", "out_dir", "ckpt_path"):
+        if key in base:
+            del base[key]  # (pop would resolve ${hydra:...})
+    sampler = cfg.get("sampler")
+    merged = OmegaConf.merge(
+        base,
+        {
+            "ckpt_path": str(opts["ckpt_path"]),
+            "num_samples": cfg.num_samples,
+            "batch_size": cfg.get("batch_size", base.batch_size),
+            "seed": cfg.get("seed", base.seed),
+            "device": cfg.get("device", base.device),
+            "use_ema": cfg.get("use_ema", base.use_ema),
+            "trajectory": False,
+            "overwrite": opts["overwrite"],
+            "out_dir": str(opts["out_dir"] / "samples"),
+        },
+    )
+    merged.sampler = OmegaConf.to_container(sampler, resolve=True) if sampler is not None else None
+    return merged
+
+
+def _format_table(m: dict[str, Any]) -> str:
+    hist = " ".join(f"{d}:{c}" for d, c in enumerate(m["class_histogram"]))
+    acc = m.get("classifier_test_accuracy")
+    sha = m.get("classifier_sha256") or "?"
+    rows = [
+        f"\nEvaluated {m['n']} images ({m['source']}) with classifier {sha[:16]} "
+        f"(test accuracy {acc * 100:.2f}%)" if acc is not None else f"\nEvaluated {m['n']} images ({m['source']})",
+        f"  {'FID vs ' + str(m['n_test']) + ' test images':<34}: {m['fid']:.4f}",
+        f"  {'FID floor (' + str(m['floor_n']) + ' train vs test)':<34}: {m['fid_floor']:.4f}",
+        f"  {'Inception Score':<34}: {m['inception_score']:.3f}  (real test images: {m['inception_score_test']:.3f})",
+        f"  {'class histogram':<34}: {hist}",
+        f"  {'normalised class entropy':<34}: {m['normalised_entropy']:.4f}  (1 = uniform)",
+        f"  {'confident fraction (p >= 0.9)':<34}: {m['confident_fraction']:.4f}",
+        f"  {'metrics':<34}: {m['metrics_json']}",
+    ]
+    return "\n".join(rows)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Run ``ddpm-evaluate`` on a composed ``conf/evaluate.yaml``; returns the metrics dict (also in metrics.json)."""
+    opts = _validate(cfg)
+    start = time.perf_counter()
+    images = None
+    if opts["mode"] == "samples":
+        images = load_samples(opts["samples"])
+        if opts["n"] is not None and opts["n"] > images.shape[0]:
+            raise invalid("n", opts["n"], f"exceeds the {images.shape[0]} images in samples={opts['samples']}")
+    clf_path = opts["classifier_path"]
+    if not clf_path.is_file():
+        print(
+            f"classifier {clf_path} not found: training it now on data.root={opts['root']} "
+            f"({opts['classifier_epochs']} epochs; train_classifier_if_missing=true) ...",
+            flush=True,
+        )
+        trained = train_classifier(opts["root"], clf_path, epochs=opts["classifier_epochs"])
+        print(f"classifier test accuracy {trained['test_accuracy'] * 100:.2f}%, saved to {clf_path}", flush=True)
+    classifier, meta = load_classifier(clf_path)
+    real_train, _ = load_mnist_split(opts["root"], train=True)
+    real_test, _ = load_mnist_split(opts["root"], train=False)
+
+    floor_offset = 0
+    if opts["mode"] == "real":
+        n = opts["n"] if opts["n"] is not None else min(REAL_DEFAULT_N, real_train.shape[0])
+        if n > real_train.shape[0]:
+            raise invalid("n", n, f"exceeds the {real_train.shape[0]} training images under data.root={opts['root']}")
+        images = real_train[real_train.shape[0] - n :]  # the last n training images; the floor uses the first n
+        source = f"real training images {real_train.shape[0] - n}..{real_train.shape[0] - 1}"
+    elif opts["mode"] == "checkpoint":
+        from ddpm_lightning.sample import sample  # imports the network code only when sampling
+
+        result = sample(_sample_config(cfg, opts))
+        images = load_samples(result["samples"])
+        source = f"{result['num_samples']} samples from {opts['ckpt_path']} -> {result['samples']}"
+        if opts["n"] is not None and opts["n"] > images.shape[0]:
+            raise invalid("n", opts["n"], f"exceeds num_samples={images.shape[0]}")
+    else:
+        source = str(opts["samples"])
+    if opts["n"] is not None:
+        images = images[: opts["n"]]
+
+    metrics = evaluate_images(images, classifier, real_test, real_train, meta=meta, floor_offset=floor_offset)
+    out_dir = opts["out_dir"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = out_dir / METRICS_FILE
+    metrics.update(
+        {
+            "mode": opts["mode"],
+            "source": source,
+            "samples": str(opts.get("samples") or (out_dir / "samples" / "samples.npz" if opts["mode"] == "checkpoint" else "real")),
+            "ckpt_path": str(opts["ckpt_path"]) if "ckpt_path" in opts else None,
+            "classifier_path": str(clf_path),
+            "data_root": opts["root"],
+            "seconds": time.perf_counter() - start,
+            "metrics_json": str(metrics_path),
+        }
+    )
+    tmp = metrics_path.with_name(METRICS_FILE + ".tmp")
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    tmp.replace(metrics_path)
+    print(_format_table(metrics), flush=True)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    """Console entry point. Bad input: one line on stderr and exit status 2, no traceback."""
+    try:
+        evaluate(cfg)
+    except (ConfigError, MNISTDataError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,469 @@
+"""Sample-quality metrics for 32x32 MNIST: a small MNIST classifier as feature extractor, FID / IS / class coverage.
+
+The Inception network of the usual FID is trained on ImageNet photographs and says little about 32x32 digits, so
+the features here come from :class:`MNISTClassifier` (a small CNN, >= 99% test accuracy): ``features(x)`` is its
+128-dimensional penultimate layer and ``forward(x)`` its 10 logits. Numbers computed with it are comparable only
+between runs that use the *same* classifier weights, so every result records ``classifier_sha256``.
+
+* ``classifier_fid``: Frechet distance between Gaussians fitted to the features of two image sets (float64; the
+  matrix square root via eigen-decompositions of symmetric matrices, see :func:`frechet_distance`).
+* ``fid_floor``: the same distance between ``n`` real *training* images and the 10,000 test images. FID is biased
+  upwards for small ``n``, so a model's FID at ``n`` samples is read against the floor at the same ``n``.
+* ``inception_score``: ``exp(E_x KL(p(y|x) || p(y)))`` with the classifier's probabilities; 1 .. 10 for MNIST.
+* ``class_histogram`` / ``normalised_entropy``: counts of the predicted classes, and their entropy / log(10)
+  (1.0 = every digit equally often, 0.0 = one digit only: mode collapse).
+* ``confident_fraction``: share of images whose top class probability is >= 0.9 (recognisable digits).
+
+This module imports neither Hydra nor Lightning (the MNIST loader is imported lazily by :func:`train_classifier`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ddpm_lightning.errors import ConfigError, invalid
+
+__all__ = [
+    "CLASSIFIER_VERSION",
+    "FEATURE_DIM",
+    "NUM_CLASSES",
+    "MNISTClassifier",
+    "default_classifier_path",
+    "weights_sha256",
+    "train_classifier",
+    "load_classifier",
+    "as_model_input",
+    "classifier_outputs",
+    "gaussian_stats",
+    "frechet_distance",
+    "classifier_fid",
+    "inception_score",
+    "class_histogram",
+    "normalised_entropy",
+    "confident_fraction",
+    "evaluate_images",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+CLASSIFIER_VERSION = 1  #: format of the saved classifier file (bump when the architecture changes)
+FEATURE_DIM = 128  #: width of MNISTClassifier.features
+NUM_CLASSES = 10
+CACHE_ENV = "DDPM_LIGHTNING_CACHE"
+CLASSIFIER_FILE = "mnist_classifier.pt"
+_BATCH = 500  #: images per forward pass when extracting features
+
+
+# ----------------------------------------------------------------------------------------------- classifier
+class MNISTClassifier(nn.Module):
+    """Small CNN on ``(N, 1, 32, 32)`` images in ``[-1, 1]``.
+
+    Three conv blocks (16, 32, 64 channels; 32 -> 16 -> 8 -> 4 pixels), then a 128-unit fully connected layer
+    (:meth:`features`, after ReLU) and a linear layer to 10 logits (:meth:`forward`). About 0.16 M parameters, ~2.6 M multiply-adds per image (cheap on a CPU).
+    """
+
+    def __init__(self, feature_dim: int = FEATURE_DIM, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            )
+
+        self.body = nn.Sequential(block(1, 16), block(16, 32), block(32, 64))  # (N, 64, 4, 4)
+        self.fc = nn.Linear(64 * 4 * 4, feature_dim)
+        self.dropout = nn.Dropout(0.3)
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate activations ``(N, 128)`` (non-negative, after ReLU)."""
+        return F.relu(self.fc(self.body(x).flatten(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, 10)``."""
+        return self.head(self.dropout(self.features(x)))
+
+
+def default_classifier_path() -> Path:
+    """``$DDPM_LIGHTNING_CACHE/mnist_classifier.pt``, else ``~/.cache/ddpm_lightning/mnist_classifier.pt``.
+
+    (Not next to the data: ``data.root`` may be read-only.)
+    """
+    base = os.environ.get(CACHE_ENV)
+    root = Path(base).expanduser() if base else Path.home() / ".cache" / "ddpm_lightning"
+    return root / CLASSIFIER_FILE
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """SHA-256 of the concatenated bytes of every ``state_dict`` tensor (parameters and BatchNorm buffers), in key
+    order: identifies the weights independently of the file's pickling."""
+    h = hashlib.sha256()
+    for _, t in model.state_dict().items():
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def as_model_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(N, 1, 32, 32)`` or ``(N, 32, 32, 1)`` (0..255), or float ``(N, 1, 32, 32)`` in ``[-1, 1]`` ->
+    float32 ``(N, 1, 32, 32)`` in ``[-1, 1]``."""
+    if not isinstance(images, torch.Tensor):
+        images = torch.as_tensor(images)
+    if images.dim() != 4:
+        raise ValueError(f"images must be 4-D (N, 1, 32, 32) or (N, 32, 32, 1), got shape {tuple(images.shape)}")
+    if images.shape[1] != 1 and images.shape[-1] == 1:
+        images = images.permute(0, 3, 1, 2)
+    if tuple(images.shape[1:]) != (1, 32, 32):
+        raise ValueError(f"images must be (N, 1, 32, 32) or (N, 32, 32, 1), got shape {tuple(images.shape)}")
+    if images.dtype == torch.uint8:
+        return images.to(torch.float32) / 255 * 2 - 1
+    if not images.is_floating_point():
+        raise ValueError(f"images must be uint8 (0..255) or float in [-1, 1], got {images.dtype}")
+    return images.to(torch.float32)
+
+
+def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random affine per image: rotation +-10 degrees, scale 0.9..1.1, translation +-2 pixels (background -1)."""
+    n = x.shape[0]
+    u = torch.rand(n, 4, generator=generator) * 2 - 1
+    angle = u[:, 0] * math.radians(10)
+    scale = 1 + 0.1 * u[:, 1]
+    tx, ty = u[:, 2] * (2 / 16), u[:, 3] * (2 / 16)  # normalised coordinates: 16 pixels = 1
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, x.shape[0], _BATCH):
+        correct += int((model(x[i : i + _BATCH]).argmax(1) == y[i : i + _BATCH]).sum())
+    return correct / max(1, x.shape[0])
+
+
+def train_classifier(
+    root: PathLike,
+    out_path: Optional[PathLike] = None,
+    epochs: int = 3,
+    seed: int = 0,
+    batch_size: int = 128,
+    lr: float = 3e-3,
+    augment: bool = True,
+    max_steps: Optional[int] = None,
+    train_size: Optional[int] = None,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Train :class:`MNISTClassifier` on the MNIST training images under ``root`` and evaluate it on the test images.
+
+    Plain torch loop on in-memory tensors: Adam with a one-cycle learning rate (peak ``lr``), label smoothing 0.05,
+    random small affine augmentation (``augment``), ``epochs`` passes over the (first ``train_size``) training
+    images, or ``max_steps`` optimiser steps in all when given (for tests). Seeded with ``seed``.
+
+    Saves ``{"state_dict", "meta"}`` to ``out_path`` (default :func:`default_classifier_path`) with ``torch.save``
+    (loadable with ``weights_only=True``); ``meta`` holds ``test_accuracy``, ``epochs``, ``steps``, ``seed``,
+    ``sha256_of_weights``, ``created``, ``version``, ``train_images``, ``seconds``.
+
+    Returns:
+        the meta dict plus ``path`` (the file written).
+    """
+    from ddpm_lightning.data import load_mnist_split  # lazy: data.py imports Lightning
+
+    for key, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise invalid(key, value, f"must be an integer >= {low}")
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+        raise invalid("max_steps", max_steps, "must be null or a positive integer")
+    if train_size is not None and (isinstance(train_size, bool) or not isinstance(train_size, int) or train_size < 1):
+        raise invalid("train_size", train_size, "must be null or a positive integer")
+    out = Path(out_path).expanduser() if out_path is not None else default_classifier_path()
+    if out.exists() and out.is_dir():
+        raise invalid("out", str(out), "is a folder; give a file path such as mnist_classifier.pt")
+
+    start = time.perf_counter()
+    train_u8, train_y = load_mnist_split(root, train=True)
+    test_u8, test_y = load_mnist_split(root, train=False)
+    if train_size is not None:
+        train_u8, train_y = train_u8[:train_size], train_y[:train_size]
+    x_train, x_test = as_model_input(train_u8), as_model_input(test_u8)
+    n = x_train.shape[0]
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = MNISTClassifier()
+    steps_per_epoch = math.ceil(n / batch_size)
+    total = max_steps if max_steps is not None else epochs * steps_per_epoch
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.2)
+    step = 0
+    epoch = 0
+    while step < total:
+        model.train()
+        perm = torch.randperm(n, generator=generator)
+        running, seen = 0.0, 0
+        for i in range(0, n, batch_size):
+            if step >= total:
+                break
+            idx = perm[i : i + batch_size]
+            xb, yb = x_train[idx], train_y[idx]
+            if augment:
+                xb = _augment(xb, generator)
+            loss = F.cross_entropy(model(xb), yb, label_smoothing=0.05)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            running += float(loss.detach()) * idx.numel()
+            seen += idx.numel()
+        epoch += 1
+        if verbose:
+            print(
+                f"classifier epoch {epoch}: step {step}/{total}, train loss {running / max(1, seen):.4f}, "
+                f"{time.perf_counter() - start:.0f} s",
+                flush=True,
+            )
+    accuracy = _accuracy(model, x_test, test_y)
+    model.eval()
+    seconds = time.perf_counter() - start
+    meta = {
+        "test_accuracy": float(accuracy),
+        "epochs": int(epoch),
+        "steps": int(step),
+        "seed": int(seed),
+        "train_images": int(n),
+        "test_images": int(x_test.shape[0]),
+        "sha256_of_weights": weights_sha256(model),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "version": CLASSIFIER_VERSION,
+        "seconds": float(seconds),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
+    os.replace(tmp, out)
+    return {**meta, "path": out}
+
+
+def _missing_message(path: Path) -> str:
+    return (
+        f"classifier_path={str(path)!r} is invalid: no such file; train one with "
+        f"ddpm-train-classifier data.root=<dir containing MNIST/raw> out={path}"
+    )
+
+
+def load_classifier(path: Optional[PathLike] = None) -> tuple[MNISTClassifier, dict[str, Any]]:
+    """Load a classifier written by :func:`train_classifier` (``torch.load(weights_only=True)``), in eval mode.
+
+    Raises:
+        ConfigError: the file is missing (message says to run ``ddpm-train-classifier data.root=...``), is not a
+            classifier file, has another format version, or its weights do not match the stored sha256.
+    """
+    p = Path(path).expanduser() if path is not None else default_classifier_path()
+    if not p.is_file():
+        raise ConfigError(_missing_message(p))
+    try:
+        blob = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise invalid("classifier_path", str(p), f"not a readable classifier file ({type(err).__name__})") from None
+    if not isinstance(blob, dict) or "state_dict" not in blob or "meta" not in blob:
+        raise invalid("classifier_path", str(p), "not a ddpm-train-classifier file (no state_dict/meta)")
+    meta = dict(blob["meta"])
+    if meta.get("version") != CLASSIFIER_VERSION:
+        raise invalid(
+            "classifier_path", str(p), f"classifier format version {meta.get('version')!r}, expected "
+            f"{CLASSIFIER_VERSION}; retrain with ddpm-train-classifier"
+        )
+    model = MNISTClassifier()
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError:
+        raise invalid("classifier_path", str(p), "weights do not fit MNISTClassifier; retrain it") from None
+    model.eval()
+    if weights_sha256(model) != meta.get("sha256_of_weights"):
+        raise invalid("classifier_path", str(p), "weights do not match their recorded sha256 (corrupt file)")
+    return model, meta
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+@torch.no_grad()
+def classifier_outputs(images: torch.Tensor, classifier: MNISTClassifier) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features float64 (N, D), probabilities float64 (N, 10))`` of ``images`` (any layout of
+    :func:`as_model_input`), in batches of 500, the classifier in eval mode."""
+    was_training = classifier.training
+    classifier.eval()
+    device = next(classifier.parameters()).device
+    feats, probs = [], []
+    for i in range(0, images.shape[0], _BATCH):
+        x = as_model_input(images[i : i + _BATCH]).to(device)
+        f = classifier.features(x)
+        feats.append(f.double().cpu())
+        probs.append(torch.softmax(classifier.head(f).double(), dim=1).cpu())
+    classifier.train(was_training)
+    if not feats:
+        raise ValueError("no images")
+    return torch.cat(feats), torch.cat(probs)
+
+
+def gaussian_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean ``(D,)`` and unbiased covariance ``(D, D)`` of ``features (N, D)``, float64; needs N >= 2."""
+    f = features.double()
+    if f.dim() != 2 or f.shape[0] < 2:
+        raise ValueError(f"need at least 2 feature vectors (N, D), got shape {tuple(f.shape)}")
+    mu = f.mean(0)
+    c = f - mu
+    return mu, c.T @ c / (f.shape[0] - 1)
+
+
+def _sqrt_psd(m: torch.Tensor) -> torch.Tensor:
+    """Symmetric square root of a symmetric positive semi-definite matrix (negative round-off eigenvalues -> 0)."""
+    w, v = torch.linalg.eigh((m + m.T) / 2)
+    return (v * w.clamp_min(0).sqrt()) @ v.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """Squared Frechet (2-Wasserstein) distance between ``N(mu1, sigma1)`` and ``N(mu2, sigma2)``, float64:
+
+    ``||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2))``,
+
+    with ``tr((sigma1 sigma2)^(1/2)) = tr((sqrt(sigma1) sigma2 sqrt(sigma1))^(1/2))`` = the sum of the square roots of
+    the eigenvalues of a symmetric PSD matrix (``eigh``, no complex round-off as with ``eig`` of the product).
+    Clamped at 0 (the distance is non-negative; identical inputs may give -1e-12).
+    """
+    mu1, mu2 = torch.as_tensor(mu1, dtype=torch.float64), torch.as_tensor(mu2, dtype=torch.float64)
+    s1, s2 = torch.as_tensor(sigma1, dtype=torch.float64), torch.as_tensor(sigma2, dtype=torch.float64)
+    if mu1.shape != mu2.shape or mu1.dim() != 1 or s1.shape != (mu1.numel(),) * 2 or s2.shape != s1.shape:
+        raise ValueError(
+            f"shapes do not match: mu1 {tuple(mu1.shape)}, sigma1 {tuple(s1.shape)}, mu2 {tuple(mu2.shape)}, "
+            f"sigma2 {tuple(s2.shape)}"
+        )
+    r1 = _sqrt_psd(s1)
+    inner = r1 @ s2 @ r1
+    tr_sqrt = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp_min(0).sqrt().sum()
+    value = (mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * tr_sqrt
+    return max(float(value), 0.0)
+
+
+def _fid_from_features(fa: torch.Tensor, fb: torch.Tensor) -> float:
+    return frechet_distance(*gaussian_stats(fa), *gaussian_stats(fb))
+
+
+def classifier_fid(images_a: torch.Tensor, images_b: torch.Tensor, classifier: MNISTClassifier) -> float:
+    """FID between two image sets in the classifier's 128-d feature space (each set needs >= 2 images)."""
+    fa, _ = classifier_outputs(images_a, classifier)
+    fb, _ = classifier_outputs(images_b, classifier)
+    return _fid_from_features(fa, fb)
+
+
+def _check_probs(probs: torch.Tensor) -> torch.Tensor:
+    p = torch.as_tensor(probs, dtype=torch.float64)
+    if p.dim() != 2 or p.shape[0] == 0:
+        raise ValueError(f"probs must be (N, K) with N >= 1, got shape {tuple(p.shape)}")
+    return p
+
+
+def inception_score(probs: torch.Tensor, splits: int = 1) -> float:
+    """``exp(E_x KL(p(y|x) || p(y)))`` for ``probs (N, K)`` (rows sum to 1), the mean over ``splits`` equal
+    parts (the marginal ``p(y)`` is taken per part). 1 = every image gets the same distribution; K = confident
+    predictions spread evenly over the K classes."""
+    p = _check_probs(probs)
+    if isinstance(splits, bool) or not isinstance(splits, int) or not 1 <= splits <= p.shape[0]:
+        raise ValueError(f"splits must be an integer in [1, N={p.shape[0]}], got {splits!r}")
+    scores = []
+    for part in torch.tensor_split(p, splits):
+        marginal = part.mean(0, keepdim=True)
+        kl = (torch.special.xlogy(part, part) - torch.special.xlogy(part, marginal)).sum(1)
+        scores.append(math.exp(float(kl.mean())))
+    return sum(scores) / len(scores)
+
+
+def class_histogram(probs: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """Counts ``(num_classes,)`` int64 of the predicted class (argmax) of each row of ``probs``."""
+    p = _check_probs(probs)
+    return torch.bincount(p.argmax(1), minlength=num_classes)[:num_classes]
+
+
+def normalised_entropy(hist: torch.Tensor) -> float:
+    """Entropy of the class frequencies ``hist / hist.sum()`` divided by ``log(K)``: 1.0 = uniform, 0.0 = one class."""
+    h = torch.as_tensor(hist, dtype=torch.float64).flatten()
+    if h.numel() < 2 or float(h.sum()) <= 0 or bool((h < 0).any()):
+        raise ValueError("hist must hold >= 2 non-negative counts with a positive sum")
+    q = h / h.sum()
+    return float(-torch.special.xlogy(q, q).sum() / math.log(h.numel()))
+
+
+def confident_fraction(probs: torch.Tensor, threshold: float = 0.9) -> float:
+    """Fraction of rows whose largest probability is ``>= threshold``."""
+    p = _check_probs(probs)
+    return float((p.max(1).values >= threshold).double().mean())
+
+
+def _images_nchw_uint8(images: torch.Tensor) -> torch.Tensor:
+    x = torch.as_tensor(images)
+    if x.dim() == 4 and x.shape[1] != 1 and x.shape[-1] == 1:
+        x = x.permute(0, 3, 1, 2)
+    return x
+
+
+def evaluate_images(
+    images: torch.Tensor,
+    classifier: MNISTClassifier,
+    real_test: torch.Tensor,
+    real_train: torch.Tensor,
+    meta: Optional[dict[str, Any]] = None,
+    floor_offset: int = 0,
+) -> dict[str, Any]:
+    """All metrics of ``images`` (uint8 ``(N, 1, 32, 32)`` or ``(N, 32, 32, 1)``, N >= 2).
+
+    Args:
+        images: the images to judge (e.g. model samples).
+        classifier: feature extractor / classifier (eval mode is set while computing).
+        real_test: the real reference images (the 10,000 MNIST test images).
+        real_train: real training images; the first ``n`` (from ``floor_offset``) give the real-vs-real floor.
+        meta: the classifier's meta (for ``classifier_sha256`` / ``classifier_test_accuracy``).
+
+    Returns:
+        dict with ``n``, ``fid`` (vs ``real_test``), ``fid_floor`` (``floor_n`` real training images vs
+        ``real_test``; ``floor_n = min(n, available)``), ``n_test``, ``inception_score``,
+        ``inception_score_test`` (of the real test images, the ceiling), ``class_histogram`` (list of 10 ints),
+        ``normalised_entropy``, ``confident_fraction``, ``classifier_sha256``, ``classifier_test_accuracy``.
+    """
+    images = _images_nchw_uint8(images)
+    n = int(images.shape[0])
+    if n < 2:
+        raise ValueError(f"need at least 2 images for FID, got {n}")
+    feats, probs = classifier_outputs(images, classifier)
+    test_feats, test_probs = classifier_outputs(real_test, classifier)
+    floor_imgs = _images_nchw_uint8(real_train)[floor_offset : floor_offset + n]
+    floor_feats, _ = classifier_outputs(floor_imgs, classifier)
+    test_stats = gaussian_stats(test_feats)
+    hist = class_histogram(probs)
+    meta = meta or {}
+    return {
+        "n": n,
+        "fid": frechet_distance(*gaussian_stats(feats), *test_stats),
+        "fid_floor": frechet_distance(*gaussian_stats(floor_feats), *test_stats),
+        "floor_n": int(floor_feats.shape[0]),
+        "n_test": int(test_feats.shape[0]),
+        "inception_score": inception_score(probs),
+        "inception_score_test": inception_score(test_probs),
+        "class_histogram": [int(v) for v in hist],
+        "normalised_entropy": normalised_entropy(hist),
+        "confident_fraction": confident_fraction(probs),
+        "classifier_sha256": meta.get("sha256_of_weights"),
+        "classifier_test_accuracy": meta.get("test_accuracy"),
+    }
