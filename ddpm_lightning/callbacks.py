@@ -156,3 +156,70 @@ class SampleCallback(L.Callback):
                     logger.experiment.add_image("trajectory", traj, global_step=trainer.global_step)
         self.last_paths = paths
         rank_zero_info(f"[samples] epoch {epoch}: {', '.join(str(p) for p in paths)}")
+
+
+class FIDCallback(L.Callback):
+    """Every ``every_n_epochs`` epochs, a quick classifier FID of ``num_samples`` samples against the 10,000 MNIST
+    test images, logged as ``val/fid`` (usable as ``callbacks.best.monitor=val/fid``).
+
+    It runs at the end of the training epoch with the EMA weights (when EMA is on) and a fixed seed, on global rank
+    zero (other ranks log nothing: with DDP use it for reporting, not as the checkpoint monitor). To keep the best
+    checkpoint by FID: ``callbacks.best.monitor=val/fid callbacks.best.save_on_train_epoch_end=true`` with the same
+    interval (``callbacks.best.every_n_epochs``). The classifier
+    (``ddpm-train-classifier``) and the test statistics are loaded once, in ``setup``, so a missing classifier
+    stops the run before training.
+
+    Args:
+        every_n_epochs: 0 turns the callback off (the default); N >= 1 runs it after every N-th epoch.
+        num_samples: samples per FID (>= 2; a few hundred gives a usable trend, not a publishable number).
+        sampler: the reverse process (default DDIM-20 for speed); None uses the module's sampler.
+        classifier_path: None = the default cache path of :func:`ddpm_lightning.metrics.default_classifier_path`.
+        seed: seed of the samples, the same every time so that epochs are comparable.
+
+    Raises:
+        ConfigError: bad settings, or (in setup) no classifier file.
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 0,
+        num_samples: int = 256,
+        sampler: _Sampler | None = None,
+        classifier_path: str | None = None,
+        seed: int = 4321,
+    ) -> None:
+        for key, value, low in [("every_n_epochs", every_n_epochs, 0), ("num_samples", num_samples, 2)]:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise invalid(f"callbacks.fid.{key}", value, f"must be an integer >= {low}")
+        self.every_n_epochs = every_n_epochs
+        self.num_samples = num_samples
+        self.sampler = sampler
+        self.classifier_path = classifier_path
+        self.seed = seed
+        self._classifier = None
+        self._test_stats = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or not self.every_n_epochs or self._classifier is not None:
+            return
+        from ddpm_lightning.data import load_mnist_split
+        from ddpm_lightning.metrics import classifier_outputs, gaussian_stats, load_classifier
+
+        self._classifier, _ = load_classifier(self.classifier_path)
+        test_images, _ = load_mnist_split(trainer.datamodule.root, train=False)
+        features, _ = classifier_outputs(test_images, self._classifier)
+        self._test_stats = gaussian_stats(features)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if not self.every_n_epochs or (epoch + 1) % self.every_n_epochs:
+            return
+        if trainer.is_global_zero:
+            from ddpm_lightning.metrics import classifier_outputs, frechet_distance, gaussian_stats
+
+            generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+            module = ema_module(trainer) or pl_module
+            x0 = module.sample(self.num_samples, generator=generator, sampler=self.sampler).x0
+            features, _ = classifier_outputs(x0.cpu(), self._classifier)
+            fid = frechet_distance(*gaussian_stats(features), *self._test_stats)
+            pl_module.log("val/fid", fid, rank_zero_only=True)

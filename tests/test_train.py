@@ -198,3 +198,24 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_
     assert ckpt["global_step"] == 2
     for key in ["state_dict", "current_model_state"]:
         assert all(torch.isfinite(v).all() for v in ckpt[key].values() if v.is_floating_point())
+
+
+def test_val_fid_is_logged_and_can_pick_the_best_checkpoint(tiny_train_overrides, tmp_path, fake_mnist_root, monkeypatch):
+    """callbacks.fid.every_n_epochs=1 logs val/fid from a classifier; a missing classifier stops before training."""
+    from ddpm_lightning.errors import ConfigError
+    from ddpm_lightning.metrics import train_classifier
+
+    monkeypatch.setenv("DDPM_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    fid_overrides = [*tiny_train_overrides, "callbacks.fid.every_n_epochs=1", "callbacks.fid.num_samples=8",
+                     "callbacks.fid.sampler.steps=2"]
+    with pytest.raises(ConfigError, match="classifier_path"):
+        train(compose_train(fid_overrides))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    train_classifier(fake_mnist_root, tmp_path / "cache" / "mnist_classifier.pt", epochs=1, max_steps=2, verbose=False)
+    result = train(compose_train([*fid_overrides, "trainer.max_epochs=2", "callbacks.best.monitor=val/fid",
+                                  "callbacks.best.save_on_train_epoch_end=true"]))
+    fid = result["metrics"]["val/fid"]
+    assert fid > 0 and torch.isfinite(torch.tensor(fid))
+    events = EventAccumulator(str(result["tensorboard_dir"])).Reload()
+    assert len(events.Scalars("val/fid")) == 2
+    assert result["best_ckpt"] is not None and result["best_ckpt"].is_file()
