@@ -26,7 +26,7 @@ import lightning
 import torch
 import torch.nn.functional as F
 import torchvision
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from ddpm_lightning.errors import ConfigError, invalid
 
@@ -273,14 +273,17 @@ class PaddedMNISTDataset(Dataset):
         return to_model_range(self.images[index]), self.labels[index]
 
 
-class EpochShuffleSampler(Sampler[int]):
+class EpochShuffleSampler(RandomSampler):
     """A random permutation of ``range(n)`` that is a pure function of ``(seed, epoch)``.
 
     Lightning calls :meth:`set_epoch` before every training epoch, so a run resumed from a checkpoint visits
     the images in the same order as an uninterrupted run (a generator carried across epochs would restart).
+    It is a ``RandomSampler`` so that under DDP Lightning replaces it with ``DistributedSampler(shuffle=True,
+    seed=PL_GLOBAL_SEED)``, which is also a function of (seed, epoch) and gives each rank its own shard.
     """
 
     def __init__(self, n: int, seed: int = 0) -> None:
+        super().__init__(range(n))
         self.n = n
         self.seed = seed
         self.epoch = 0

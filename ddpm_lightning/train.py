@@ -70,7 +70,24 @@ def prepare_config(cfg: DictConfig) -> DictConfig:
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise invalid("seed", seed, "must be an integer >= 0")
         cfg.trainer.precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
+    _refuse_local_multirun_ddp(cfg)
     return cfg
+
+
+def _refuse_local_multirun_ddp(cfg: DictConfig) -> None:
+    """Lightning's DDP starts its extra processes by re-running the command line: under a local ``-m`` sweep each
+    child would run the whole sweep again. Refuse that combination before any work; SLURM (submitit) is fine,
+    since srun starts one task per GPU and Lightning does not relaunch."""
+    if not HydraConfig.initialized() or "ddp" not in str(cfg.trainer.get("strategy", "auto")):
+        return
+    hydra_cfg = HydraConfig.get()
+    if str(hydra_cfg.mode) == "RunMode.MULTIRUN" and "BasicLauncher" in str(hydra_cfg.launcher.get("_target_", "")):
+        raise invalid(
+            "trainer.strategy",
+            str(cfg.trainer.strategy),
+            "a local multirun (-m) cannot start DDP jobs (every DDP child would rerun the sweep); "
+            'use hydra/launcher=slurm (pip install -e ".[slurm]") or run the sweep points one by one',
+        )
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:

@@ -1,0 +1,65 @@
+"""DDP on CPU (2 gloo processes) and the refusal of DDP inside a local Hydra multirun."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_TRAIN
+
+from ddpm_lightning.data import EpochShuffleSampler
+from ddpm_lightning.module import derive_seed
+
+
+def _cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "ddpm_lightning.train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_ranks_draw_different_but_reproducible_noise():
+    seeds = {derive_seed(0, "train", 7, rank) for rank in range(4)}
+    assert len(seeds) == 4
+    assert derive_seed(0, "train", 7, 1) == derive_seed(0, "train", 7, 1)
+
+
+def test_shuffle_sampler_is_replaced_by_a_distributed_sampler_under_ddp():
+    """A RandomSampler subclass: Lightning swaps in DistributedSampler(shuffle=True), also a function of seed+epoch."""
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from lightning.pytorch.utilities.data import _is_dataloader_shuffled
+
+    sampler = EpochShuffleSampler(10, seed=3)
+    assert isinstance(sampler, RandomSampler)
+    assert _is_dataloader_shuffled(DataLoader(range(10), sampler=sampler))
+    sampler.set_epoch(1)
+    first = list(sampler)
+    sampler.set_epoch(2)
+    assert sorted(first) == list(range(10)) and list(sampler) != first
+
+
+def test_local_multirun_with_ddp_is_refused_before_any_work(fake_mnist_root, tmp_path):
+    proc = _cli(["-m", "trainer=ddp_sim", "schedule.beta_end=0.02,0.2", *TINY_TRAIN, f"data.root={fake_mnist_root}",
+                 f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path, timeout=180)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: trainer.strategy='ddp' is invalid") and "hydra/launcher=slurm" in last
+    assert not list((tmp_path / "sweep").glob("*/checkpoints"))
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp_trains_into_one_run_directory(fake_mnist_root, tmp_path):
+    run = tmp_path / "run"
+    proc = _cli(["trainer=ddp_sim", *TINY_TRAIN, "trainer.max_epochs=2", f"data.root={fake_mnist_root}",
+                 f"run_dir={run}", f"hydra.run.dir={tmp_path / 'hydra'}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    # 16 images, batch 8, 2 ranks: 1 step per epoch on each rank
+    assert ckpt["global_step"] == 2 and ckpt["epoch"] == 1
+    assert len(list((run / "samples").glob("epoch_*.png"))) == 2  # rank zero only, once per epoch
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
