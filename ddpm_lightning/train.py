@@ -47,6 +47,8 @@ def _hydra_output_dir() -> str | None:
 def prepare_config(cfg: DictConfig) -> DictConfig:
     """Check the run-level keys and fill in derived values, before any work starts.
 
+    * ``ckpt_path=last`` resumes from ``<run_dir>/checkpoints/last.ckpt`` when it exists and starts fresh
+      otherwise, so a requeued (preempted) job started with the same command continues.
     * ``ckpt_path`` must be an existing file; resuming from ``<run>/checkpoints/<x>.ckpt`` writes into ``<run>``
       (same checkpoints, samples and TensorBoard run) unless ``run_dir`` was set explicitly.
     * ``trainer.precision=auto`` is resolved.
@@ -55,6 +57,10 @@ def prepare_config(cfg: DictConfig) -> DictConfig:
         ConfigError: one line naming the key, the value and what is allowed.
     """
     with open_dict(cfg):
+        if str(cfg.get("ckpt_path")) == "last":  # preemption-safe: resume if this run dir has a checkpoint
+            last = Path(str(cfg.run_dir)) / "checkpoints" / "last.ckpt"
+            cfg.ckpt_path = str(last) if last.is_file() else None
+            log.info("ckpt_path=last: %s", f"resuming from {last}" if last.is_file() else "no checkpoint yet, fresh start")
         if cfg.get("ckpt_path"):
             ckpt = Path(str(cfg.ckpt_path)).expanduser()
             if not ckpt.is_file():

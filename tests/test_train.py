@@ -219,3 +219,11 @@ def test_val_fid_is_logged_and_can_pick_the_best_checkpoint(tiny_train_overrides
     events = EventAccumulator(str(result["tensorboard_dir"])).Reload()
     assert len(events.Scalars("val/fid")) == 2
     assert result["best_ckpt"] is not None and result["best_ckpt"].is_file()
+
+
+def test_ckpt_path_last_starts_fresh_then_resumes_in_the_same_run_dir(tiny_train_overrides):
+    """The same command twice: the first starts fresh, the second (a requeued job) continues from last.ckpt."""
+    first = train(compose_train([*tiny_train_overrides, "ckpt_path=last", "trainer.max_epochs=1"]))
+    assert first["trainer"].global_step == 2
+    second = train(compose_train([*tiny_train_overrides, "ckpt_path=last", "trainer.max_epochs=2"]))
+    assert second["trainer"].global_step == 4 and second["run_dir"] == first["run_dir"]
