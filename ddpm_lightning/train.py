@@ -30,7 +30,7 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     """``auto`` -> ``bf16-mixed`` on a GPU with bf16 support, else ``32-true``; other values pass unchanged.
 
     CPUs get fp32: on a 2-core AMD EPYC without AVX-512, bf16 autocast trained ADMUNet 14x slower
-    (7.4 vs 102 images/s) and DiffUNet more than 4x slower than fp32 (see docs/benchmarks.md).
+    (7.4 vs 102 images/s) and DiffUNet more than 4x slower than fp32 (see docs/measurements.md).
     """
     if str(precision) != "auto":
         return str(precision)
