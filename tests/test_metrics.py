@@ -376,3 +376,18 @@ def test_real_mnist_classifier_and_floor(real_mnist_root, tmp_path):
     noise = M.evaluate_images(torch.randint(0, 256, (1000, 1, 32, 32), dtype=torch.uint8), model, test, train, meta=meta)
     assert real["normalised_entropy"] > 0.97 and real["inception_score"] > 7
     assert real["fid"] < 0.1 * noise["fid"] and real["fid_floor"] < 0.1 * noise["fid"]
+
+
+def test_inception_fid_is_skipped_cleanly_offline(fake_root, fake_clf, samples_npz, tmp_path, capsys):
+    """Without torch-fidelity / the Inception weights the standard FID is reported as skipped, not an error."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch_fidelity") is not None:
+        pytest.skip("torch-fidelity is installed here: the skip path cannot be exercised")
+    m = _evaluate([f"samples={samples_npz}", "inception_fid=true", f"data.root={fake_root}",
+                   f"classifier_path={fake_clf}", f"out_dir={tmp_path}"])
+    assert m["inception_fid"] is None and "torch" in m["inception_fid_skipped"].lower()
+    assert m["fid"] >= 0  # the classifier metrics are still there
+    assert "Inception-v3 FID (standard)" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["inception_fid"] is None and saved["inception_fid_skipped"]
