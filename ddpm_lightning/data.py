@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import torchvision
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from ddpm_lightning.errors import ConfigError, invalid
+from ddpm_lightning.errors import ConfigError, invalid, is_int
 
 __all__ = [
     "EXPECTED_FILES",
@@ -302,10 +302,6 @@ class EpochShuffleSampler(RandomSampler):
 # ----------------------------------------------------------------------------- datamodule
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _invalid(key: str, value: object, why: str) -> ConfigError:
     return invalid(f"data.{key}", value, why)
 
@@ -354,21 +350,21 @@ class MNISTDataModule(lightning.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if not _is_int(batch_size) or batch_size <= 0:
+        if not is_int(batch_size) or batch_size <= 0:
             raise _invalid("batch_size", batch_size, "must be a positive integer")
-        if subset_size is not None and (not _is_int(subset_size) or subset_size <= 0):
+        if subset_size is not None and (not is_int(subset_size) or subset_size <= 0):
             raise _invalid(
                 "subset_size", subset_size, "must be a positive integer, or null for all images"
             )
-        if not _is_int(val_size) or val_size <= 0:
+        if not is_int(val_size) or val_size <= 0:
             raise _invalid("val_size", val_size, "must be a positive integer")
         if val_size > MNIST_NUM_TEST:
             raise _invalid(
                 "val_size", val_size, f"must be at most {MNIST_NUM_TEST} (the MNIST test set size)"
             )
-        if not _is_int(num_workers) or num_workers < 0:
+        if not is_int(num_workers) or num_workers < 0:
             raise _invalid("num_workers", num_workers, "must be a non-negative integer")
-        if not _is_int(seed):
+        if not is_int(seed):
             raise _invalid("seed", seed, "must be an integer")
         for key, flag in (
             ("download", download),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 
 class ConfigError(ValueError):
     """A bad configuration value, raised before any work starts.
@@ -19,3 +22,35 @@ def invalid(key: str, value: object, allowed: str) -> ConfigError:
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss; raised before the optimizer step, so no checkpoint holds the
     corrupted weights. The message names the global step, the loss and the learning rate."""
+
+
+def is_int(value: object) -> bool:
+    """An ``int`` that is not a ``bool`` (``True`` and ``1e3`` are not accepted as counts)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def flag(cfg: Any, key: str) -> bool:
+    """``cfg[key]``, which must be a real boolean."""
+    value = cfg.get(key)
+    if not isinstance(value, bool):
+        raise invalid(key, value, "must be true or false")
+    return value
+
+
+def int_at_least(cfg: Any, key: str, low: int, what: str) -> int:
+    """``cfg[key]``, which must be an integer >= ``low`` (``what`` says so in the error)."""
+    value = cfg.get(key)
+    if not is_int(value) or value < low:
+        raise invalid(key, value, what)
+    return value
+
+
+def out_dir_path(cfg: Any, command: str) -> Path:
+    """``cfg.out_dir`` as a path; a clear error when it is unset (``${hydra:...}`` outside a Hydra run) or empty."""
+    try:
+        value = cfg.get("out_dir")
+    except Exception:  # ${hydra:runtime.output_dir} outside a Hydra run
+        raise ConfigError(f"out_dir is not set: pass out_dir=<folder> when not running through {command}") from None
+    if value is None or str(value) == "":
+        raise invalid("out_dir", value, "must be a folder path")
+    return Path(str(value)).expanduser()

@@ -32,7 +32,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm_lightning.data import MNISTDataError, check_mnist_files, load_mnist_split
-from ddpm_lightning.errors import ConfigError, invalid
+from ddpm_lightning.errors import ConfigError, flag, invalid, is_int, out_dir_path
 from ddpm_lightning.metrics import (
     default_classifier_path,
     evaluate_images,
@@ -44,27 +44,6 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 METRICS_FILE = "metrics.json"
 REAL_MODES = ("real", "real-train")
 REAL_DEFAULT_N = 10000
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _flag(cfg: DictConfig, key: str) -> bool:
-    value = cfg.get(key)
-    if not isinstance(value, bool):
-        raise invalid(key, value, "must be true or false")
-    return value
-
-
-def _out_dir(cfg: DictConfig) -> Path:
-    try:
-        value = cfg.get("out_dir")
-    except Exception:  # ${hydra:runtime.output_dir} outside a Hydra run
-        raise ConfigError("out_dir is not set: pass out_dir=<folder> when not running through ddpm-evaluate") from None
-    if value is None or str(value) == "":
-        raise invalid("out_dir", value, "must be a folder path")
-    return Path(str(value)).expanduser()
 
 
 def load_samples(path: Path) -> torch.Tensor:
@@ -92,9 +71,9 @@ def load_samples(path: Path) -> torch.Tensor:
 def _validate(cfg: DictConfig) -> dict[str, Any]:
     """Every check that needs neither the classifier nor the images, in the order a user fixes them."""
     opts: dict[str, Any] = {}
-    opts["overwrite"] = _flag(cfg, "overwrite")
-    opts["train_if_missing"] = _flag(cfg, "train_classifier_if_missing")
-    opts["inception_fid"] = _flag(cfg, "inception_fid")
+    opts["overwrite"] = flag(cfg, "overwrite")
+    opts["train_if_missing"] = flag(cfg, "train_classifier_if_missing")
+    opts["inception_fid"] = flag(cfg, "inception_fid")
     samples, ckpt = cfg.get("samples"), cfg.get("ckpt_path")
     if (samples is None) == (ckpt is None):
         raise ConfigError(
@@ -117,17 +96,17 @@ def _validate(cfg: DictConfig) -> dict[str, Any]:
             raise invalid("ckpt_path", str(ckpt), "no such checkpoint file")
         opts["ckpt_path"] = path.resolve()
         num = cfg.get("num_samples")
-        if not _is_int(num) or num < 2:
+        if not is_int(num) or num < 2:
             raise invalid("num_samples", num, "must be an integer >= 2 (FID needs at least 2 images)")
     n = cfg.get("n")
-    if n is not None and (not _is_int(n) or n < 2):
+    if n is not None and (not is_int(n) or n < 2):
         raise invalid("n", n, "must be null (all images) or an integer >= 2")
     opts["n"] = n
     epochs = cfg.get("classifier_epochs", 3)
-    if not _is_int(epochs) or epochs < 1:
+    if not is_int(epochs) or epochs < 1:
         raise invalid("classifier_epochs", epochs, "must be a positive integer")
     opts["classifier_epochs"] = epochs
-    out_dir = _out_dir(cfg)
+    out_dir = out_dir_path(cfg, "ddpm-evaluate")
     if out_dir.exists() and not out_dir.is_dir():
         raise invalid("out_dir", str(out_dir), "exists and is not a folder")
     if (out_dir / METRICS_FILE).exists() and not opts["overwrite"]:

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ddpm_lightning.checkpoint import ddpm_from_checkpoint, has_ema, load_checkpoint
 from ddpm_lightning.config import build
 from ddpm_lightning.data import to_uint8
-from ddpm_lightning.errors import ConfigError, invalid
+from ddpm_lightning.errors import ConfigError, flag, int_at_least, invalid, out_dir_path
 from ddpm_lightning.images import sample_grid, save_png, trajectory_grid
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -47,20 +47,6 @@ GRID_MAX = 64  #: samples shown in grid.png
 TRAJECTORY_ROWS = 8  #: samples shown in trajectory.png / trajectory.gif
 GIF_FRAME_MS = 100
 GIF_LAST_FRAME_MS = 1500
-
-
-def _int_at_least(cfg: DictConfig, key: str, low: int, what: str) -> int:
-    value = cfg.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise invalid(key, value, what)
-    return value
-
-
-def _flag(cfg: DictConfig, key: str) -> bool:
-    value = cfg.get(key)
-    if not isinstance(value, bool):
-        raise invalid(key, value, "must be true or false")
-    return value
 
 
 def resolve_device(device: object) -> torch.device:
@@ -81,26 +67,16 @@ def resolve_device(device: object) -> torch.device:
     return dev
 
 
-def _out_dir(cfg: DictConfig) -> Path:
-    try:
-        value = cfg.get("out_dir")
-    except Exception:  # ${hydra:runtime.output_dir} outside a Hydra run
-        raise ConfigError("out_dir is not set: pass out_dir=<folder> when not running through ddpm-sample") from None
-    if value is None or str(value) == "":
-        raise invalid("out_dir", value, "must be a folder path")
-    return Path(str(value)).expanduser()
-
-
 def _validate(cfg: DictConfig) -> dict[str, Any]:
     """Every check that needs neither the checkpoint's weights nor the network, in the order a user fixes them."""
     opts: dict[str, Any] = {
-        "num_samples": _int_at_least(cfg, "num_samples", 1, "must be a positive integer"),
-        "batch_size": _int_at_least(cfg, "batch_size", 1, "must be a positive integer"),
-        "seed": _int_at_least(cfg, "seed", 0, "must be an integer >= 0"),
-        "trajectory_frames": _int_at_least(cfg, "trajectory_frames", 2, "must be an integer >= 2"),
-        "use_ema": _flag(cfg, "use_ema"),
-        "trajectory": _flag(cfg, "trajectory"),
-        "overwrite": _flag(cfg, "overwrite"),
+        "num_samples": int_at_least(cfg, "num_samples", 1, "must be a positive integer"),
+        "batch_size": int_at_least(cfg, "batch_size", 1, "must be a positive integer"),
+        "seed": int_at_least(cfg, "seed", 0, "must be an integer >= 0"),
+        "trajectory_frames": int_at_least(cfg, "trajectory_frames", 2, "must be an integer >= 2"),
+        "use_ema": flag(cfg, "use_ema"),
+        "trajectory": flag(cfg, "trajectory"),
+        "overwrite": flag(cfg, "overwrite"),
     }
     opts["device"] = resolve_device(cfg.get("device", "auto"))
     if OmegaConf.is_missing(cfg, "ckpt_path"):
@@ -109,7 +85,7 @@ def _validate(cfg: DictConfig) -> dict[str, Any]:
     if ckpt_path is None or not Path(str(ckpt_path)).expanduser().is_file():
         raise invalid("ckpt_path", None if ckpt_path is None else str(ckpt_path), "no such checkpoint file")
     opts["ckpt_path"] = Path(str(ckpt_path)).expanduser().resolve()
-    out_dir = _out_dir(cfg)
+    out_dir = out_dir_path(cfg, "ddpm-sample")
     if out_dir.exists() and not out_dir.is_dir():
         raise invalid("out_dir", str(out_dir), "exists and is not a folder")
     if (out_dir / SAMPLES_FILE).exists() and not opts["overwrite"]:
