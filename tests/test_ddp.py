@@ -63,3 +63,40 @@ def test_two_process_cpu_ddp_trains_into_one_run_directory(fake_mnist_root, tmp_
     assert len(list((run / "samples").glob("epoch_*.png"))) == 2  # rank zero only, once per epoch
     assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_with_the_same_command_and_matches_an_uninterrupted_run(fake_mnist_root, tmp_path):
+    """SIGKILL a CPU training run after its first checkpoint (mid-training); the same command with ckpt_path=last
+    resumes from last.ckpt and ends at the same step with the same weights as a run that was never killed."""
+    import signal
+    import time
+
+    common = [*TINY_TRAIN, "data.subset_size=64", "trainer.max_epochs=12", "callbacks.samples.every_n_epochs=0",
+              f"data.root={fake_mnist_root}", "ckpt_path=last"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "ddpm_lightning.train", *common, f"run_dir={run}", f"hydra.run.dir={tmp_path / 'h1'}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    assert 0 < killed_at < 96  # 8 steps per epoch, 12 epochs
+
+    again = subprocess.run([*cmd[:-1], f"hydra.run.dir={tmp_path / 'h2'}"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Restored all states from the checkpoint" in again.stderr + again.stdout
+    straight = _cli([*common, f"run_dir={tmp_path / 'straight'}", f"hydra.run.dir={tmp_path / 'h3'}"], cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    a = torch.load(last, map_location="cpu", weights_only=True)
+    b = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 96
+    for key in ["state_dict", "current_model_state"]:
+        for name, value in b[key].items():
+            assert torch.equal(a[key][name], value), f"{key}: {name}"
