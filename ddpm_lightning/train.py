@@ -44,11 +44,19 @@ def _hydra_output_dir() -> str | None:
     return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
 
 
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The most recently written of ``<run_dir>/checkpoints/last.ckpt`` and Lightning's SLURM requeue checkpoints
+    ``<run_dir>/hpc_ckpt_<n>.ckpt`` (saved on SIGUSR1, possibly mid-epoch), or None when there is none."""
+    candidates = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    return max(candidates, key=lambda p: p.stat().st_mtime_ns) if candidates else None
+
+
 def prepare_config(cfg: DictConfig) -> DictConfig:
     """Check the run-level keys and fill in derived values, before any work starts.
 
-    * ``ckpt_path=last`` resumes from ``<run_dir>/checkpoints/last.ckpt`` when it exists and starts fresh
-      otherwise, so a requeued (preempted) job started with the same command continues.
+    * ``ckpt_path=last`` resumes from the newest of ``<run_dir>/checkpoints/last.ckpt`` and Lightning's SLURM
+      ``hpc_ckpt_*.ckpt`` when one exists and starts fresh otherwise, so a requeued (preempted) job started with
+      the same command continues.
     * ``ckpt_path`` must be an existing file; resuming from ``<run>/checkpoints/<x>.ckpt`` writes into ``<run>``
       (same checkpoints, samples and TensorBoard run) unless ``run_dir`` was set explicitly.
     * ``trainer.precision=auto`` is resolved.
@@ -58,9 +66,9 @@ def prepare_config(cfg: DictConfig) -> DictConfig:
     """
     with open_dict(cfg):
         if str(cfg.get("ckpt_path")) == "last":  # preemption-safe: resume if this run dir has a checkpoint
-            last = Path(str(cfg.run_dir)) / "checkpoints" / "last.ckpt"
-            cfg.ckpt_path = str(last) if last.is_file() else None
-            log.info("ckpt_path=last: %s", f"resuming from {last}" if last.is_file() else "no checkpoint yet, fresh start")
+            newest = newest_checkpoint(Path(str(cfg.run_dir)))
+            cfg.ckpt_path = str(newest) if newest else None
+            log.info("ckpt_path=last: %s", f"resuming from {newest}" if newest else "no checkpoint yet, fresh start")
         if cfg.get("ckpt_path"):
             ckpt = Path(str(cfg.ckpt_path)).expanduser()
             if not ckpt.is_file():

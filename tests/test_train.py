@@ -227,3 +227,22 @@ def test_ckpt_path_last_starts_fresh_then_resumes_in_the_same_run_dir(tiny_train
     assert first["trainer"].global_step == 2
     second = train(compose_train([*tiny_train_overrides, "ckpt_path=last", "trainer.max_epochs=2"]))
     assert second["trainer"].global_step == 4 and second["run_dir"] == first["run_dir"]
+
+
+def test_ckpt_path_last_prefers_a_newer_slurm_requeue_checkpoint(tmp_path):
+    """On SIGUSR1 Lightning writes <run_dir>/hpc_ckpt_<n>.ckpt (possibly mid-epoch): resume from whichever is newer."""
+    import os
+
+    from ddpm_lightning.train import newest_checkpoint, prepare_config
+
+    assert newest_checkpoint(tmp_path) is None
+    (tmp_path / "checkpoints").mkdir()
+    last, hpc = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "hpc_ckpt_1.ckpt"
+    last.write_bytes(b"x")
+    hpc.write_bytes(b"x")
+    os.utime(last, ns=(1_000_000_000, 1_000_000_000))
+    os.utime(hpc, ns=(2_000_000_000, 2_000_000_000))
+    cfg = prepare_config(compose_train([f"run_dir={tmp_path}", "ckpt_path=last"]))
+    assert cfg.ckpt_path == str(hpc.resolve())
+    os.utime(last, ns=(3_000_000_000, 3_000_000_000))
+    assert newest_checkpoint(tmp_path) == last
