@@ -100,3 +100,20 @@ def test_killed_run_resumes_with_the_same_command_and_matches_an_uninterrupted_r
     for key in ["state_dict", "current_model_state"]:
         for name, value in b[key].items():
             assert torch.equal(a[key][name], value), f"{key}: {name}"
+
+
+def test_slurm_launcher_config_composes_for_a_beta_sweep():
+    """hydra/launcher=slurm (the [slurm] extra): one task per GPU, requeue on preemption, cluster keys left to the user."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                                          "hydra.launcher.gpus_per_node=4", "trainer=ddp"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 4, 4)
+    assert launcher.max_num_timeout == 3 and launcher.account is None
+    assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == -1
