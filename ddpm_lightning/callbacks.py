@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 
-from ddpm_lightning.errors import invalid
+from ddpm_lightning.errors import invalid, is_int, is_number
 from ddpm_lightning.images import save_png, sample_grid, trajectory_grid
 from ddpm_lightning.samplers import _Sampler
 
@@ -44,9 +44,9 @@ class EMA(WeightAveraging):
     """
 
     def __init__(self, decay: float = 0.9999, warmup: bool = True, update_every_n_steps: int = 1) -> None:
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+        if not is_number(decay) or not 0.0 <= decay < 1.0:
             raise invalid("callbacks.ema.decay", decay, "must be a number in [0, 1)")
-        if isinstance(update_every_n_steps, bool) or not isinstance(update_every_n_steps, int) or update_every_n_steps < 1:
+        if not is_int(update_every_n_steps) or update_every_n_steps < 1:
             raise invalid("callbacks.ema.update_every_n_steps", update_every_n_steps, "must be an integer >= 1")
         self.decay = float(decay)
         self.warmup = bool(warmup)
@@ -113,7 +113,7 @@ class SampleCallback(L.Callback):
             ("trajectory_samples", trajectory_samples, 0),
             ("trajectory_frames", trajectory_frames, 2),
         ]:
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if not is_int(value) or value < low:
                 raise invalid(f"callbacks.samples.{key}", value, f"must be an integer >= {low}")
         self.dirpath = Path(dirpath)
         self.every_n_epochs = every_n_epochs
@@ -189,7 +189,7 @@ class FIDCallback(L.Callback):
         seed: int = 4321,
     ) -> None:
         for key, value, low in [("every_n_epochs", every_n_epochs, 0), ("num_samples", num_samples, 2)]:
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if not is_int(value) or value < low:
                 raise invalid(f"callbacks.fid.{key}", value, f"must be an integer >= {low}")
         self.every_n_epochs = every_n_epochs
         self.num_samples = num_samples

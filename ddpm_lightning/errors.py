@@ -29,6 +29,11 @@ def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_number(value: object) -> bool:
+    """An ``int`` or ``float`` that is not a ``bool``."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def flag(cfg: Any, key: str) -> bool:
     """``cfg[key]``, which must be a real boolean."""
     value = cfg.get(key)

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ddpm_lightning.errors import ConfigError, invalid
+from ddpm_lightning.errors import ConfigError, invalid, is_int
 
 __all__ = [
     "CLASSIFIER_VERSION",
@@ -184,11 +184,11 @@ def train_classifier(
     from ddpm_lightning.data import load_mnist_split  # lazy: data.py imports Lightning
 
     for key, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        if not is_int(value) or value < low:
             raise invalid(key, value, f"must be an integer >= {low}")
-    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+    if max_steps is not None and (not is_int(max_steps) or max_steps < 1):
         raise invalid("max_steps", max_steps, "must be null or a positive integer")
-    if train_size is not None and (isinstance(train_size, bool) or not isinstance(train_size, int) or train_size < 1):
+    if train_size is not None and (not is_int(train_size) or train_size < 1):
         raise invalid("train_size", train_size, "must be null or a positive integer")
     out = Path(out_path).expanduser() if out_path is not None else default_classifier_path()
     if out.exists() and out.is_dir():
@@ -381,7 +381,7 @@ def inception_score(probs: torch.Tensor, splits: int = 1) -> float:
     parts (the marginal ``p(y)`` is taken per part). 1 = every image gets the same distribution; K = confident
     predictions spread evenly over the K classes."""
     p = _check_probs(probs)
-    if isinstance(splits, bool) or not isinstance(splits, int) or not 1 <= splits <= p.shape[0]:
+    if not is_int(splits) or not 1 <= splits <= p.shape[0]:
         raise ValueError(f"splits must be an integer in [1, N={p.shape[0]}], got {splits!r}")
     scores = []
     for part in torch.tensor_split(p, splits):

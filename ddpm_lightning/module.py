@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from ddpm_lightning.errors import NonFiniteLossError, invalid
+from ddpm_lightning.errors import NonFiniteLossError, invalid, is_int, is_number
 from ddpm_lightning.samplers import DDPMSampler, SampleOutput, _Sampler
 from ddpm_lightning.schedule import NoiseSchedule
 
@@ -79,7 +79,7 @@ class DDPM(L.LightningModule):
         label_dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        if isinstance(label_dropout, bool) or not isinstance(label_dropout, (int, float)) or not 0 <= label_dropout < 1:
+        if not is_number(label_dropout) or not 0 <= label_dropout < 1:
             raise invalid("label_dropout", label_dropout, "must be a number in [0, 1)")
         # Plain containers only: OmegaConf objects would break torch.load(weights_only=True).
         self.save_hyperparameters({"config": config or {}, "seed": int(seed), "image_shape": list(image_shape)})
@@ -199,7 +199,7 @@ class DDPM(L.LightningModule):
             ConfigError: ``num_samples`` not a positive integer; labels or guidance for an unconditional network;
                 labels out of range.
         """
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        if not is_int(num_samples) or num_samples < 1:
             raise invalid("num_samples", num_samples, "must be a positive integer")
         eps_fn = self._guided_eps_fn(num_samples, class_labels, guidance_scale)
         if noise is None:
@@ -219,7 +219,7 @@ class DDPM(L.LightningModule):
         self, num_samples: int, class_labels: Tensor | None, guidance_scale: float
     ) -> Callable[[Tensor, Tensor], Tensor]:
         """The eps function the sampler calls: plain, conditional, or classifier-free guided."""
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+        if not is_number(guidance_scale) or not math.isfinite(guidance_scale):
             raise invalid("guidance_scale", guidance_scale, "must be a finite number")
         if self.num_classes is None:
             if class_labels is not None:

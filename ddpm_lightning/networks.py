@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddpm_lightning.errors import ConfigError, invalid
+from ddpm_lightning.errors import ConfigError, invalid, is_int
 
 
 class EpsNetwork(nn.Module):
@@ -99,7 +99,7 @@ class ADMUNetEps(EpsNetwork):
         super().__init__()
         from deepinv.models import ADMUNet
 
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2):
+        if num_classes is not None and (not is_int(num_classes) or num_classes < 2):
             raise invalid("model.num_classes", num_classes, "must be null or an integer >= 2")
         self.net = ADMUNet(
             img_resolution=img_resolution,

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ddpm_lightning.checkpoint import ddpm_from_checkpoint, has_ema, load_checkpoint
 from ddpm_lightning.config import build
 from ddpm_lightning.data import to_uint8
-from ddpm_lightning.errors import ConfigError, flag, int_at_least, invalid, out_dir_path
+from ddpm_lightning.errors import ConfigError, flag, int_at_least, invalid, is_int, is_number, out_dir_path
 from ddpm_lightning.images import sample_grid, save_png, trajectory_grid
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -97,10 +97,10 @@ def _validate(cfg: DictConfig) -> dict[str, Any]:
     opts["out_dir"] = out_dir
     opts["sampler"] = build(cfg.sampler) if cfg.get("sampler") is not None else None
     label = cfg.get("class_label")
-    if label is not None and (isinstance(label, bool) or not isinstance(label, int) or label < 0):
+    if label is not None and (not is_int(label) or label < 0):
         raise invalid("class_label", label, "must be null or an integer class index >= 0")
     scale = cfg.get("guidance_scale", 1.0)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if not is_number(scale) or not math.isfinite(scale):
         raise invalid("guidance_scale", scale, "must be a finite number (1 = no guidance)")
     opts["class_label"], opts["guidance_scale"] = label, float(scale)
     return opts

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ddpm_lightning.errors import invalid
+from ddpm_lightning.errors import invalid, is_int, is_number
 from ddpm_lightning.schedule import NoiseSchedule
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]
@@ -48,7 +48,7 @@ class SampleOutput(NamedTuple):
 
 def _check_steps(steps: object, num_timesteps: int | None, key: str = "sampler.steps") -> int:
     """``steps`` must be an integer in [1, T] (or >= 1 while T is not known yet)."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if not is_int(steps) or steps < 1:
         raise invalid(key, steps, "must be a positive integer")
     if num_timesteps is not None and steps > num_timesteps:
         raise invalid(key, steps, f"must be an integer in [1, schedule.timesteps={num_timesteps}]")
@@ -234,7 +234,7 @@ class DDIMSampler(_Sampler):
         clip_denoised: bool = True,
     ):
         _check_steps(steps, None)
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0 or math.isinf(eta):
+        if not is_number(eta) or not eta >= 0 or math.isinf(eta):
             raise invalid("sampler.eta", eta, "must be a finite number >= 0")
         if timestep_spacing not in TIMESTEP_SPACINGS:
             raise invalid("sampler.timestep_spacing", timestep_spacing, f"must be one of {list(TIMESTEP_SPACINGS)}")

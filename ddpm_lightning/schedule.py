@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ddpm_lightning.errors import invalid
+from ddpm_lightning.errors import invalid, is_int
 
 ScheduleKind = Literal["linear", "cosine"]
 SCHEDULE_KINDS = ("linear", "cosine")
@@ -72,7 +72,7 @@ def make_betas(
     """
     _check(kind in SCHEDULE_KINDS, "schedule.kind", kind, f"must be one of {list(SCHEDULE_KINDS)}")
     _check(
-        isinstance(timesteps, int) and not isinstance(timesteps, bool) and timesteps >= 1,
+        is_int(timesteps) and timesteps >= 1,
         "schedule.timesteps",
         timesteps,
         "must be an integer >= 1 (write 1000, not 1e3)",

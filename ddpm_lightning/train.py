@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ddpm_lightning.config import build
 from ddpm_lightning.data import MNISTDataError
-from ddpm_lightning.errors import ConfigError, NonFiniteLossError, invalid
+from ddpm_lightning.errors import ConfigError, NonFiniteLossError, invalid, is_int, is_number
 from ddpm_lightning.module import DDPM
 
 log = logging.getLogger(__name__)
@@ -78,10 +78,10 @@ def prepare_config(cfg: DictConfig) -> DictConfig:
             if ckpt.resolve().parent.name == "checkpoints" and str(cfg.run_dir) == str(_hydra_output_dir()):
                 cfg.run_dir = str(run)
         lr = cfg.optimizer.get("lr") if "optimizer" in cfg else None
-        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
+        if lr is not None and (not is_number(lr) or not lr > 0):
             raise invalid("optimizer.lr", lr, "must be a number > 0")
         seed = cfg.get("seed")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        if not is_int(seed) or seed < 0:
             raise invalid("seed", seed, "must be an integer >= 0")
         cfg.trainer.precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
     _refuse_local_multirun_ddp(cfg)
