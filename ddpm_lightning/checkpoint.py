@@ -20,9 +20,10 @@ from typing import Any, Mapping
 
 import torch
 from hydra.errors import InstantiationException
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ddpm_lightning.config import build
-from ddpm_lightning.errors import ConfigError, invalid
+from ddpm_lightning.errors import ConfigError, first_line, invalid
 from ddpm_lightning.module import DDPM
 
 log = logging.getLogger(__name__)
@@ -30,17 +31,10 @@ log = logging.getLogger(__name__)
 RAW_KEY = "current_model_state"  #: Lightning's WeightAveraging keeps the raw weights here; state_dict is the EMA
 
 
-def _first_line(err: BaseException, limit: int = 200) -> str:
-    """``ClassName: first line of the message`` (shortened), for one-line errors."""
-    lines = str(err).strip().splitlines()
-    text = lines[0].strip() if lines else ""
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike[str], mmap: bool = False) -> dict[str, Any]:
     """Read a ``ddpm-train`` checkpoint onto the CPU with ``torch.load(weights_only=True)``.
+
+    ``mmap=True`` maps the tensors instead of reading them (cheap for a look at the stored config of a 1 GB file).
 
     Returns:
         The checkpoint dict (``state_dict``, ``hyper_parameters`` with ``config``/``seed``/``image_shape``, ...).
@@ -54,9 +48,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not p.is_file():
         raise invalid("ckpt_path", str(path), "no such checkpoint file")
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+        ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # UnpicklingError, RuntimeError (bad zip), EOFError, ... : all mean "unreadable"
-        why = f"not a readable checkpoint (torch.load weights_only=True failed: {_first_line(err)})"
+        why = f"not a readable checkpoint (torch.load weights_only=True failed: {first_line(err)})"
         raise invalid("ckpt_path", str(path), why) from None
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, Mapping) else None
     config = hp.get("config") if isinstance(hp, Mapping) else None
@@ -69,12 +63,45 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return ckpt
 
 
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": value}`` for every leaf of nested mappings (lists are leaves)."""
+    if not isinstance(node, Mapping):
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def resume_mismatch(stored: Mapping[str, Any], config: Mapping[str, Any], groups: tuple[str, ...] = ("model", "schedule")) -> str | None:
+    """Say how the network or schedule of a checkpoint's stored config differs from the config of a resumed run.
+
+    Args:
+        stored: the checkpoint's ``hyper_parameters["config"]``.
+        config: the new run's resolved config as plain containers.
+
+    Returns:
+        None when every leaf of ``groups`` is equal, else e.g.
+        ``"schedule.beta_end=0.02 in the checkpoint, 0.1 in the config"`` (up to three differences).
+    """
+    diffs = []
+    for group in groups:
+        old, new = _leaves(stored.get(group, {}), group), _leaves(config.get(group, {}), group)
+        for key in sorted(set(old) | set(new)):
+            if old.get(key, "<unset>") != new.get(key, "<unset>"):
+                diffs.append(f"{key}={old.get(key, '<unset>')!r} in the checkpoint, {new.get(key, '<unset>')!r} in the config")
+    if not diffs:
+        return None
+    more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+    return "; ".join(diffs[:3]) + more
+
+
 def _instantiate(node: Mapping[str, Any], key: str) -> Any:
     """Instantiate a stored config node; the project's one-line errors pass through unwrapped."""
     try:
         return build(dict(node))
     except InstantiationException as err:
-        raise ConfigError(f"the checkpoint's {key} config cannot be instantiated: {_first_line(err)}") from None
+        raise ConfigError(f"the checkpoint's {key} config cannot be instantiated: {first_line(err)}") from None
 
 
 def has_ema(ckpt: Mapping[str, Any]) -> bool:
@@ -108,7 +135,7 @@ def ddpm_from_checkpoint(
     try:
         model.load_state_dict(ckpt[key])
     except (RuntimeError, KeyError) as err:
-        raise invalid("ckpt_path", path, f"its {key} does not match the stored model config ({_first_line(err)})") from None
+        raise invalid("ckpt_path", path, f"its {key} does not match the stored model config ({first_line(err)})") from None
     model.eval()
     return model.to(map_location)
 
@@ -125,3 +152,31 @@ def load_ddpm(path: str | os.PathLike[str], map_location: str | torch.device = "
             weights do not fit it.
     """
     return ddpm_from_checkpoint(load_checkpoint(path), map_location=map_location, use_ema=use_ema, path=str(path))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint I/O that never leaves a half-written checkpoint under the final name.
+
+    Each local save goes to a hidden temporary file in the same folder (``.<name>.tmp-<pid>``), is flushed and
+    fsynced, and is then renamed over the target with ``os.replace`` (atomic on POSIX), so a kill during a save
+    leaves the previous ``last.ckpt`` intact. Lightning's own save also uses a temporary file, but fsspec puts it
+    in the system temp folder: on another filesystem the final move is a copy into the target, which a kill can
+    cut short (and a 1 GB DiffUNet checkpoint may not fit in ``/tmp``). Remote URLs (``s3://`` ...) use
+    Lightning's default path.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        target = Path(os.fspath(path))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)

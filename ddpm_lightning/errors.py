@@ -24,6 +24,15 @@ class NonFiniteLossError(RuntimeError):
     corrupted weights. The message names the global step, the loss and the learning rate."""
 
 
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """``ClassName: first line of the message`` (shortened to ``limit`` characters), for one-line errors."""
+    lines = str(err).strip().splitlines()
+    text = lines[0].strip() if lines else ""
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 def is_int(value: object) -> bool:
     """An ``int`` that is not a ``bool`` (``True`` and ``1e3`` are not accepted as counts)."""
     return isinstance(value, int) and not isinstance(value, bool)

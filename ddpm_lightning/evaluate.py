@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ddpm_lightning.config import cli
 from ddpm_lightning.data import MNISTDataError, check_mnist_files, load_mnist_split
 from ddpm_lightning.errors import ConfigError, flag, invalid, is_int, out_dir_path
 from ddpm_lightning.metrics import (
@@ -271,6 +272,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
+@cli(CONFIG_DIR)
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     """Console entry point. Bad input: one line on stderr and exit status 2, no traceback."""

@@ -32,7 +32,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ddpm_lightning.checkpoint import ddpm_from_checkpoint, has_ema, load_checkpoint
-from ddpm_lightning.config import build
+from ddpm_lightning.config import build, cli
 from ddpm_lightning.data import to_uint8
 from ddpm_lightning.errors import ConfigError, flag, int_at_least, invalid, is_int, is_number, out_dir_path
 from ddpm_lightning.images import sample_grid, save_png, trajectory_grid
@@ -251,6 +251,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
+@cli(CONFIG_DIR)
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
 def main(cfg: DictConfig) -> None:
     """Console entry point. Bad input: one line on stderr and exit status 2, no traceback."""

@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ddpm_lightning.errors import invalid, is_int
+from ddpm_lightning.errors import invalid, is_int, is_number
 
 ScheduleKind = Literal["linear", "cosine"]
 SCHEDULE_KINDS = ("linear", "cosine")
@@ -78,8 +78,8 @@ def make_betas(
         "must be an integer >= 1 (write 1000, not 1e3)",
     )
     if kind == "linear":
-        _check(0 < beta_start < 1, "schedule.beta_start", beta_start, "must be in (0, 1)")
-        _check(0 < beta_end < 1, "schedule.beta_end", beta_end, "must be in (0, 1)")
+        _check(is_number(beta_start) and 0 < beta_start < 1, "schedule.beta_start", beta_start, "must be in (0, 1)")
+        _check(is_number(beta_end) and 0 < beta_end < 1, "schedule.beta_end", beta_end, "must be in (0, 1)")
         _check(
             beta_start <= beta_end,
             "schedule.beta_start",
@@ -87,8 +87,8 @@ def make_betas(
             f"must be <= schedule.beta_end={beta_end!r}",
         )
         return linear_betas(timesteps, beta_start, beta_end)
-    _check(cosine_s > 0, "schedule.cosine_s", cosine_s, "must be > 0")
-    _check(0 < max_beta < 1, "schedule.max_beta", max_beta, "must be in (0, 1)")
+    _check(is_number(cosine_s) and 0 < cosine_s < float("inf"), "schedule.cosine_s", cosine_s, "must be a number > 0")
+    _check(is_number(max_beta) and 0 < max_beta < 1, "schedule.max_beta", max_beta, "must be in (0, 1)")
     return cosine_betas(timesteps, cosine_s, max_beta)
 
 

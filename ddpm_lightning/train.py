@@ -17,9 +17,10 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ddpm_lightning.config import build
+from ddpm_lightning.checkpoint import load_checkpoint, resume_mismatch
+from ddpm_lightning.config import build, cli
 from ddpm_lightning.data import MNISTDataError
-from ddpm_lightning.errors import ConfigError, NonFiniteLossError, invalid, is_int, is_number
+from ddpm_lightning.errors import ConfigError, NonFiniteLossError, flag, invalid, is_int, is_number
 from ddpm_lightning.module import DDPM
 
 log = logging.getLogger(__name__)
@@ -74,9 +75,19 @@ def prepare_config(cfg: DictConfig) -> DictConfig:
             if not ckpt.is_file():
                 raise invalid("ckpt_path", str(cfg.ckpt_path), "no such checkpoint file")
             cfg.ckpt_path = str(ckpt.resolve())
+            _check_resume(cfg)
             run = ckpt.resolve().parent.parent
             if ckpt.resolve().parent.name == "checkpoints" and str(cfg.run_dir) == str(_hydra_output_dir()):
                 cfg.run_dir = str(run)
+        elif not flag(cfg, "overwrite"):
+            existing = sorted((Path(str(cfg.run_dir)) / "checkpoints").glob("*.ckpt"))
+            if existing:
+                raise invalid(
+                    "run_dir",
+                    str(cfg.run_dir),
+                    f"already holds {existing[0].name} from another run; resume with ckpt_path=last, "
+                    "choose another run_dir, or set overwrite=true",
+                )
         lr = cfg.optimizer.get("lr") if "optimizer" in cfg else None
         if lr is not None and (not is_number(lr) or not lr > 0):
             raise invalid("optimizer.lr", lr, "must be a number > 0")
@@ -86,6 +97,31 @@ def prepare_config(cfg: DictConfig) -> DictConfig:
         cfg.trainer.precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
     _refuse_local_multirun_ddp(cfg)
     return cfg
+
+
+def _check_resume(cfg: DictConfig) -> None:
+    """Refuse a resume checkpoint that is unreadable, unsafe (it would run code when unpickled: read with
+    ``weights_only=True``), not from ``ddpm-train``, or whose network or schedule differs from this config, before
+    Lightning touches it. The message says which key differs."""
+    stored = load_checkpoint(str(cfg.ckpt_path), mmap=True)["hyper_parameters"]["config"]
+    diff = resume_mismatch(stored, OmegaConf.to_container(cfg, resolve=True))
+    if diff:
+        raise invalid(
+            "ckpt_path",
+            str(cfg.ckpt_path),
+            f"the checkpoint does not match the config: {diff}; resume with the checkpoint's settings or start a new run",
+        )
+
+
+def _check_callback_samplers(cfg: DictConfig, callbacks: dict[str, Any], num_timesteps: int) -> None:
+    """The pictures' and FID's samplers must fit the schedule: checked before training, not at the first epoch end."""
+    for name, callback in callbacks.items():
+        sampler = getattr(callback, "sampler", None)
+        if sampler is not None:
+            try:
+                sampler.timesteps(num_timesteps)
+            except ConfigError as err:
+                raise ConfigError(f"callbacks.{name}.{err}") from None
 
 
 def _refuse_local_multirun_ddp(cfg: DictConfig) -> None:
@@ -119,13 +155,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(str(cfg.run_dir))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    datamodule = build(cfg.data)
+    datamodule = build(cfg.data, key="data")
     datamodule.prepare_data()  # fails here, with the data.root hint, if the files are missing
-    schedule = build(cfg.schedule)
-    sampler = build(cfg.sampler)
+    datamodule.setup("fit")  # subset_size / val_size against the files on disk, before any training
+    schedule = build(cfg.schedule, key="schedule")
+    sampler = build(cfg.sampler, key="sampler")
     sampler.timesteps(schedule.num_timesteps)  # validates sampler.steps against schedule.timesteps
-    net = build(cfg.model)
-    optimizer = build(cfg.optimizer)
+    net = build(cfg.model, key="model")
+    optimizer = build(cfg.optimizer, key="optimizer")
     model = DDPM(
         net=net,
         schedule=schedule,
@@ -135,9 +172,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         config=OmegaConf.to_container(cfg, resolve=True),
         label_dropout=cfg.get("label_dropout", 0.1),
     )
-    callbacks = [build(c) for c in cfg.get("callbacks", {}).values() if c is not None]
-    logger = build(cfg.logger) if cfg.get("logger") else False
-    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=logger)
+    named = {k: build(c, key=f"callbacks.{k}") for k, c in cfg.get("callbacks", {}).items() if c is not None}
+    _check_callback_samplers(cfg, named, schedule.num_timesteps)
+    callbacks = list(named.values())
+    logger = build(cfg.logger, key="logger") if cfg.get("logger") else False
+    trainer: L.Trainer = build(cfg.trainer, key="trainer", callbacks=callbacks, logger=logger)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
@@ -163,6 +202,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
+@cli(CONFIG_DIR)
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Console entry point. Bad input: one line on stderr and exit status 2; a non-finite loss: one line and exit

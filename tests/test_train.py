@@ -12,6 +12,7 @@ import torch
 from conftest import CONF_DIR, TINY_TRAIN, compose_train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from ddpm_lightning.errors import ConfigError
 from ddpm_lightning.train import train
 
 REPO = CONF_DIR.parent
@@ -202,7 +203,6 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_
 
 def test_val_fid_is_logged_and_can_pick_the_best_checkpoint(tiny_train_overrides, tmp_path, fake_mnist_root, monkeypatch):
     """callbacks.fid.every_n_epochs=1 logs val/fid from a classifier; a missing classifier stops before training."""
-    from ddpm_lightning.errors import ConfigError
     from ddpm_lightning.metrics import train_classifier
 
     monkeypatch.setenv("DDPM_LIGHTNING_CACHE", str(tmp_path / "cache"))
@@ -242,7 +242,8 @@ def test_ckpt_path_last_prefers_a_newer_slurm_requeue_checkpoint(tmp_path):
     hpc.write_bytes(b"x")
     os.utime(last, ns=(1_000_000_000, 1_000_000_000))
     os.utime(hpc, ns=(2_000_000_000, 2_000_000_000))
-    cfg = prepare_config(compose_train([f"run_dir={tmp_path}", "ckpt_path=last"]))
-    assert cfg.ckpt_path == str(hpc.resolve())
+    # the newer file is picked, then checked (these stand-ins are not readable checkpoints)
+    with pytest.raises(ConfigError, match=r"ckpt_path='.*hpc_ckpt_1\.ckpt' is invalid: not a readable checkpoint"):
+        prepare_config(compose_train([f"run_dir={tmp_path}", "ckpt_path=last"]))
     os.utime(last, ns=(3_000_000_000, 3_000_000_000))
     assert newest_checkpoint(tmp_path) == last

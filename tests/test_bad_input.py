@@ -1,0 +1,371 @@
+"""Issue #6: every bad input is refused before any work, with one line naming the key, the value and what is
+allowed; checkpoints are read safely and written atomically; outputs are never clobbered.
+
+``TRAIN_BAD_INPUTS`` is the table of bad ``ddpm-train`` overrides (the same checks guard ``ddpm-sample`` and
+``ddpm-evaluate``: see test_sample.py / test_metrics.py). ``python tests/test_bad_input.py`` prints it with the
+message each one produces.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from conftest import CONF_DIR, TINY_TRAIN, compose_train
+
+from ddpm_lightning.checkpoint import AtomicCheckpointIO, load_checkpoint
+from ddpm_lightning.config import check_group_choices
+from ddpm_lightning.data import MNISTDataError
+from ddpm_lightning.errors import ConfigError
+from ddpm_lightning.train import train
+
+REPO = CONF_DIR.parent
+
+#: (overrides, the start of the one-line message). Run on TINY_TRAIN with the 64-image fake MNIST.
+TRAIN_BAD_INPUTS: list[tuple[list[str], str]] = [
+    (["schedule.beta_start=0"], "schedule.beta_start=0 is invalid"),
+    (["schedule.beta_start=-0.001"], "schedule.beta_start=-0.001 is invalid"),
+    (["schedule.beta_end=1"], "schedule.beta_end=1 is invalid"),
+    (["schedule.beta_end=1.5"], "schedule.beta_end=1.5 is invalid"),
+    (["schedule.beta_start=0.05"], "schedule.beta_start=0.05 is invalid"),  # > beta_end=0.02
+    (["schedule.beta_start=abc"], "schedule.beta_start='abc' is invalid: must be in (0, 1)"),
+    (["schedule.timesteps=0"], "schedule.timesteps=0 is invalid"),
+    (["schedule.timesteps=1e3"], "schedule.timesteps=1000.0 is invalid"),
+    (["schedule.timesteps=true"], "schedule.timesteps=True is invalid"),
+    (["schedule.kind=quadratic"], "schedule.kind='quadratic' is invalid"),
+    (["sampler.variance=huge"], "sampler.variance='huge' is invalid"),
+    (["sampler=ddim", "sampler.steps=1001"], "sampler.steps=1001 is invalid"),
+    (["sampler=ddim", "sampler.eta=-1"], "sampler.eta=-1 is invalid"),
+    (["sampler=ddim", "sampler.timestep_spacing=even"], "sampler.timestep_spacing='even' is invalid"),
+    (["callbacks.samples.sampler.steps=2000"], "callbacks.samples.sampler.steps=2000 is invalid"),
+    (["callbacks.samples.num_samples=0"], "callbacks.samples.num_samples=0 is invalid"),
+    (["data.subset_size=0"], "data.subset_size=0 is invalid"),
+    (["data.subset_size=-5"], "data.subset_size=-5 is invalid"),
+    (["data.subset_size=100"], "data.subset_size=100 is invalid"),  # the fake MNIST has 64 training images
+    (["data.subset_size=1.5"], "data.subset_size=1.5 is invalid"),
+    (["data.batch_size=0"], "data.batch_size=0 is invalid"),
+    (["data.val_size=0"], "data.val_size=0 is invalid"),
+    (["optimizer.lr=0"], "optimizer.lr=0 is invalid"),
+    (["optimizer.lr=-1"], "optimizer.lr=-1 is invalid"),
+    (["optimizer.lr=fast"], "optimizer.lr='fast' is invalid"),
+    (["seed=-1"], "seed=-1 is invalid"),
+    (["label_dropout=1.5"], "label_dropout=1.5 is invalid"),
+    (["callbacks.ema.decay=1.0"], "callbacks.ema.decay=1.0 is invalid"),
+    (["model.num_classes=0"], "model.num_classes=0 is invalid"),
+    (["trainer.precision=bf17"], "trainer is invalid: cannot build lightning.Trainer"),
+    (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path='/nonexistent/last.ckpt' is invalid: no such checkpoint file"),
+    (["overwrite=maybe"], "overwrite='maybe' is invalid"),
+]
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err)
+    assert "\n" not in text, text
+    return text
+
+
+def _run_dir_untouched(run_dir: Path) -> bool:
+    return not (run_dir / "checkpoints").exists() and not (run_dir / "tensorboard").exists() and not (
+        run_dir / "samples"
+    ).exists()
+
+
+@pytest.mark.parametrize("overrides, message", TRAIN_BAD_INPUTS, ids=[" ".join(o) for o, _ in TRAIN_BAD_INPUTS])
+def test_bad_train_input_is_one_line_before_any_work(tiny_train_overrides, tmp_path, overrides, message):
+    with pytest.raises((ConfigError, MNISTDataError)) as excinfo:
+        train(compose_train([*tiny_train_overrides, *overrides]))
+    assert _one_line(excinfo.value).startswith(message), str(excinfo.value)
+    assert _run_dir_untouched(tmp_path / "run")
+
+
+def _cli(args: list[str], cwd: Path, module: str = "ddpm_lightning.train", timeout: int = 180):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def test_cli_prints_the_line_and_exits_2_without_traceback(fake_mnist_root, tmp_path):
+    proc = _cli([*TINY_TRAIN, f"data.root={fake_mnist_root}", "schedule.beta_start=0.05"], cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: schedule.beta_start=0.05 is invalid"), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.glob("outputs/*/*/checkpoints"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["sampler=dim"], "sampler='dim' is invalid: must be one of ['ddim', 'ddpm']"),
+        (["schedule=quadratic"], "schedule='quadratic' is invalid: must be one of ['cosine', 'linear']"),
+        (["-m", "model=adm_tiny,adm_smal"], "model='adm_smal' is invalid: must be one of ['adm_small', 'adm_tiny', 'diffunet']"),
+        (["experiment=mnist_gpu"], "experiment='mnist_gpu' is invalid: must be one of ["),
+    ],
+)
+def test_an_unknown_group_option_is_one_line(args, message):
+    with pytest.raises(ConfigError) as excinfo:
+        check_group_choices(args, CONF_DIR)
+    assert _one_line(excinfo.value).startswith(message)
+
+
+def test_known_group_options_and_other_overrides_pass_the_group_check():
+    check_group_choices(["-m", "model=adm_tiny,adm_small", "experiment=null", "hydra/launcher=slurm", "~sampler",
+                         "+trainer.val_check_interval=5", "schedule.kind=linear", "sampler=choice(ddim,ddpm)"], CONF_DIR)
+
+
+def test_cli_unknown_group_option_exits_2_before_hydra(tmp_path):
+    proc = _cli(["sampler=dim"], cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: sampler='dim' is invalid: must be one of ['ddim', 'ddpm']"
+    assert not (tmp_path / "outputs").exists()
+
+
+# -- checkpoints -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    """A finished 2-step TINY_TRAIN run (run_dir with checkpoints/last.ckpt)."""
+    from mnist_fixtures import write_fake_mnist
+
+    base = tmp_path_factory.mktemp("trained")
+    root = write_fake_mnist(base / "data")
+    run = base / "run"
+    train(compose_train([*TINY_TRAIN, f"data.root={root}", f"run_dir={run}"]))
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    return run
+
+
+def _resume(trained_run: Path, tmp_path: Path, *overrides: str):
+    root = next(trained_run.parent.glob("data"))
+    return compose_train(
+        [*TINY_TRAIN, f"data.root={root}", f"run_dir={tmp_path / 'resumed'}", "trainer.max_epochs=2",
+         f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", *overrides]
+    )
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("schedule.beta_end=0.03", "schedule.beta_end=0.02 in the checkpoint, 0.03 in the config"),
+        ("schedule.timesteps=500", "schedule.timesteps=1000 in the checkpoint, 500 in the config"),
+        ("model.model_channels=16", "model.model_channels=32 in the checkpoint, 16 in the config"),
+        ("model=adm_small", "model.attn_resolutions=[] in the checkpoint, [8] in the config"),
+    ],
+)
+def test_resume_with_a_different_network_or_schedule_says_which_differs(trained_run, tmp_path, override, message):
+    with pytest.raises(ConfigError) as excinfo:
+        train(_resume(trained_run, tmp_path, override))
+    text = _one_line(excinfo.value)
+    assert "the checkpoint does not match the config" in text and message in text, text
+    assert _run_dir_untouched(tmp_path / "resumed")
+
+
+def test_resume_with_the_same_network_and_schedule_is_accepted(trained_run, tmp_path):
+    out = train(_resume(trained_run, tmp_path, "sampler=ddim", "data.batch_size=4"))  # sampler/data may change
+    assert out["trainer"].current_epoch == 2
+
+
+class _RunsCode:
+    """Unpickling this calls ``open(marker, "w")``: a stand-in for a checkpoint that executes code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("entry", ["train", "sample"])
+def test_a_checkpoint_that_would_run_code_is_refused(trained_run, tmp_path, entry):
+    marker = tmp_path / "code_ran"
+    ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    ckpt["hyper_parameters"]["payload"] = _RunsCode(marker)
+    evil = tmp_path / "evil.ckpt"
+    torch.save(ckpt, evil)
+    with pytest.raises(pickle.UnpicklingError):  # the payload really does run code under plain unpickling
+        torch.load(evil, weights_only=True)
+    with pytest.raises(ConfigError) as excinfo:
+        if entry == "train":
+            train(_resume(trained_run, tmp_path, f"ckpt_path={evil}"))
+        else:
+            from ddpm_lightning.sample import sample
+            from hydra import compose, initialize_config_dir
+
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                cfg = compose(config_name="sample", overrides=[f"ckpt_path={evil}", f"out_dir={tmp_path / 's'}"])
+            sample(cfg)
+    text = _one_line(excinfo.value)
+    assert f"ckpt_path='{evil}' is invalid: not a readable checkpoint (torch.load weights_only=True failed" in text
+    assert not marker.exists()
+    torch.load(evil, weights_only=False)  # control: without weights_only the file does run code
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "not_ddpm"])
+def test_truncated_or_foreign_resume_checkpoint_is_one_line(trained_run, tmp_path, kind):
+    bad = tmp_path / "bad.ckpt"
+    good = (trained_run / "checkpoints" / "last.ckpt").read_bytes()
+    if kind == "truncated":
+        bad.write_bytes(good[: len(good) // 2])
+    elif kind == "empty":
+        bad.write_bytes(b"")
+    else:
+        torch.save({"state_dict": {}}, bad)
+    with pytest.raises(ConfigError) as excinfo:
+        train(_resume(trained_run, tmp_path, f"ckpt_path={bad}"))
+    why = "not written by ddpm-train" if kind == "not_ddpm" else "not a readable checkpoint"
+    assert _one_line(excinfo.value).startswith(f"ckpt_path='{bad}' is invalid: {why}")
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint(trained_run, tmp_path, monkeypatch):
+    """A failure half-way through writing the new checkpoint: the old file keeps its bytes and still loads."""
+    last = tmp_path / "last.ckpt"
+    last.write_bytes((trained_run / "checkpoints" / "last.ckpt").read_bytes())
+    before = last.read_bytes()
+    opened: list[Path] = []
+
+    def half_then_fail(obj, f, *args, **kwargs):
+        opened.append(Path(f.name))
+        f.write(before[: len(before) // 2])
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(torch, "save", half_then_fail)
+    with pytest.raises(OSError, match="simulated"):
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {}}, last)
+    assert opened and opened[0].parent == last.parent and opened[0] != last  # a temp file beside the target
+    assert last.read_bytes() == before
+    load_checkpoint(last)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # the temp file is cleaned up
+
+
+_KILL_DURING_SAVE = """
+import os, signal, sys, torch
+from ddpm_lightning.checkpoint import AtomicCheckpointIO
+real_save = torch.save
+def save_half_then_die(obj, f, *a, **k):
+    f.write(b"PK" * 1000); f.flush(); os.fsync(f.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = save_half_then_die
+AtomicCheckpointIO().save_checkpoint({"state_dict": {}}, sys.argv[1])
+"""
+
+
+def test_sigkill_during_save_leaves_the_previous_checkpoint(trained_run, tmp_path):
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.write_bytes((trained_run / "checkpoints" / "last.ckpt").read_bytes())
+    before = last.read_bytes()
+    proc = subprocess.run([sys.executable, "-c", _KILL_DURING_SAVE, str(last)], capture_output=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert last.read_bytes() == before
+    load_checkpoint(last)
+    from ddpm_lightning.train import newest_checkpoint
+
+    assert newest_checkpoint(tmp_path) == last  # the leftover hidden temp file is never picked for a resume
+
+
+def test_training_saves_through_the_atomic_io(tiny_train_overrides, tmp_path, monkeypatch):
+    """The default trainer config really routes checkpoint writes through AtomicCheckpointIO."""
+    calls: list[str] = []
+    original = AtomicCheckpointIO.save_checkpoint
+
+    def spy(self, checkpoint, path, storage_options=None):
+        calls.append(Path(path).name)
+        return original(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", spy)
+    train(compose_train(tiny_train_overrides))
+    assert "last.ckpt" in calls
+
+
+# -- outputs never clobbered ---------------------------------------------------------------------------------------
+
+
+def test_a_fresh_run_refuses_a_run_dir_with_checkpoints(trained_run, tmp_path):
+    root = next(trained_run.parent.glob("data"))
+    before = (trained_run / "checkpoints" / "last.ckpt").read_bytes()
+    with pytest.raises(ConfigError) as excinfo:
+        train(compose_train([*TINY_TRAIN, f"data.root={root}", f"run_dir={trained_run}"]))
+    assert _one_line(excinfo.value).startswith(f"run_dir='{trained_run}' is invalid: already holds")
+    assert "overwrite=true" in str(excinfo.value)
+    assert (trained_run / "checkpoints" / "last.ckpt").read_bytes() == before
+
+
+def test_two_runs_started_in_the_same_second_get_different_directories(fake_mnist_root, tmp_path):
+    """Hydra's run directory carries microseconds: two ddpm-train processes started together write apart."""
+    args = [*TINY_TRAIN, f"data.root={fake_mnist_root}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "ddpm_lightning.train", *args], cwd=tmp_path, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    runs = sorted(tmp_path.glob("outputs/*/*/checkpoints/last.ckpt"))
+    assert len(runs) == 2, runs
+    assert all(len(list(r.parent.parent.glob("tensorboard/**/events.out.tfevents.*"))) == 1 for r in runs)
+
+
+# -- fuzz -----------------------------------------------------------------------------------------------------------
+
+#: The validated keys. sampler.steps/eta are fuzzed on DDIM (sampler=ddim is added).
+FUZZ_KEYS = [
+    "schedule.beta_start", "schedule.beta_end", "schedule.timesteps", "schedule.kind", "sampler.steps",
+    "sampler.eta", "data.batch_size", "data.subset_size", "data.val_size", "optimizer.lr", "seed",
+    "label_dropout", "callbacks.samples.num_samples", "callbacks.ema.decay",
+]
+_FUZZ_VALUES = st.one_of(
+    st.integers(-5, 1200).map(str),
+    st.floats(-2.0, 2.0, allow_nan=False).map(repr),
+    st.sampled_from(["0", "1", "1e3", "1e-4", "0.02", "nan", "inf", "-inf", "true", "false", "null", "abc",
+                     "linear", "cosine", "''", "[1,2]", "{a: 1}"]),
+)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(st.dictionaries(st.sampled_from(FUZZ_KEYS), _FUZZ_VALUES, min_size=1, max_size=3))
+def test_fuzzed_overrides_train_one_step_or_fail_with_one_line(fake_mnist_root, overrides):
+    """Random values for the validated keys: either a 1-step training run or ConfigError/MNISTDataError with one
+    line naming a key. Any other exception (a traceback at the command line) fails the test."""
+    import tempfile
+
+    pairs = [f"{k}={v}" for k, v in overrides.items()]
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = compose_train([*TINY_TRAIN, f"data.root={fake_mnist_root}", f"run_dir={tmp}/run", "sampler=ddim",
+                             "trainer.max_steps=1", "callbacks.samples.every_n_epochs=0", *pairs])
+        try:
+            train(cfg)
+        except (ConfigError, MNISTDataError) as err:
+            text = _one_line(err)
+            assert " is invalid: " in text or text.startswith("data.root"), text
+            assert _run_dir_untouched(Path(tmp) / "run"), text
+
+
+if __name__ == "__main__":  # print the table of bad inputs and their messages (for the docs / closing note)
+    import tempfile
+
+    from mnist_fixtures import write_fake_mnist
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_fake_mnist(Path(tmp) / "data")
+        print("| override | message |\n| --- | --- |")
+        for overrides, _ in TRAIN_BAD_INPUTS:
+            try:
+                train(compose_train([*TINY_TRAIN, f"data.root={root}", f"run_dir={tmp}/run", *overrides]))
+                msg = "(accepted!)"
+            except (ConfigError, MNISTDataError) as err:
+                msg = str(err)
+            print(f"| `{' '.join(overrides)}` | `{msg}` |")
