@@ -252,6 +252,11 @@ class PaddedMNISTDataset(Dataset):
     Item ``i`` is ``(image, label)``: ``image`` is ``float32`` ``(1, 32, 32)`` in
     ``[-1, 1]`` (via :func:`to_model_range`), ``label`` a 0-dim ``int64`` tensor, so a
     default-collated batch is ``(B, 1, 32, 32)`` float32 and ``(B,)`` int64.
+
+    ``__getitems__`` (used by ``DataLoader`` with automatic batching) gathers and converts a whole batch in one
+    operation instead of B item calls; it returns the usual list of ``(image, label)`` pairs (views of the batch),
+    so the default collate still applies. ``benchmarks/data_pipeline.py`` compares this path with torchvision's
+    per-item PIL path.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -271,6 +276,12 @@ class PaddedMNISTDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return to_model_range(self.images[index]), self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``[self[i] for i in indices]``, converted in one gather (identical values, B times fewer calls)."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        images = to_model_range(self.images.index_select(0, index))
+        return list(zip(images.unbind(0), self.labels.index_select(0, index).unbind(0)))
 
 
 class EpochShuffleSampler(RandomSampler):

@@ -114,7 +114,7 @@ class _Sampler:
     def _needs_noise(self, abar_t: float, abar_prev: float) -> bool:
         raise NotImplementedError  # pragma: no cover - abstract
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(
         self,
         eps_fn: EpsFn,

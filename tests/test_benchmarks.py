@@ -17,9 +17,35 @@ def test_sampling_speed_smoke(tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads(out.read_text())
-    assert {r["sampler"] for r in rows} == {"DDIM-2", "DDPM-1000"}
-    assert all(r["images_per_s"] > 0 for r in rows)
+    result = json.loads(out.read_text())
+    assert {"step_time", "cross_check", "batch_sweep", "notes", "diffusers"} <= set(result)
+    rows = {r["variant"]: r for r in result["step_time"]}
+    assert {"forward", "ours DDIM", "ours DDPM"} <= set(rows)
+    assert {rows[k]["full_run"] for k in ("ours DDIM", "ours DDPM")} == {"DDIM-2", "DDPM-1000"}
+    assert all(r["ms_per_step"] > 0 for r in rows.values())
+    assert all(rows[k]["images_per_s"] > 0 and rows[k]["overhead_pct"] is not None for k in ("ours DDIM", "ours DDPM"))
+    assert all(r["images_per_s"] > 0 for r in result["batch_sweep"])
+    if result["diffusers"] is None:
+        assert "diffusers not installed: skipped" in proc.stdout
+    else:  # same noise (and generator): ours and diffusers agree up to float32 rounding
+        assert rows["ours DDIM"]["ratio_ours_over_diffusers"] > 0
+        matched = [r for r in result["cross_check"] if "default" not in r["setting"]]
+        assert len(matched) == 2 and all(r["max_abs_diff"] < 1e-3 for r in matched)
+
+
+def test_precision_smoke(tmp_path):
+    out = tmp_path / "precision.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "precision.py"), "--quick", "--smoke", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == {"fp32", "bf16", "channels_last"}  # torch.compile only with --compile
+    for r in rows.values():
+        assert r["train_images_per_s"] > 0 and r["sample_images_per_s"] > 0
+        assert {"train_speedup", "sample_speedup", "loss_rel_diff", "grad_rel_l2", "sample_rel_l2"} <= set(r)
+    assert rows["fp32"]["train_speedup"] == 1 and rows["fp32"]["sample_rel_l2"] == 0
+    assert rows["bf16"]["sample_rel_l2"] < 0.5 and rows["channels_last"]["sample_rel_l2"] < 1e-3
 
 
 def test_gpu_check_smoke(tmp_path):
@@ -30,3 +56,37 @@ def test_gpu_check_smoke(tmp_path):
     result = json.loads(out.read_text())
     assert result["train_images_per_s"] > 0 and result["ddim50_images_per_s"] > 0
     assert result["projected_100_epochs_60k_hours"] > 0
+
+
+def _smoke(tmp_path, script: str, *extra: str):
+    out = tmp_path / f"{script}.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick", "--smoke", *extra, "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_train_overhead_smoke(tmp_path):
+    rows = _smoke(tmp_path, "train_overhead.py", "--batch-size", "8")
+    assert [r["network"] for r in rows] == ["adm_tiny"]
+    assert rows[0]["bare_images_per_s"] > 0 and rows[0]["project_images_per_s"] > 0 and rows[0]["ratio"] > 0
+
+
+def test_data_pipeline_smoke(tmp_path):
+    result = _smoke(tmp_path, "data_pipeline.py")
+    assert {r["path"] for r in result["rows"]} == {"project", "project per-item", "torchvision PIL"}
+    assert result["max_abs_diff_vs_torchvision"] == 0.0  # same pixels as torchvision's Pad + ToTensor + Normalize
+
+
+def test_memory_smoke(tmp_path):
+    rows = _smoke(tmp_path, "memory.py")
+    assert [r["case"] for r in rows] == ["baseline", "train adm_tiny", "sample adm_tiny"]
+    assert all(r["peak_rss_gib"] > 0.05 for r in rows)
+
+
+def test_run_all_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "run_all.py"), "--quick", "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p.name for p in tmp_path.glob("*.json")} >= {"train_overhead.json", "data_pipeline.json",
+                                                          "sampling_speed.json", "precision.json", "memory.json"}
