@@ -69,8 +69,15 @@ def load_samples(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
-def _validate(cfg: DictConfig) -> dict[str, Any]:
-    """Every check that needs neither the classifier nor the images, in the order a user fixes them."""
+def load_labels(path: Path) -> torch.Tensor | None:
+    """``arr_1`` of a samples.npz (the requested class of each conditional sample), or None when absent."""
+    with np.load(path, allow_pickle=False) as f:
+        return torch.from_numpy(f["arr_1"].astype(np.int64)) if "arr_1" in f.files else None
+
+
+def _validate(cfg: DictConfig, ckpt_must_exist: bool = True) -> dict[str, Any]:
+    """Every check that needs neither the classifier nor the images, in the order a user fixes them.
+    ``ckpt_must_exist=False``: the checkpoint will be written later (ddpm-train's end-of-run evaluation)."""
     opts: dict[str, Any] = {}
     opts["overwrite"] = flag(cfg, "overwrite")
     opts["train_if_missing"] = flag(cfg, "train_classifier_if_missing")
@@ -93,7 +100,7 @@ def _validate(cfg: DictConfig) -> dict[str, Any]:
     else:
         opts["mode"] = "checkpoint"
         path = Path(str(ckpt)).expanduser()
-        if not path.is_file():
+        if ckpt_must_exist and not path.is_file():
             raise invalid("ckpt_path", str(ckpt), "no such checkpoint file")
         opts["ckpt_path"] = path.resolve()
         num = cfg.get("num_samples")
@@ -149,6 +156,7 @@ def _sample_config(cfg: DictConfig, opts: dict[str, Any]) -> DictConfig:
             "seed": cfg.get("seed", base.seed),
             "device": cfg.get("device", base.device),
             "use_ema": cfg.get("use_ema", base.use_ema),
+            "guidance_scale": cfg.get("guidance_scale", base.guidance_scale),
             "trajectory": False,
             "overwrite": opts["overwrite"],
             "out_dir": str(opts["out_dir"] / "samples"),
@@ -156,6 +164,41 @@ def _sample_config(cfg: DictConfig, opts: dict[str, Any]) -> DictConfig:
     )
     merged.sampler = OmegaConf.to_container(sampler, resolve=True) if sampler is not None else None
     return merged
+
+
+def train_run_config(train_cfg: Any, ckpt_path: str | Path, out_dir: str | Path) -> DictConfig:
+    """The ``conf/evaluate.yaml`` config for ``ddpm-train``'s end-of-run evaluation (the ``evaluate:`` node of
+    conf/train.yaml, e.g. ``evaluate: {num_samples: 1000, sampler: {steps: 20}}``): the run's ``data.root``, its
+    checkpoint, and ``out_dir`` (one folder per checkpoint step, so nothing is overwritten). The node's keys are
+    checked like ``ddpm-evaluate``'s: an unknown key is one line naming ``evaluate.<key>``."""
+    base = OmegaConf.load(Path(CONFIG_DIR) / "evaluate.yaml")
+    for key in ("defaults", "hydra", "out_dir"):
+        del base[key]
+    base.sampler = OmegaConf.load(Path(CONFIG_DIR) / "sampler" / "ddim.yaml")
+    node = train_cfg.get("evaluate")
+    node = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    allowed = set(base.keys()) - {"samples", "ckpt_path", "data", "task_name"}
+    for key in node:
+        if key not in allowed:
+            raise invalid(f"evaluate.{key}", node[key], f"unknown key; allowed: {sorted(allowed)}")
+    cfg = OmegaConf.merge(base, node)
+    cfg.samples = None
+    cfg.ckpt_path = str(ckpt_path)
+    cfg.data.root = str(train_cfg.data.root)
+    cfg.out_dir = str(out_dir)
+    return cfg
+
+
+def check_train_run_config(cfg: DictConfig, num_timesteps: int) -> None:
+    """Check an end-of-run evaluation config before training starts (classifier, counts, sampler steps)."""
+    from ddpm_lightning.config import build
+
+    try:
+        _validate(cfg, ckpt_must_exist=False)
+        if cfg.get("sampler") is not None:
+            build(cfg.sampler, key="sampler").timesteps(num_timesteps)
+    except ConfigError as err:
+        raise ConfigError(f"evaluate.{err}") from None
 
 
 def inception_fid(images: torch.Tensor, real_test: torch.Tensor) -> dict[str, Any]:
@@ -197,6 +240,7 @@ def _format_table(m: dict[str, Any]) -> str:
         f"  {'class histogram':<34}: {hist}",
         f"  {'normalised class entropy':<34}: {m['normalised_entropy']:.4f}  (1 = uniform)",
         f"  {'confident fraction (p >= 0.9)':<34}: {m['confident_fraction']:.4f}",
+        *([f"  {'classified as the requested label':<34}: {m['label_accuracy']:.4f}"] if m.get("label_accuracy") is not None else []),
         f"  {'metrics':<34}: {m['metrics_json']}",
     ]
     if "inception_fid" in m:
@@ -209,9 +253,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run ``ddpm-evaluate`` on a composed ``conf/evaluate.yaml``; returns the metrics dict (also in metrics.json)."""
     opts = _validate(cfg)
     start = time.perf_counter()
-    images = None
+    images, labels = None, None
     if opts["mode"] == "samples":
-        images = load_samples(opts["samples"])
+        images, labels = load_samples(opts["samples"]), load_labels(opts["samples"])
         if opts["n"] is not None and opts["n"] > images.shape[0]:
             raise invalid("n", opts["n"], f"exceeds the {images.shape[0]} images in samples={opts['samples']}")
     clf_path = opts["classifier_path"]
@@ -238,7 +282,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         from ddpm_lightning.sample import sample  # imports the network code only when sampling
 
         result = sample(_sample_config(cfg, opts))
-        images = load_samples(result["samples"])
+        images, labels = load_samples(result["samples"]), load_labels(result["samples"])
         source = f"{result['num_samples']} samples from {opts['ckpt_path']} -> {result['samples']}"
         if opts["n"] is not None and opts["n"] > images.shape[0]:
             raise invalid("n", opts["n"], f"exceeds num_samples={images.shape[0]}")
@@ -246,8 +290,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         source = str(opts["samples"])
     if opts["n"] is not None:
         images = images[: opts["n"]]
+        labels = labels[: opts["n"]] if labels is not None else None
 
-    metrics = evaluate_images(images, classifier, real_test, real_train, meta=meta, floor_offset=floor_offset)
+    metrics = evaluate_images(images, classifier, real_test, real_train, meta=meta, floor_offset=floor_offset,
+                              labels=labels)
     if opts["inception_fid"]:
         metrics.update(inception_fid(images, real_test))
     out_dir = opts["out_dir"]

@@ -426,6 +426,7 @@ def evaluate_images(
     real_train: torch.Tensor,
     meta: Optional[dict[str, Any]] = None,
     floor_offset: int = 0,
+    labels: Optional[torch.Tensor] = None,
 ) -> dict[str, Any]:
     """All metrics of ``images`` (uint8 ``(N, 1, 32, 32)`` or ``(N, 32, 32, 1)``, N >= 2).
 
@@ -435,6 +436,8 @@ def evaluate_images(
         real_test: the real reference images (the 10,000 MNIST test images).
         real_train: real training images; the first ``n`` (from ``floor_offset``) give the real-vs-real floor.
         meta: the classifier's meta (for ``classifier_sha256`` / ``classifier_test_accuracy``).
+        labels: for class-conditional samples, the requested class of each image (int ``(N,)``): adds
+            ``label_accuracy``, the fraction the classifier assigns to the requested class (None otherwise).
 
     Returns:
         dict with ``n``, ``fid`` (vs ``real_test``), ``fid_floor`` (``floor_n`` real training images vs
@@ -466,4 +469,5 @@ def evaluate_images(
         "confident_fraction": confident_fraction(probs),
         "classifier_sha256": meta.get("sha256_of_weights"),
         "classifier_test_accuracy": meta.get("test_accuracy"),
+        "label_accuracy": None if labels is None else float((probs.argmax(1).cpu() == labels.long().cpu()).float().mean()),
     }

@@ -145,7 +145,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     Returns:
         dict with ``run_dir``, ``last_ckpt``, ``best_ckpt``, ``samples_dir``, ``tensorboard_dir``,
-        ``metrics`` (name -> float) and the ``trainer``.
+        ``metrics`` (name -> float), the ``trainer`` and, with an ``evaluate:`` node, ``evaluation`` (the metrics
+        of ``ddpm-evaluate`` on ``last.ckpt``, also in ``<run_dir>/evaluate/step_<N>/metrics.json``).
 
     Raises:
         ConfigError: a bad value (one line naming the key), before any training.
@@ -172,6 +173,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         config=OmegaConf.to_container(cfg, resolve=True),
         label_dropout=cfg.get("label_dropout", 0.1),
     )
+    eval_dir = None
+    if cfg.get("evaluate") is not None:  # checked now, run after training (the checkpoint does not exist yet)
+        from ddpm_lightning import evaluate as evaluation
+
+        eval_dir = run_dir / "evaluate"
+        evaluation.check_train_run_config(
+            evaluation.train_run_config(cfg, run_dir / "checkpoints" / "last.ckpt", eval_dir), schedule.num_timesteps
+        )
     named = {k: build(c, key=f"callbacks.{k}") for k, c in cfg.get("callbacks", {}).items() if c is not None}
     _check_callback_samplers(cfg, named, schedule.num_timesteps)
     callbacks = list(named.values())
@@ -191,6 +200,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "trainer": trainer,
     }
+    if eval_dir is not None and trainer.is_global_zero:
+        from ddpm_lightning import evaluate as evaluation
+
+        out = eval_dir / f"step_{trainer.global_step:06d}"
+        result["evaluation"] = evaluation.evaluate(evaluation.train_run_config(cfg, result["last_ckpt"], out))
     if trainer.is_global_zero:
         print(
             f"\nDone in {run_dir}\n"

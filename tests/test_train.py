@@ -247,3 +247,29 @@ def test_ckpt_path_last_prefers_a_newer_slurm_requeue_checkpoint(tmp_path):
         prepare_config(compose_train([f"run_dir={tmp_path}", "ckpt_path=last"]))
     os.utime(last, ns=(3_000_000_000, 3_000_000_000))
     assert newest_checkpoint(tmp_path) == last
+
+
+def test_end_of_run_evaluation_writes_metrics_beside_the_checkpoints(tiny_train_overrides, tmp_path, monkeypatch):
+    """evaluate={...}: checked before training (a missing classifier or a bad key stops it), then after training
+    last.ckpt is sampled and scored into <run_dir>/evaluate/step_<N>/metrics.json."""
+    import json
+
+    from ddpm_lightning.metrics import train_classifier
+
+    clf = tmp_path / "clf.pt"
+    overrides = [*tiny_train_overrides, f"evaluate={{num_samples: 6, batch_size: 4, sampler: {{steps: 2}}, "
+                                         f"classifier_path: {clf}}}"]
+    with pytest.raises(ConfigError, match=r"^evaluate.classifier_path="):
+        train(compose_train(overrides))
+    with pytest.raises(ConfigError, match=r"^evaluate.num_sample=6 is invalid: unknown key"):
+        train(compose_train([*tiny_train_overrides, "evaluate={num_sample: 6}"]))
+    train_classifier(tiny_train_overrides[-2].split("=", 1)[1], clf, epochs=1, max_steps=2, verbose=False)
+    with pytest.raises(ConfigError, match=r"^evaluate.sampler.steps=5000 is invalid"):
+        train(compose_train([*tiny_train_overrides, f"evaluate={{sampler: {{steps: 5000}}, classifier_path: {clf}}}"]))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    result = train(compose_train(overrides))
+    metrics_file = tmp_path / "run" / "evaluate" / "step_000002" / "metrics.json"
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["n"] == 6 and metrics["ckpt_path"] == str((tmp_path / "run" / "checkpoints" / "last.ckpt").resolve())
+    assert result["evaluation"]["fid"] == metrics["fid"]
+    assert 0 <= metrics["confident_fraction"] <= 1 and (tmp_path / "run" / "evaluate" / "step_000002" / "samples" / "samples.npz").is_file()
