@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--ddim-steps", type=int, default=20)
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions (medians are reported)")
     parser.add_argument("--compile", action="store_true", help="add a torch.compile variant (minutes on a CPU)")
-    parser.add_argument("--quick", action="store_true", help="~2 minutes on a CPU: adm_small only, 1 step x 2 reps")
+    parser.add_argument("--quick", action="store_true", help="~2 minutes on a CPU: adm_small only, 1 step x 2 reps, DDIM-10 of 8 images")
     parser.add_argument("--smoke", action="store_true", help="tiny network, batch 2, DDIM-2: proves the script runs")
     parser.add_argument("--json", default="precision.json")
     args = parser.parse_args()
@@ -95,6 +95,8 @@ def main() -> None:
     train_steps = args.train_steps or (20 if cuda else 2)
     if args.quick:
         names, reps, train_steps = ["adm_small"], 2, args.train_steps or (20 if cuda else 1)
+        if not cuda:  # bf16 samples at ~0.2 images/s on a CPU without bf16 units: keep the quick run short
+            num_samples, ddim_steps = min(num_samples, 8), min(ddim_steps, 10)
     if args.smoke:
         names, batch, num_samples, ddim_steps, reps, train_steps = ["adm_tiny"], 2, 2, 2, 2, 1
     variants = ["fp32", "bf16", "channels_last"] + (["compile"] if args.compile else [])

@@ -39,16 +39,21 @@ from ddpm_lightning.train import train  # noqa: E402
 
 
 class StepTimer(L.Callback):
-    """Wall time between consecutive training batch starts (the full cost of one step, data loading included)."""
+    """Wall time from one training batch start to the next (the full cost of a step, data loading included); the
+    last step ends at its ``on_train_batch_end`` (after it come the epoch-end checkpoint and validation)."""
 
     def __init__(self) -> None:
         self.starts: list[float] = []
+        self.ends: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.starts.append(time.perf_counter())
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        self.starts.append(time.perf_counter())
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.ends.append(time.perf_counter())
+
+    def step_times(self) -> list[float]:
+        return [b - a for a, b in zip(self.starts, [*self.starts[1:], self.ends[-1]])]
 
 
 def compose_train(overrides: list[str]):
@@ -103,7 +108,7 @@ def project_run(model: str, root: str, batch_size: int, steps: int, warmup: int,
         cfg.callbacks.timer = {"_target_": f"{__name__}.StepTimer"}
     result = train(cfg)
     timer = next(c for c in result["trainer"].callbacks if isinstance(c, StepTimer))
-    intervals = [b - a for a, b in zip(timer.starts[:-1], timer.starts[1:])][warmup:]
+    intervals = timer.step_times()[warmup:]
     return batch_size / statistics.median(intervals)
 
 
@@ -115,7 +120,7 @@ def main() -> None:
     parser.add_argument("--diffunet-steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--quick", action="store_true", help="fewer steps (adm_small 15, DiffUNet 2 at batch 32)")
+    parser.add_argument("--quick", action="store_true", help="fewer steps (adm_small 15, DiffUNet 3 at batch 32)")
     parser.add_argument("--smoke", action="store_true", help="adm_tiny, 2 steps, synthetic data if needed (CI)")
     parser.add_argument("--json", default="train_overhead.json")
     args = parser.parse_args()
@@ -125,7 +130,7 @@ def main() -> None:
         root = data_root(args.data_root, args.smoke, Path(tmp))
         plan = [("adm_tiny", args.batch_size, 2, 1)] if args.smoke else [
             (name, args.batch_size if not (args.quick and name == "diffunet") else 32,
-             (args.diffunet_steps if name == "diffunet" else args.steps) if not args.quick else (2 if name == "diffunet" else 15),
+             (args.diffunet_steps if name == "diffunet" else args.steps) if not args.quick else (3 if name == "diffunet" else 15),
              args.warmup if name != "diffunet" else 1)
             for name in args.networks.split(",")
         ]

@@ -113,7 +113,7 @@ def _check_resume(cfg: DictConfig) -> None:
         )
 
 
-def _check_callback_samplers(cfg: DictConfig, callbacks: dict[str, Any], num_timesteps: int) -> None:
+def _check_callback_samplers(callbacks: dict[str, Any], num_timesteps: int) -> None:
     """The pictures' and FID's samplers must fit the schedule: checked before training, not at the first epoch end."""
     for name, callback in callbacks.items():
         sampler = getattr(callback, "sampler", None)
@@ -182,7 +182,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             evaluation.train_run_config(cfg, run_dir / "checkpoints" / "last.ckpt", eval_dir), schedule.num_timesteps
         )
     named = {k: build(c, key=f"callbacks.{k}") for k, c in cfg.get("callbacks", {}).items() if c is not None}
-    _check_callback_samplers(cfg, named, schedule.num_timesteps)
+    _check_callback_samplers(named, schedule.num_timesteps)
     callbacks = list(named.values())
     logger = build(cfg.logger, key="logger") if cfg.get("logger") else False
     trainer: L.Trainer = build(cfg.trainer, key="trainer", callbacks=callbacks, logger=logger)
