@@ -31,6 +31,7 @@ from torchvision import datasets, transforms
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common import DEFAULT_DATA_ROOT, mnist_root  # noqa: E402
 from ddpm_lightning.data import MNISTDataModule, PaddedMNISTDataset  # noqa: E402
 
 
@@ -51,7 +52,7 @@ def rate(loader: DataLoader, batches: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--data-root", default=DEFAULT_DATA_ROOT)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--batches", type=int, default=300)
     parser.add_argument("--num-workers", type=int, default=0)
@@ -61,14 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     batches = 5 if args.smoke else (100 if args.quick else args.batches)
     with tempfile.TemporaryDirectory() as tmp:
-        root = args.data_root
-        if not (Path(root) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
-            if not args.smoke:
-                raise SystemExit(f"no MNIST under {root}/MNIST/raw: pass --data-root")
-            sys.path.insert(0, str(REPO / "tests"))
-            from mnist_fixtures import write_fake_mnist
-
-            root = str(write_fake_mnist(Path(tmp) / "data", n_train=512, n_test=64))
+        root = mnist_root(args.data_root, args.smoke, Path(tmp), n_train=512)
         dm = MNISTDataModule(root=root, batch_size=args.batch_size, val_size=64, num_workers=args.num_workers)
         dm.setup("fit")
         tv = datasets.MNIST(root, train=True, download=False, transform=transforms.Compose(

@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import DEFAULT_DATA_ROOT, REPO, mnist_root
 
 _CHILD = r"""
 import json, sys, tempfile, torch
@@ -66,7 +66,7 @@ def run_case(kind: str, net: str, root: str, batch: int, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--data-root", default=DEFAULT_DATA_ROOT)
     parser.add_argument("--networks", default="adm_small,diffunet")
     parser.add_argument("--train-batch", type=int, default=64)
     parser.add_argument("--sample-batch", type=int, default=256)
@@ -76,14 +76,7 @@ def main() -> None:
     parser.add_argument("--json", default="memory.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        root = args.data_root
-        if not (Path(root) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
-            if not args.smoke:
-                raise SystemExit(f"no MNIST under {root}/MNIST/raw: pass --data-root")
-            sys.path.insert(0, str(REPO / "tests"))
-            from mnist_fixtures import write_fake_mnist
-
-            root = str(write_fake_mnist(Path(tmp) / "data", n_train=64, n_test=64))
+        root = mnist_root(args.data_root, args.smoke, Path(tmp), n_train=64)
         nets = ["adm_tiny"] if args.smoke else args.networks.split(",")
         steps = 1 if (args.quick or args.smoke) else args.train_steps
         rows = [run_case("baseline", nets[0], root, 1, 1)]

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 from typing import Callable
@@ -33,26 +32,12 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from common import NETS, randomize_zero_init
 from ddpm_lightning.module import DDPM
-from ddpm_lightning.networks import ADMUNetEps, DiffUNetEps, count_parameters
+from ddpm_lightning.networks import count_parameters
 from ddpm_lightning.samplers import DDIMSampler, DDPMSampler, strided_timesteps
 from ddpm_lightning.schedule import NoiseSchedule
 
-NETS: dict[str, Callable[[], nn.Module]] = {
-    "adm_small": lambda: ADMUNetEps(),
-    "diffunet": lambda: DiffUNetEps(),
-    "adm_tiny": lambda: ADMUNetEps(channel_mult=(1,), attn_resolutions=()),
-}
-
-
-def randomize_zero_init(net: nn.Module, seed: int = 0) -> nn.Module:
-    """Re-initialise the weight tensors that are all zero (zero-initialised residual branches) with N(0, 1/fan_in)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.dim() > 1 and not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-    return net
 
 
 def diffusers_schedulers(schedule: NoiseSchedule):

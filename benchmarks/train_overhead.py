@@ -33,6 +33,7 @@ from omegaconf import open_dict
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common import DEFAULT_DATA_ROOT, mnist_root  # noqa: E402
 from ddpm_lightning.data import load_mnist_split  # noqa: E402
 from ddpm_lightning.schedule import NoiseSchedule  # noqa: E402
 from ddpm_lightning.train import train  # noqa: E402
@@ -59,17 +60,6 @@ class StepTimer(L.Callback):
 def compose_train(overrides: list[str]):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
-
-
-def data_root(requested: str, smoke: bool, tmp: Path) -> str:
-    if (Path(requested) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
-        return requested
-    if not smoke:
-        raise SystemExit(f"no MNIST under {requested}/MNIST/raw: pass --data-root (or --smoke for synthetic data)")
-    sys.path.insert(0, str(REPO / "tests"))
-    from mnist_fixtures import write_fake_mnist
-
-    return str(write_fake_mnist(tmp / "data", n_train=256, n_test=64))
 
 
 def bare_loop(model_cfg, root: str, batch_size: int, steps: int, warmup: int, lr: float) -> float:
@@ -119,7 +109,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per run (DiffUNet: --diffunet-steps)")
     parser.add_argument("--diffunet-steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--data-root", default=DEFAULT_DATA_ROOT)
     parser.add_argument("--quick", action="store_true", help="fewer steps (adm_small 15, DiffUNet 3 at batch 32)")
     parser.add_argument("--smoke", action="store_true", help="adm_tiny, 2 steps, synthetic data if needed (CI)")
     parser.add_argument("--json", default="train_overhead.json")
@@ -127,7 +117,7 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        root = data_root(args.data_root, args.smoke, Path(tmp))
+        root = mnist_root(args.data_root, args.smoke, Path(tmp), n_train=256)
         plan = [("adm_tiny", args.batch_size, 2, 1)] if args.smoke else [
             (name, args.batch_size if not (args.quick and name == "diffunet") else 32,
              (args.diffunet_steps if name == "diffunet" else args.steps) if not args.quick else (3 if name == "diffunet" else 15),
