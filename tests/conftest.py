@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +56,10 @@ def compose_train(overrides: list[str]):
 def tiny_train_overrides(fake_mnist_root: Path, tmp_path: Path) -> list[str]:
     """TINY_TRAIN on the fake MNIST, writing into ``tmp_path/run``."""
     return [*TINY_TRAIN, f"data.root={fake_mnist_root}", f"run_dir={tmp_path / 'run'}"]
+
+
+def run_train_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m ddpm_lightning.train *args`` in ``cwd`` (as a user types ``ddpm-train``), output captured."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "ddpm_lightning.train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from conftest import CONF_DIR, TINY_TRAIN, compose_train
+from conftest import CONF_DIR, TINY_TRAIN, compose_train, run_train_cli
 
 from ddpm_lightning.checkpoint import AtomicCheckpointIO, load_checkpoint
 from ddpm_lightning.config import check_group_choices
@@ -86,15 +86,8 @@ def test_bad_train_input_is_one_line_before_any_work(tiny_train_overrides, tmp_p
     assert _run_dir_untouched(tmp_path / "run")
 
 
-def _cli(args: list[str], cwd: Path, module: str = "ddpm_lightning.train", timeout: int = 180):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
-    )
-
-
 def test_cli_prints_the_line_and_exits_2_without_traceback(fake_mnist_root, tmp_path):
-    proc = _cli([*TINY_TRAIN, f"data.root={fake_mnist_root}", "schedule.beta_start=0.05"], cwd=tmp_path)
+    proc = run_train_cli([*TINY_TRAIN, f"data.root={fake_mnist_root}", "schedule.beta_start=0.05"], cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines[-1].startswith("error: schedule.beta_start=0.05 is invalid"), proc.stderr[-2000:]
@@ -123,7 +116,7 @@ def test_known_group_options_and_other_overrides_pass_the_group_check():
 
 
 def test_cli_unknown_group_option_exits_2_before_hydra(tmp_path):
-    proc = _cli(["sampler=dim"], cwd=tmp_path, timeout=60)
+    proc = run_train_cli(["sampler=dim"], cwd=tmp_path, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: sampler='dim' is invalid: must be one of ['ddim', 'ddpm']"
     assert not (tmp_path / "outputs").exists()

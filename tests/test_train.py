@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF_DIR, TINY_TRAIN, compose_train
+from conftest import CONF_DIR, TINY_TRAIN, compose_train, run_train_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ddpm_lightning.errors import ConfigError
@@ -86,22 +84,10 @@ def test_resume_matches_an_uninterrupted_run(tiny_train_overrides, tmp_path):
     assert any(not torch.equal(ema[k], raw[k]) for k in ema)  # the EMA is not the raw weights
 
 
-def _cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "ddpm_lightning.train", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 @pytest.mark.slow
 def test_multirun_over_beta_end_writes_three_job_directories(fake_mnist_root, tmp_path):
     sweep = tmp_path / "sweep"
-    proc = _cli(
+    proc = run_train_cli(
         [
             "-m",
             "schedule.beta_end=0.02,0.1,0.2",
@@ -144,7 +130,7 @@ def test_bad_input_is_one_line_and_exit_2(fake_mnist_root, tmp_path, override, n
         cfg = compose_train([*TINY_TRAIN, f"data.root={fake_mnist_root}", f"run_dir={tmp_path}", override])
         assert cfg.sampler.steps == 50
         return
-    proc = _cli([*TINY_TRAIN, f"data.root={fake_mnist_root}", override], cwd=tmp_path, timeout=120)
+    proc = run_train_cli([*TINY_TRAIN, f"data.root={fake_mnist_root}", override], cwd=tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines[-1].startswith("error: ") and needle in lines[-1], proc.stderr[-2000:]
@@ -153,7 +139,7 @@ def test_bad_input_is_one_line_and_exit_2(fake_mnist_root, tmp_path, override, n
 
 
 def test_missing_mnist_fails_before_training_with_the_data_root_hint(tmp_path):
-    proc = _cli([*TINY_TRAIN, f"data.root={tmp_path / 'nowhere'}"], cwd=tmp_path, timeout=120)
+    proc = run_train_cli([*TINY_TRAIN, f"data.root={tmp_path / 'nowhere'}"], cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert "train-images-idx3-ubyte" in last and "data.root" in last
@@ -249,7 +235,7 @@ def test_ckpt_path_last_prefers_a_newer_slurm_requeue_checkpoint(tmp_path):
     assert newest_checkpoint(tmp_path) == last
 
 
-def test_end_of_run_evaluation_writes_metrics_beside_the_checkpoints(tiny_train_overrides, tmp_path, monkeypatch):
+def test_end_of_run_evaluation_writes_metrics_beside_the_checkpoints(tiny_train_overrides, tmp_path):
     """evaluate={...}: checked before training (a missing classifier or a bad key stops it), then after training
     last.ckpt is sampled and scored into <run_dir>/evaluate/step_<N>/metrics.json."""
     import json
