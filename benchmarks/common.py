@@ -17,6 +17,7 @@ DEFAULT_DATA_ROOT = str(REPO.parent / "shared" / "data")
 
 NETS: dict[str, Callable[[], nn.Module]] = {
     "adm_small": lambda: ADMUNetEps(),
+    "adm_fast": lambda: ADMUNetEps(patch_size=2, dropout=0.0),  # conf/model/adm_fast.yaml
     "diffunet": lambda: DiffUNetEps(),
     "adm_tiny": lambda: ADMUNetEps(channel_mult=(1,), attn_resolutions=()),
 }

@@ -31,6 +31,22 @@ def derive_seed(*parts: int | str) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+def min_snr_weights(alphas_cumprod: Tensor, t: Tensor, gamma: float) -> Tensor:
+    """Min-SNR-gamma weights of the eps-MSE (Hang et al. 2023, arXiv:2303.09556, Sec. 3.4):
+    ``w_t = min(SNR_t, gamma) / SNR_t``, ``SNR_t = abar_t / (1 - abar_t)``, computed in float64.
+
+    Args:
+        alphas_cumprod: ``(T,)`` float64 abar_t.
+        t: ``(N,)`` int64 timesteps in [0, T-1].
+        gamma: the clamp, > 0 (5 in the paper).
+
+    Returns:
+        ``(N,)`` float32 weights in (0, 1] on ``t``'s device.
+    """
+    snr = alphas_cumprod.to(t.device)[t] / (1.0 - alphas_cumprod.to(t.device)[t])
+    return (snr.clamp(max=gamma) / snr).float()
+
+
 @contextmanager
 def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     """Put ``module`` in eval mode (dropout off) and restore its previous mode afterwards."""
@@ -57,6 +73,13 @@ class DDPM(L.LightningModule):
             checkpoint can be sampled without the original config files.
         label_dropout: class-conditional networks only (``net.num_classes`` set): the probability of replacing a
             label by the null label during training, for classifier-free guidance (Ho & Salimans 2022).
+        lr_scheduler: a callable ``optimizer -> LRScheduler`` (a Hydra ``_partial_`` target, e.g.
+            ``conf/lr_scheduler/onecycle.yaml``) stepped after every optimizer step; None keeps the learning rate
+            constant, as in the paper.
+        min_snr_gamma: None trains on L_simple (uniform weights). A number gamma weights each sample's eps-MSE by
+            ``min(SNR_t, gamma) / SNR_t`` with ``SNR_t = abar_t / (1 - abar_t)`` (Min-SNR-gamma, Hang et al. 2023,
+            arXiv:2303.09556, Sec. 3.4, eps-prediction form): the low-noise steps (SNR_t > gamma, t < ~120 for the
+            linear schedule at gamma = 5) get less weight. ``val/loss`` stays the unweighted L_simple.
 
     Batches are ``(x0, y)`` or ``x0`` with x0 ``(N, C, H, W)`` float in [-1, 1] and y ``(N,)`` int64 labels
     (used only by a class-conditional network).
@@ -77,20 +100,26 @@ class DDPM(L.LightningModule):
         image_shape: tuple[int, int, int] = (1, 32, 32),
         config: dict[str, Any] | None = None,
         label_dropout: float = 0.1,
+        lr_scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None,
+        min_snr_gamma: float | None = None,
     ) -> None:
         super().__init__()
         if not is_number(label_dropout) or not 0 <= label_dropout < 1:
             raise invalid("label_dropout", label_dropout, "must be a number in [0, 1)")
+        if min_snr_gamma is not None and (not is_number(min_snr_gamma) or not 0 < min_snr_gamma < math.inf):
+            raise invalid("min_snr_gamma", min_snr_gamma, "must be null (L_simple) or a finite number > 0, e.g. 5")
         # Plain containers only: OmegaConf objects would break torch.load(weights_only=True).
         self.save_hyperparameters({"config": config or {}, "seed": int(seed), "image_shape": list(image_shape)})
         self.net = net
         self.schedule = schedule
         self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
         self.sampler = sampler if sampler is not None else DDPMSampler()
         self.seed = int(seed)
         self.image_shape = tuple(image_shape)
         self.num_classes: int | None = getattr(net, "num_classes", None)
         self.label_dropout = float(label_dropout)
+        self.min_snr_gamma = None if min_snr_gamma is None else float(min_snr_gamma)
         self.val_loss = MeanMetric()
         self.val_loss_quartiles = nn.ModuleList(MeanMetric() for _ in range(NUM_QUARTILES))
 
@@ -120,10 +149,15 @@ class DDPM(L.LightningModule):
         if self.num_classes is not None and y is not None and self.label_dropout > 0:
             drop = torch.rand(y.shape, device=y.device) < self.label_dropout
             y = torch.where(drop, torch.full_like(y, -1), y)  # -1 = the null label
-        loss = self._eps_loss(x0, t, noise, y).mean()
+        losses = self._eps_loss(x0, t, noise, y)
+        if self.min_snr_gamma is not None:
+            losses = losses * min_snr_weights(self.schedule.alphas_cumprod, t, self.min_snr_gamma)
+        loss = losses.mean()
         if not torch.isfinite(loss):
             self._raise_non_finite(loss)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x0.shape[0])
+        if self.lr_scheduler_factory is not None:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
     def _raise_non_finite(self, loss: Tensor) -> None:
@@ -156,11 +190,16 @@ class DDPM(L.LightningModule):
                 self.log(f"val/loss_q{q}", metric.compute())
             metric.reset()
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
         params = self.net.parameters()
         if self.optimizer_factory is None:
-            return torch.optim.Adam(params, lr=1e-4)
-        return self.optimizer_factory(params=params)
+            optimizer = torch.optim.Adam(params, lr=1e-4)
+        else:
+            optimizer = self.optimizer_factory(params=params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()

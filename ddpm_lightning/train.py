@@ -7,6 +7,7 @@ sweeps: ``ddpm-train -m schedule.beta_end=0.02,0.1,0.2``; resume: ``ddpm-train c
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ddpm_lightning.checkpoint import load_checkpoint, resume_mismatch
 from ddpm_lightning.config import build, cli
 from ddpm_lightning.data import MNISTDataError
-from ddpm_lightning.errors import ConfigError, NonFiniteLossError, flag, invalid, is_int, is_number
+from ddpm_lightning.errors import ConfigError, NonFiniteLossError, first_line, flag, invalid, is_int, is_number
 from ddpm_lightning.module import DDPM
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,35 @@ def _check_callback_samplers(callbacks: dict[str, Any], num_timesteps: int) -> N
                 raise ConfigError(f"callbacks.{name}.{err}") from None
 
 
+def _check_val_check_interval(cfg: DictConfig, batches_per_epoch: int) -> None:
+    """Lightning refuses an integer ``val_check_interval`` longer than an epoch only once the loop starts (with a
+    traceback); say it in one line before any work."""
+    interval = cfg.trainer.get("val_check_interval")
+    if is_int(interval) and cfg.trainer.get("check_val_every_n_epoch") is not None and interval > batches_per_epoch:
+        raise invalid(
+            "trainer.val_check_interval",
+            interval,
+            f"must be <= {batches_per_epoch} (the batches in one epoch), or set trainer.check_val_every_n_epoch=null "
+            "to count steps across epochs",
+        )
+
+
+def _build_lr_scheduler(cfg: DictConfig) -> Any:
+    """The ``lr_scheduler`` partial, tried once on a throwaway optimizer so that a bad value (e.g. OneCycleLR with
+    ``trainer.max_steps=-1``) is one line before training rather than an exception at the first step."""
+    if cfg.get("lr_scheduler") is None:
+        return None
+    total = cfg.lr_scheduler.get("total_steps")
+    if "total_steps" in cfg.lr_scheduler and (not is_int(total) or total < 1):
+        raise invalid("lr_scheduler.total_steps", total, "must be an integer >= 1 (it follows trainer.max_steps: set one)")
+    factory = build(cfg.lr_scheduler, key="lr_scheduler")
+    try:
+        factory(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0))
+    except Exception as err:  # noqa: BLE001 - any refusal by the library becomes one line naming the key
+        raise ConfigError(f"lr_scheduler is invalid: cannot build {cfg.lr_scheduler.get('_target_')}: {first_line(err)}") from None
+    return factory
+
+
 def _refuse_local_multirun_ddp(cfg: DictConfig) -> None:
     """Lightning's DDP starts its extra processes by re-running the command line: under a local ``-m`` sweep each
     child would run the whole sweep again. Refuse that combination before any work; SLURM (submitit) is fine,
@@ -159,11 +189,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = build(cfg.data, key="data")
     datamodule.prepare_data()  # fails here, with the data.root hint, if the files are missing
     datamodule.setup("fit")  # subset_size / val_size against the files on disk, before any training
+    _check_val_check_interval(cfg, math.ceil(len(datamodule.train_images) / datamodule.batch_size))
     schedule = build(cfg.schedule, key="schedule")
     sampler = build(cfg.sampler, key="sampler")
     sampler.timesteps(schedule.num_timesteps)  # validates sampler.steps against schedule.timesteps
     net = build(cfg.model, key="model")
     optimizer = build(cfg.optimizer, key="optimizer")
+    lr_scheduler = _build_lr_scheduler(cfg)
     model = DDPM(
         net=net,
         schedule=schedule,
@@ -172,6 +204,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         seed=cfg.seed,
         config=OmegaConf.to_container(cfg, resolve=True),
         label_dropout=cfg.get("label_dropout", 0.1),
+        lr_scheduler=lr_scheduler,
+        min_snr_gamma=cfg.get("min_snr_gamma"),
     )
     eval_dir = None
     if cfg.get("evaluate") is not None:  # checked now, run after training (the checkpoint does not exist yet)

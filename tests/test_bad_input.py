@@ -58,8 +58,12 @@ TRAIN_BAD_INPUTS: list[tuple[list[str], str]] = [
     (["optimizer.lr=fast"], "optimizer.lr='fast' is invalid"),
     (["seed=-1"], "seed=-1 is invalid"),
     (["label_dropout=1.5"], "label_dropout=1.5 is invalid"),
+    (["min_snr_gamma=0"], "min_snr_gamma=0 is invalid"),
     (["callbacks.ema.decay=1.0"], "callbacks.ema.decay=1.0 is invalid"),
     (["model.num_classes=0"], "model.num_classes=0 is invalid"),
+    (["+model.patch_size=3"], "model.patch_size=3 is invalid"),
+    (["trainer.val_check_interval=3"], "trainer.val_check_interval=3 is invalid: must be <= 2"),  # 16 images, batch 8
+    (["lr_scheduler=onecycle"], "lr_scheduler.total_steps=-1 is invalid"),  # no trainer.max_steps budget
     (["trainer.precision=bf17"], "trainer is invalid: cannot build lightning.Trainer"),
     (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path='/nonexistent/last.ckpt' is invalid: no such checkpoint file"),
     (["overwrite=maybe"], "overwrite='maybe' is invalid"),

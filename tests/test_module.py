@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ddpm_lightning.errors import ConfigError
-from ddpm_lightning.module import DDPM, derive_seed
+from ddpm_lightning.module import DDPM, derive_seed, min_snr_weights
 from ddpm_lightning.networks import ADMUNetEps, DiffUNetEps
 from ddpm_lightning.samplers import DDIMSampler
 from ddpm_lightning.schedule import NoiseSchedule
@@ -66,6 +66,46 @@ def test_training_step_is_l_simple_with_uniform_0_based_timesteps():
     x_t = (abar.sqrt() * x0.double() + (1 - abar).sqrt() * eps.double()).float()
     expected = ((model.net(x_t, t) - eps) ** 2).mean()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_min_snr_weights_golden_values():
+    """Hang et al. 2023, Sec. 3.4, eps-prediction: w_t = min(SNR_t, gamma) / SNR_t, SNR_t = abar_t / (1 - abar_t).
+    Golden values from the linear schedule written out in float64 by hand."""
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    abar = torch.cumprod(1 - betas, 0)
+    w = min_snr_weights(NoiseSchedule(timesteps=1000).alphas_cumprod, torch.tensor([0, 1, 500, 999]), 5.0)
+    assert w.dtype == torch.float32
+    # t=0: abar = 1 - 1e-4, SNR = 9999 -> w = 5 / 9999; t=1: abar = (1 - 1e-4)(1 - beta_1)
+    b1 = 1e-4 + (0.02 - 1e-4) / 999
+    abar1 = (1 - 1e-4) * (1 - b1)
+    expected = [5 / 9999, 5 * (1 - abar1) / abar1, 1.0, 1.0]
+    torch.testing.assert_close(w, torch.tensor(expected, dtype=torch.float32), rtol=1e-6, atol=0)
+    # exactly 1 where SNR <= gamma, < 1 where SNR > gamma
+    snr = abar / (1 - abar)
+    w_all = min_snr_weights(abar, torch.arange(1000), 5.0)
+    assert bool((w_all[snr <= 5] == 1).all()) and bool((w_all[snr > 5] < 1).all()) and int((snr > 5).sum()) > 50
+
+
+def test_training_step_with_min_snr_gamma_weights_each_sample():
+    torch.manual_seed(0)
+    net = tiny_net(dropout=0.0)
+    plain = DDPM(net, NoiseSchedule(timesteps=1000), seed=3)
+    weighted = DDPM(net, NoiseSchedule(timesteps=1000), seed=3, min_snr_gamma=5.0)
+    x0 = torch.rand(6, 1, 32, 32) * 2 - 1
+    batch = (x0, torch.zeros(6, dtype=torch.long))
+    torch.manual_seed(derive_seed(3, "train", 0, 0))
+    t = torch.randint(0, 1000, (6,))
+    eps = torch.randn_like(x0)
+    per_sample = plain._eps_loss(x0, t, eps)
+    w = min_snr_weights(plain.schedule.alphas_cumprod, t, 5.0)
+    torch.testing.assert_close(weighted.training_step(batch, 0), (w * per_sample).mean(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(plain.training_step(batch, 0), per_sample.mean(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("gamma", [0, -1, float("inf"), "five"])
+def test_bad_min_snr_gamma_is_one_line(gamma):
+    with pytest.raises(ConfigError, match=rf"^min_snr_gamma={gamma!r} is invalid"):
+        DDPM(tiny_net(), NoiseSchedule(timesteps=10), min_snr_gamma=gamma)
 
 
 def test_training_timesteps_cover_0_to_T_minus_1():
@@ -169,3 +209,36 @@ def test_conditional_labels_out_of_range_are_refused():
 def test_diffunet_refuses_num_classes():
     with pytest.raises(ConfigError, match="model.num_classes=10"):
         DiffUNetEps(num_classes=10)
+
+
+def test_patch_size_2_runs_the_unet_on_space_to_depth_patches(monkeypatch):
+    """model.patch_size=2: the inner UNet sees (N, 4, 16, 16) = pixel_unshuffle(x_t, 2); its output is
+    pixel_shuffled back to eps at (N, 1, 32, 32), so output pixel (i, j) is channel 2*(i%2)+(j%2) of patch (i//2, j//2)."""
+    net = tiny_net(patch_size=2, dropout=0.0)
+    seen = []
+
+    def fake_unet(x, noise_labels, class_labels=None):
+        seen.append(x.shape)
+        return x * 10  # a pixel-wise map: after the round trip, eps must be 10 * x_t pixel for pixel
+
+    monkeypatch.setattr(net.net, "forward_unet", fake_unet)
+    x = torch.randn(3, 1, 32, 32)
+    eps = net(x, torch.tensor([0, 500, 999]))
+    assert seen == [torch.Size([3, 4, 16, 16])]
+    torch.testing.assert_close(eps, x * 10, rtol=0, atol=0)
+
+
+def test_patch_size_2_network_trains_end_to_end():
+    torch.manual_seed(0)
+    net = tiny_net(patch_size=2, dropout=0.0)
+    x = torch.randn(2, 1, 32, 32)
+    eps = net(x, torch.tensor([3, 900]))
+    assert eps.shape == (2, 1, 32, 32)
+    eps.square().mean().backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("patch_size", [0, 3, 2.5, "two"])
+def test_bad_patch_size_is_one_line(patch_size):
+    with pytest.raises(ConfigError, match=rf"^model.patch_size={patch_size!r} is invalid: must be a positive integer dividing"):
+        tiny_net(patch_size=patch_size)

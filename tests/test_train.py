@@ -259,3 +259,33 @@ def test_end_of_run_evaluation_writes_metrics_beside_the_checkpoints(tiny_train_
     assert metrics["n"] == 6 and metrics["ckpt_path"] == str((tmp_path / "run" / "checkpoints" / "last.ckpt").resolve())
     assert result["evaluation"]["fid"] == metrics["fid"]
     assert 0 <= metrics["confident_fraction"] <= 1 and (tmp_path / "run" / "evaluate" / "step_000002" / "samples" / "samples.npz").is_file()
+
+
+def test_onecycle_lr_scheduler_steps_after_every_optimizer_step_and_is_checkpointed(tiny_train_overrides):
+    """lr_scheduler=onecycle: torch's OneCycleLR over trainer.max_steps, stepped once per optimizer step (not per
+    epoch): after 4 steps the optimizer's lr equals a reference scheduler stepped 4 times, and last.ckpt holds its
+    state so that a resumed run continues the same curve."""
+    overrides = [*tiny_train_overrides, "lr_scheduler=onecycle", "trainer.max_epochs=-1", "trainer.max_steps=4",
+                 "optimizer.lr=1e-3", "lr_scheduler.total_steps=6", "lr_scheduler.pct_start=0.3"]
+    result = train(compose_train(overrides))
+    ref_opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    ref = torch.optim.lr_scheduler.OneCycleLR(ref_opt, max_lr=1e-3, total_steps=6, pct_start=0.3, anneal_strategy="cos",
+                                              cycle_momentum=False, div_factor=25.0, final_div_factor=1e4)
+    lrs = [ref_opt.param_groups[0]["lr"]]
+    for _ in range(4):
+        ref_opt.step()
+        ref.step()
+        lrs.append(ref_opt.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(1e-3 / 25) and max(lrs) > 0.9e-3 and lrs[-1] < max(lrs) / 2 and len(set(lrs)) == 5  # warm-up, peak, decay
+    assert result["trainer"].optimizers[0].param_groups[0]["lr"] == pytest.approx(lrs[-1], rel=1e-12)
+    ckpt = torch.load(result["last_ckpt"], map_location="cpu", weights_only=True)
+    assert ckpt["lr_schedulers"][0]["last_epoch"] == 4 and ckpt["global_step"] == 4
+
+
+def test_lr_scheduler_without_a_step_budget_is_one_line_before_training(tiny_train_overrides, tmp_path):
+    with pytest.raises(ConfigError, match=r"^lr_scheduler.total_steps=-1 is invalid: must be an integer >= 1"):
+        train(compose_train([*tiny_train_overrides, "lr_scheduler=onecycle"]))
+    with pytest.raises(ConfigError, match=r"^lr_scheduler is invalid: cannot build torch.optim.lr_scheduler.OneCycleLR: "):
+        train(compose_train([*tiny_train_overrides, "lr_scheduler=onecycle", "trainer.max_steps=4",
+                             "lr_scheduler.pct_start=2"]))
+    assert not (tmp_path / "run" / "checkpoints").exists()
