@@ -104,7 +104,7 @@ def test_cli_prints_the_line_and_exits_2_without_traceback(fake_mnist_root, tmp_
     [
         (["sampler=dim"], "sampler='dim' is invalid: must be one of ['ddim', 'ddpm']"),
         (["schedule=quadratic"], "schedule='quadratic' is invalid: must be one of ['cosine', 'linear']"),
-        (["-m", "model=adm_tiny,adm_smal"], "model='adm_smal' is invalid: must be one of ['adm_small', 'adm_tiny', 'diffunet']"),
+        (["-m", "model=adm_tiny,adm_smal"], "model='adm_smal' is invalid: must be one of ['adm_fast', 'adm_small', 'adm_tiny', 'diffunet']"),
         (["experiment=mnist_gpu"], "experiment='mnist_gpu' is invalid: must be one of ["),
     ],
 )
