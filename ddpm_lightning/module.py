@@ -43,7 +43,8 @@ def min_snr_weights(alphas_cumprod: Tensor, t: Tensor, gamma: float) -> Tensor:
     Returns:
         ``(N,)`` float32 weights in (0, 1] on ``t``'s device.
     """
-    snr = alphas_cumprod.to(t.device)[t] / (1.0 - alphas_cumprod.to(t.device)[t])
+    abar = alphas_cumprod.to(t.device)[t]
+    snr = abar / (1.0 - abar)
     return (snr.clamp(max=gamma) / snr).float()
 
 
