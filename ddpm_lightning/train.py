@@ -189,7 +189,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = build(cfg.data, key="data")
     datamodule.prepare_data()  # fails here, with the data.root hint, if the files are missing
     datamodule.setup("fit")  # subset_size / val_size against the files on disk, before any training
-    _check_val_check_interval(cfg, math.ceil(len(datamodule.train_images) / datamodule.batch_size))
+    _check_val_check_interval(cfg, math.ceil(datamodule.num_train / datamodule.batch_size))
     schedule = build(cfg.schedule, key="schedule")
     sampler = build(cfg.sampler, key="sampler")
     sampler.timesteps(schedule.num_timesteps)  # validates sampler.steps against schedule.timesteps
