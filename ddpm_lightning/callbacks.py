@@ -1,7 +1,9 @@
-"""Lightning callbacks: the EMA of the weights, and sample grids / denoising trajectories (TensorBoard and PNG)."""
+"""Lightning callbacks: the EMA of the weights, sample grids / denoising trajectories (TensorBoard and PNG), the FID
+during training, and the run's row in TensorBoard's HParams tab."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import lightning as L
@@ -11,7 +13,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 
-from ddpm_lightning.errors import invalid, is_int, is_number
+from ddpm_lightning.errors import ConfigError, invalid, is_int, is_number
+from ddpm_lightning.hparams import HP_METRICS, log_final_metrics, write_session_start
 from ddpm_lightning.images import save_png, sample_grid, trajectory_grid
 from ddpm_lightning.samplers import _Sampler
 
@@ -165,15 +168,15 @@ class FIDCallback(L.Callback):
     It runs at the end of the training epoch with the EMA weights (when EMA is on) and a fixed seed, on global rank
     zero (other ranks log nothing: with DDP use it for reporting, not as the checkpoint monitor). To keep the best
     checkpoint by FID: ``callbacks.best.monitor=val/fid callbacks.best.save_on_train_epoch_end=true`` with the same
-    interval (``callbacks.best.every_n_epochs``). The classifier
-    (``ddpm-train-classifier``) and the test statistics are loaded once, in ``setup``, so a missing classifier
-    stops the run before training.
+    interval (``callbacks.best.every_n_epochs``). The classifier and the
+    test statistics are loaded once, in ``setup``, so a missing or corrupt classifier stops the run before training.
 
     Args:
         every_n_epochs: 0 turns the callback off (the default); N >= 1 runs it after every N-th epoch.
         num_samples: samples per FID (>= 2; a few hundred gives a usable trend, not a publishable number).
         sampler: the reverse process (default DDIM-20 for speed); None uses the module's sampler.
-        classifier_path: None = the default cache path of :func:`ddpm_lightning.metrics.default_classifier_path`.
+        classifier_path: None = the packaged reference classifier (:func:`ddpm_lightning.metrics.reference_classifier_path`);
+            or a file written by ``ddpm-train-classifier``.
         seed: seed of the samples, the same every time so that epochs are comparable.
 
     Raises:
@@ -191,6 +194,10 @@ class FIDCallback(L.Callback):
         for key, value, low in [("every_n_epochs", every_n_epochs, 0), ("num_samples", num_samples, 2)]:
             if not is_int(value) or value < low:
                 raise invalid(f"callbacks.fid.{key}", value, f"must be an integer >= {low}")
+        if every_n_epochs and classifier_path is not None and not Path(classifier_path).expanduser().is_file():
+            from ddpm_lightning.metrics import missing_classifier_message
+
+            raise ConfigError("callbacks.fid." + missing_classifier_message(Path(classifier_path).expanduser()))
         self.every_n_epochs = every_n_epochs
         self.num_samples = num_samples
         self.sampler = sampler
@@ -223,3 +230,33 @@ class FIDCallback(L.Callback):
             features, _ = classifier_outputs(x0.cpu(), self._classifier)
             fid = frechet_distance(*gaussian_stats(features), *self._test_stats)
             pl_module.log("val/fid", fid, rank_zero_only=True)
+
+
+def tensorboard_writers(trainer: L.Trainer) -> list:
+    """The ``SummaryWriter`` of every TensorBoard logger of ``trainer`` on global rank zero (empty elsewhere)."""
+    if not trainer.is_global_zero:
+        return []
+    return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+
+
+class HParamsSession(L.Callback):
+    """Writes the run's hyperparameters to TensorBoard's HParams plugin when fitting starts, with the metric columns
+    ``hp/val_loss``, ``hp/fid``, ... (see :mod:`ddpm_lightning.hparams`); :meth:`log_final` writes their values when
+    the run ends. Global rank zero only, no collective.
+
+    Args:
+        params: flat ``{name: bool | int | float | str}`` from :func:`ddpm_lightning.hparams.run_hparams`.
+    """
+
+    def __init__(self, params: Mapping[str, bool | int | float | str]) -> None:
+        self.params = dict(params)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for writer in tensorboard_writers(trainer):
+            write_session_start(writer, self.params, HP_METRICS)
+
+    @staticmethod
+    def log_final(trainer: L.Trainer, values: Mapping[str, float]) -> None:
+        """Write ``values`` (e.g. ``{"hp/fid": 9.1, "eval/fid": 9.1}``) as scalars at the last global step."""
+        for writer in tensorboard_writers(trainer):
+            log_final_metrics(writer, values, trainer.global_step)

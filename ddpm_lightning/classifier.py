@@ -1,4 +1,6 @@
-"""``ddpm-train-classifier``: train the MNIST classifier used by ``ddpm-evaluate`` (FID features, IS, coverage).
+"""``ddpm-train-classifier``: train an MNIST classifier with the recipe of the reference classifier that ships in the
+package (the default of ``ddpm-evaluate``, ``callbacks.fid`` and the end-of-run evaluation). Its output is another
+feature network: select it with ``classifier_path=<file>``; FIDs under it are not comparable with the reference's.
 
 Usage (Hydra-style ``key=value`` arguments, no Hydra run folder)::
 
@@ -79,7 +81,7 @@ def parse_args(argv: list[str]) -> dict[str, Any]:
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: train, save, print the test accuracy and the weights' sha256."""
     from ddpm_lightning.data import MNISTDataError
-    from ddpm_lightning.metrics import train_classifier
+    from ddpm_lightning.metrics import REFERENCE_CLASSIFIER_SHA256, train_classifier
 
     try:
         opts = parse_args(sys.argv[1:] if argv is None else argv)
@@ -103,9 +105,12 @@ def main(argv: Optional[list[str]] = None) -> None:
             [
                 f"classifier saved: {result['path']}",
                 f"  test accuracy : {result['test_accuracy'] * 100:.2f}% ({result['test_images']} test images)",
-                f"  sha256        : {result['sha256_of_weights']}",
+                f"  sha256        : {result['sha256_of_weights']}"
+                + (" (the reference classifier's)" if result["sha256_of_weights"] == REFERENCE_CLASSIFIER_SHA256 else
+                   f" (the packaged reference is {REFERENCE_CLASSIFIER_SHA256[:16]}...)"),
                 f"  trained       : {result['epochs']} epoch(s), {result['steps']} steps on {result['train_images']} "
                 f"images, seed {result['seed']}, {result['seconds']:.1f} s",
+                f"  use it with   : ddpm-evaluate ... classifier_path={result['path']}",
             ]
         ),
         flush=True,

@@ -3,7 +3,7 @@
 Usage::
 
     ddpm-evaluate samples=outputs/samples/<day>/<time>/samples.npz data.root=../shared/data
-    ddpm-evaluate ckpt_path=<run>/checkpoints/last.ckpt num_samples=1000 sampler.steps=50 data.root=../shared/data
+    ddpm-evaluate ckpt_path=<run>/checkpoints/last.ckpt num_samples=1000 data.root=../shared/data   # its own sampler
     ddpm-evaluate samples=real n=1000 data.root=../shared/data          # the real-vs-real floor alone
 
 Metrics (see :mod:`ddpm_lightning.metrics`): FID in the classifier's feature space against the 10,000 test images,
@@ -11,9 +11,10 @@ the floor (the first ``n`` real training images against the test images; a model
 at the same ``n``), the Inception Score with the classifier, the class histogram and its normalised entropy, and the
 fraction of confidently classified images. Prints a table and writes ``metrics.json`` to ``out_dir``.
 
-The classifier comes from ``classifier_path`` (null = :func:`ddpm_lightning.metrics.default_classifier_path`); when
-it is missing the command fails with a one-line hint to run ``ddpm-train-classifier data.root=...``, unless
-``train_classifier_if_missing=true``. Every input is checked before any work starts; bad input prints one line on
+The classifier comes from ``classifier_path``: null (the default) is the reference classifier shipped in the package
+(:func:`ddpm_lightning.metrics.reference_classifier_path`, sha256 pinned), so every machine measures with the same
+weights. Another file (e.g. one retrained with ``ddpm-train-classifier``) that is missing fails with a one-line hint,
+unless ``train_classifier_if_missing=true`` trains it there first. Every input is checked before any work starts; bad input prints one line on
 stderr and exits with status 2.
 """
 
@@ -31,17 +32,17 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm_lightning.config import cli
+from ddpm_lightning.config import CONFIG_DIR, cli
 from ddpm_lightning.data import MNISTDataError, check_mnist_files, load_mnist_split
 from ddpm_lightning.errors import ConfigError, flag, invalid, is_int, out_dir_path
 from ddpm_lightning.metrics import (
-    default_classifier_path,
     evaluate_images,
     load_classifier,
+    missing_classifier_message,
+    reference_classifier_path,
     train_classifier,
 )
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 METRICS_FILE = "metrics.json"
 REAL_MODES = ("real", "real-train")
 REAL_DEFAULT_N = 10000
@@ -128,14 +129,11 @@ def _validate(cfg: DictConfig, ckpt_must_exist: bool = True) -> dict[str, Any]:
     check_mnist_files(str(root))  # MNISTDataError: one line naming data.root
     opts["root"] = str(root)
     clf = cfg.get("classifier_path")
-    clf_path = Path(str(clf)).expanduser() if clf is not None else default_classifier_path()
+    clf_path = Path(str(clf)).expanduser() if clf is not None else reference_classifier_path()
     if clf_path.exists() and not clf_path.is_file():
         raise invalid("classifier_path", str(clf_path), "is a folder, not a classifier file")
     if not clf_path.is_file() and not opts["train_if_missing"]:
-        raise ConfigError(
-            f"classifier_path={str(clf_path)!r} is invalid: no such file; train one with "
-            f"ddpm-train-classifier data.root={root} out={clf_path} (or pass train_classifier_if_missing=true)"
-        )
+        raise ConfigError(missing_classifier_message(clf_path).replace("<dir containing MNIST/raw>", str(root)))
     opts["classifier_path"] = clf_path
     return opts
 
@@ -174,7 +172,7 @@ def train_run_config(train_cfg: Any, ckpt_path: str | Path, out_dir: str | Path)
     base = OmegaConf.load(Path(CONFIG_DIR) / "evaluate.yaml")
     for key in ("defaults", "hydra", "out_dir"):
         del base[key]
-    base.sampler = OmegaConf.load(Path(CONFIG_DIR) / "sampler" / "ddim.yaml")
+    base.sampler = OmegaConf.load(Path(CONFIG_DIR) / "sampler" / "checkpoint.yaml")  # the run's sampler + the node's keys
     node = train_cfg.get("evaluate")
     node = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     allowed = set(base.keys()) - {"samples", "ckpt_path", "data", "task_name"}
@@ -189,14 +187,17 @@ def train_run_config(train_cfg: Any, ckpt_path: str | Path, out_dir: str | Path)
     return cfg
 
 
-def check_train_run_config(cfg: DictConfig, num_timesteps: int) -> None:
-    """Check an end-of-run evaluation config before training starts (classifier, counts, sampler steps)."""
-    from ddpm_lightning.config import build
+def check_train_run_config(cfg: DictConfig, num_timesteps: int, run_sampler: Any = None) -> None:
+    """Check an end-of-run evaluation config before training starts (classifier, counts, sampler steps).
+    ``run_sampler``: the training run's ``sampler`` node, which the checkpoint will store."""
+    from ddpm_lightning.config import build, sampler_node
 
+    if run_sampler is not None and not isinstance(run_sampler, dict):
+        run_sampler = OmegaConf.to_container(run_sampler, resolve=True)
     try:
         _validate(cfg, ckpt_must_exist=False)
-        if cfg.get("sampler") is not None:
-            build(cfg.sampler, key="sampler").timesteps(num_timesteps)
+        node, _ = sampler_node(cfg.get("sampler"), run_sampler)
+        build(node, key="sampler").timesteps(num_timesteps)
     except ConfigError as err:
         raise ConfigError(f"evaluate.{err}") from None
 
@@ -232,8 +233,9 @@ def _format_table(m: dict[str, Any]) -> str:
     acc = m.get("classifier_test_accuracy")
     sha = m.get("classifier_sha256") or "?"
     rows = [
-        f"\nEvaluated {m['n']} images ({m['source']}) with classifier {sha[:16]} "
-        f"(test accuracy {acc * 100:.2f}%)" if acc is not None else f"\nEvaluated {m['n']} images ({m['source']})",
+        f"\nEvaluated {m['n']} images ({m['source']}) with {'the reference' if m.get('classifier_reference') else 'a non-reference'} "
+        f"classifier {sha[:16]} (test accuracy {acc * 100:.2f}%)" if acc is not None else f"\nEvaluated {m['n']} images ({m['source']})",
+        *([f"  {'sampler':<34}: {m['sampler']} ({m['sampler_source']})"] if m.get("sampler") else []),
         f"  {'FID vs ' + str(m['n_test']) + ' test images':<34}: {m['fid']:.4f}",
         f"  {'FID floor (' + str(m['floor_n']) + ' train vs test)':<34}: {m['fid_floor']:.4f}",
         f"  {'Inception Score':<34}: {m['inception_score']:.3f}  (real test images: {m['inception_score_test']:.3f})",
@@ -272,6 +274,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     real_test, _ = load_mnist_split(opts["root"], train=False)
 
     floor_offset = 0
+    sampler_info: dict[str, Any] = {}
     if opts["mode"] == "real":
         n = opts["n"] if opts["n"] is not None else min(REAL_DEFAULT_N, real_train.shape[0])
         if n > real_train.shape[0]:
@@ -284,6 +287,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         result = sample(_sample_config(cfg, opts))
         images, labels = load_samples(result["samples"]), load_labels(result["samples"])
         source = f"{result['num_samples']} samples from {opts['ckpt_path']} -> {result['samples']}"
+        sampler_info = {"sampler": repr(result["sampler"]), "sampler_source": result["sampler_source"]}
         if opts["n"] is not None and opts["n"] > images.shape[0]:
             raise invalid("n", opts["n"], f"exceeds num_samples={images.shape[0]}")
     else:
@@ -305,6 +309,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "source": source,
             "samples": str(opts.get("samples") or (out_dir / "samples" / "samples.npz" if opts["mode"] == "checkpoint" else "real")),
             "ckpt_path": str(opts["ckpt_path"]) if "ckpt_path" in opts else None,
+            **sampler_info,
             "classifier_path": str(clf_path),
             "data_root": opts["root"],
             "seconds": time.perf_counter() - start,

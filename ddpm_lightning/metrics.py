@@ -3,7 +3,10 @@
 The Inception network of the usual FID is trained on ImageNet photographs and says little about 32x32 digits, so
 the features here come from :class:`MNISTClassifier` (a small CNN, >= 99% test accuracy): ``features(x)`` is its
 128-dimensional penultimate layer and ``forward(x)`` its 10 logits. Numbers computed with it are comparable only
-between runs that use the *same* classifier weights, so every result records ``classifier_sha256``.
+between runs that use the *same* classifier weights, so every result records ``classifier_sha256``. The package ships
+one reference classifier (``ddpm_lightning/assets/mnist_classifier.pt``, sha256 of its weights pinned in
+:data:`REFERENCE_CLASSIFIER_SHA256` and checked at every load): it is the default everywhere, so that figures from
+different machines are measured with the same yardstick, as Inception FID is across papers.
 
 * ``classifier_fid``: Frechet distance between Gaussians fitted to the features of two image sets (float64; the
   matrix square root via eigen-decompositions of symmetric matrices, see :func:`frechet_distance`).
@@ -38,7 +41,9 @@ __all__ = [
     "FEATURE_DIM",
     "NUM_CLASSES",
     "MNISTClassifier",
-    "default_classifier_path",
+    "REFERENCE_CLASSIFIER_SHA256",
+    "reference_classifier_path",
+    "trained_classifier_path",
     "weights_sha256",
     "train_classifier",
     "load_classifier",
@@ -61,6 +66,9 @@ FEATURE_DIM = 128  #: width of MNISTClassifier.features
 NUM_CLASSES = 10
 CACHE_ENV = "DDPM_LIGHTNING_CACHE"
 CLASSIFIER_FILE = "mnist_classifier.pt"
+#: sha256 of the reference classifier's weights (:func:`weights_sha256`), trained with ``ddpm-train-classifier
+#: data.root=<MNIST> seed=0`` (3 epochs, 99.37% test accuracy) and shipped in ``ddpm_lightning/assets``.
+REFERENCE_CLASSIFIER_SHA256 = "86e9968c51c2767c00977eaccd883ffed17fa7cfe19d02e58fd7fc011e667db5"
 _BATCH = 500  #: images per forward pass when extracting features
 
 
@@ -97,10 +105,16 @@ class MNISTClassifier(nn.Module):
         return self.head(self.dropout(self.features(x)))
 
 
-def default_classifier_path() -> Path:
-    """``$DDPM_LIGHTNING_CACHE/mnist_classifier.pt``, else ``~/.cache/ddpm_lightning/mnist_classifier.pt``.
+def reference_classifier_path() -> Path:
+    """The reference classifier shipped inside the package (``ddpm_lightning/assets/mnist_classifier.pt``): the
+    default of ``ddpm-evaluate``, ``callbacks.fid`` and ``ddpm-train``'s end-of-run evaluation."""
+    return Path(__file__).resolve().parent / "assets" / CLASSIFIER_FILE
 
-    (Not next to the data: ``data.root`` may be read-only.)
+
+def trained_classifier_path() -> Path:
+    """Where ``ddpm-train-classifier`` writes by default: ``$DDPM_LIGHTNING_CACHE/mnist_classifier.pt``, else
+    ``~/.cache/ddpm_lightning/mnist_classifier.pt`` (never over the packaged reference; not next to the data:
+    ``data.root`` may be read-only). Use it with ``classifier_path=<that file>``.
     """
     base = os.environ.get(CACHE_ENV)
     root = Path(base).expanduser() if base else Path.home() / ".cache" / "ddpm_lightning"
@@ -174,7 +188,7 @@ def train_classifier(
     random small affine augmentation (``augment``), ``epochs`` passes over the (first ``train_size``) training
     images, or ``max_steps`` optimiser steps in all when given (for tests). Seeded with ``seed``.
 
-    Saves ``{"state_dict", "meta"}`` to ``out_path`` (default :func:`default_classifier_path`) with ``torch.save``
+    Saves ``{"state_dict", "meta"}`` to ``out_path`` (default :func:`trained_classifier_path`) with ``torch.save``
     (loadable with ``weights_only=True``); ``meta`` holds ``test_accuracy``, ``epochs``, ``steps``, ``seed``,
     ``sha256_of_weights``, ``created``, ``version``, ``train_images``, ``seconds``.
 
@@ -190,9 +204,11 @@ def train_classifier(
         raise invalid("max_steps", max_steps, "must be null or a positive integer")
     if train_size is not None and (not is_int(train_size) or train_size < 1):
         raise invalid("train_size", train_size, "must be null or a positive integer")
-    out = Path(out_path).expanduser() if out_path is not None else default_classifier_path()
+    out = Path(out_path).expanduser() if out_path is not None else trained_classifier_path()
     if out.exists() and out.is_dir():
         raise invalid("out", str(out), "is a folder; give a file path such as mnist_classifier.pt")
+    if out.resolve() == reference_classifier_path():
+        raise invalid("out", str(out), "is the packaged reference classifier; write a retrained one elsewhere")
 
     start = time.perf_counter()
     train_u8, train_y = load_mnist_split(root, train=True)
@@ -259,23 +275,36 @@ def train_classifier(
     return {**meta, "path": out}
 
 
-def _missing_message(path: Path) -> str:
+def missing_classifier_message(path: Path) -> str:
+    """The one-line error for a ``classifier_path`` that does not exist; both hints work in every command."""
     return (
-        f"classifier_path={str(path)!r} is invalid: no such file; train one with "
-        f"ddpm-train-classifier data.root=<dir containing MNIST/raw> out={path}"
+        f"classifier_path={str(path)!r} is invalid: no such file; train one there with ddpm-train-classifier "
+        f"data.root=<dir containing MNIST/raw> out={path}, or leave it unset (null) for the packaged reference "
+        "classifier"
     )
 
 
 def load_classifier(path: Optional[PathLike] = None) -> tuple[MNISTClassifier, dict[str, Any]]:
     """Load a classifier written by :func:`train_classifier` (``torch.load(weights_only=True)``), in eval mode.
 
+    ``path=None`` loads the packaged reference classifier (:func:`reference_classifier_path`), whose weights must
+    hash to :data:`REFERENCE_CLASSIFIER_SHA256`.
+
+    Returns:
+        ``(model, meta)``; ``meta["sha256_of_weights"]`` identifies the weights, ``meta["reference"]`` says whether
+        they are the packaged reference classifier's.
+
     Raises:
-        ConfigError: the file is missing (message says to run ``ddpm-train-classifier data.root=...``), is not a
-            classifier file, has another format version, or its weights do not match the stored sha256.
+        ConfigError: the file is missing (the message says how to train one), is not a classifier file, has another
+            format version, its weights do not match the stored sha256, or the packaged reference's weights do not
+            match the pinned sha256 (a corrupt install).
     """
-    p = Path(path).expanduser() if path is not None else default_classifier_path()
+    reference = reference_classifier_path()
+    p = Path(path).expanduser() if path is not None else reference
     if not p.is_file():
-        raise ConfigError(_missing_message(p))
+        if p == reference:
+            raise ConfigError(f"the packaged reference classifier {p} is missing: reinstall ddpm-lightning")
+        raise ConfigError(missing_classifier_message(p))
     try:
         blob = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
@@ -294,8 +323,15 @@ def load_classifier(path: Optional[PathLike] = None) -> tuple[MNISTClassifier, d
     except RuntimeError:
         raise invalid("classifier_path", str(p), "weights do not fit MNISTClassifier; retrain it") from None
     model.eval()
-    if weights_sha256(model) != meta.get("sha256_of_weights"):
+    sha = weights_sha256(model)
+    if p.resolve() == reference and sha != REFERENCE_CLASSIFIER_SHA256:
+        raise ConfigError(
+            f"the packaged reference classifier {p} has weights sha256 {sha[:16]}..., not the pinned "
+            f"{REFERENCE_CLASSIFIER_SHA256[:16]}... (a corrupt install): reinstall ddpm-lightning"
+        )
+    if sha != meta.get("sha256_of_weights"):
         raise invalid("classifier_path", str(p), "weights do not match their recorded sha256 (corrupt file)")
+    meta["reference"] = sha == REFERENCE_CLASSIFIER_SHA256
     return model, meta
 
 
@@ -443,7 +479,8 @@ def evaluate_images(
         dict with ``n``, ``fid`` (vs ``real_test``), ``fid_floor`` (``floor_n`` real training images vs
         ``real_test``; ``floor_n = min(n, available)``), ``n_test``, ``inception_score``,
         ``inception_score_test`` (of the real test images, the ceiling), ``class_histogram`` (list of 10 ints),
-        ``normalised_entropy``, ``confident_fraction``, ``classifier_sha256``, ``classifier_test_accuracy``.
+        ``normalised_entropy``, ``confident_fraction``, ``classifier_sha256``, ``classifier_test_accuracy``,
+        ``classifier_reference`` (True for the packaged reference classifier).
     """
     images = _images_nchw_uint8(images)
     n = int(images.shape[0])
@@ -469,5 +506,6 @@ def evaluate_images(
         "confident_fraction": confident_fraction(probs),
         "classifier_sha256": meta.get("sha256_of_weights"),
         "classifier_test_accuracy": meta.get("test_accuracy"),
+        "classifier_reference": meta.get("reference"),
         "label_accuracy": None if labels is None else float((probs.argmax(1).cpu() == labels.long().cpu()).float().mean()),
     }

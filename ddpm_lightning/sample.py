@@ -1,7 +1,9 @@
 """``ddpm-sample``: draw images from a ``ddpm-train`` checkpoint and write them for evaluation and viewing.
 
-Usage: ``ddpm-sample ckpt_path=<run>/checkpoints/last.ckpt num_samples=10000 sampler.steps=100``
-(``sampler=ddpm`` for ancestral sampling over all T steps; ``trajectory=true`` for the denoising pictures).
+Usage: ``ddpm-sample ckpt_path=<run>/checkpoints/last.ckpt num_samples=10000``. By default the sampler is the one
+stored in the checkpoint (the run's own: what it drew its grids and evaluated with); ``sampler.steps=20`` changes
+one of its keys, ``sampler=ddim`` / ``sampler=ddpm`` picks another (see :func:`ddpm_lightning.config.sampler_node`).
+``trajectory=true`` adds the denoising pictures.
 
 Outputs in ``out_dir`` (default: Hydra's ``outputs/samples/<day>/<time>``):
 
@@ -32,12 +34,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ddpm_lightning.checkpoint import ddpm_from_checkpoint, has_ema, load_checkpoint
-from ddpm_lightning.config import build, cli
+from ddpm_lightning.config import CONFIG_DIR, build, cli, sampler_node
 from ddpm_lightning.data import to_uint8
 from ddpm_lightning.errors import ConfigError, flag, int_at_least, invalid, is_int, is_number, out_dir_path
 from ddpm_lightning.images import sample_grid, save_png, trajectory_grid
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 SAMPLES_FILE = "samples.npz"
 GRID_FILE = "grid.png"
@@ -95,7 +96,7 @@ def _validate(cfg: DictConfig) -> dict[str, Any]:
             f"already holds {SAMPLES_FILE}; set overwrite=true to replace it, or choose another out_dir",
         )
     opts["out_dir"] = out_dir
-    opts["sampler"] = build(cfg.sampler) if cfg.get("sampler") is not None else None
+    opts["sampler"] = OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") is not None else None
     label = cfg.get("class_label")
     if label is not None and (not is_int(label) or label < 0):
         raise invalid("class_label", label, "must be null or an integer class index >= 0")
@@ -140,7 +141,8 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     Returns:
         dict with ``out_dir``, ``samples`` (samples.npz), ``grid``, ``trajectory_png`` and ``trajectory_gif``
         (None unless ``trajectory=true``), ``num_samples``, ``num_frames`` (recorded trajectory frames, 0 when
-        off), ``sampler`` (the sampler used), ``device``, ``used_ema``, ``seconds`` (sampling wall time) and
+        off), ``sampler`` (the sampler used), ``sampler_source`` (e.g. "the checkpoint's sampler"), ``device``,
+        ``used_ema``, ``seconds`` (sampling wall time) and
         ``images_per_s``.
 
     Raises:
@@ -154,17 +156,14 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     config = ckpt["hyper_parameters"]["config"]
     # sampler.steps vs the checkpoint's schedule.timesteps, before the network is built (the schedule is cheap)
     schedule = build(dict(config["schedule"]))
-    sampler = opts["sampler"]
-    if sampler is None:  # sampler=null: the checkpoint's own sampler
-        sampler = build(dict(config["sampler"])) if config.get("sampler") else None
-    if sampler is not None:
-        sampler.timesteps(schedule.num_timesteps)  # raises ConfigError naming sampler.steps
+    node, sampler_source = sampler_node(opts["sampler"], config.get("sampler"))
+    sampler = build(node, key="sampler")
+    sampler.timesteps(schedule.num_timesteps)  # raises ConfigError naming sampler.steps
     num_classes = config["model"].get("num_classes")
     _check_conditioning(opts, num_classes)
     used_ema = opts["use_ema"] and has_ema(ckpt)
     model = ddpm_from_checkpoint(ckpt, map_location=opts["device"], use_ema=opts["use_ema"], path=path)
     del ckpt
-    sampler = sampler or model.sampler
     num_steps = len(sampler.timesteps(model.schedule.num_timesteps))
 
     n, bs, device = opts["num_samples"], opts["batch_size"], opts["device"]
@@ -234,13 +233,15 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         "num_samples": n,
         "num_frames": len(frames),
         "sampler": sampler,
+        "sampler_source": sampler_source,
         "device": str(device),
         "used_ema": used_ema,
         "seconds": seconds,
         "images_per_s": n / seconds if seconds > 0 else float("inf"),
     }
     lines = [
-        f"\nSampled {n} images with {sampler!r} ({num_steps} steps, {'EMA' if used_ema else 'raw'} weights, {device})",
+        f"\nSampled {n} images with {sampler!r} ({sampler_source}; {num_steps} steps, "
+        f"{'EMA' if used_ema else 'raw'} weights, {device})",
         f"  time       : {seconds:.2f} s ({result['images_per_s']:.1f} images/s)",
         f"  samples    : {samples_path}  (arr_0: {tuple(images.shape[i] for i in (0, 2, 3, 1))} uint8)",
         f"  grid       : {grid_path}",

@@ -18,14 +18,16 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ddpm_lightning.callbacks import HParamsSession
 from ddpm_lightning.checkpoint import load_checkpoint, resume_mismatch
-from ddpm_lightning.config import build, cli
+from ddpm_lightning.config import CONFIG_DIR, FROM_CHECKPOINT, build, cli
 from ddpm_lightning.data import MNISTDataError
 from ddpm_lightning.errors import ConfigError, NonFiniteLossError, first_line, flag, invalid, is_int, is_number
+from ddpm_lightning.hparams import final_metrics, run_hparams
 from ddpm_lightning.module import DDPM
 
 log = logging.getLogger(__name__)
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+TRAIN_EXCLUDED_SAMPLER = "checkpoint"  #: conf/sampler/checkpoint.yaml is for ddpm-sample / ddpm-evaluate only
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -44,6 +46,14 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 def _hydra_output_dir() -> str | None:
     return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
+
+
+def _hydra_choices_and_overrides() -> tuple[dict[str, Any], list[str]]:
+    """Hydra's config-group choices and the command-line overrides of this job (empty outside a Hydra run)."""
+    if not HydraConfig.initialized():
+        return {}, []
+    hydra_cfg = HydraConfig.get()
+    return OmegaConf.to_container(hydra_cfg.runtime.choices), list(hydra_cfg.overrides.task)
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
@@ -176,7 +186,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     Returns:
         dict with ``run_dir``, ``last_ckpt``, ``best_ckpt``, ``samples_dir``, ``tensorboard_dir``,
         ``metrics`` (name -> float), the ``trainer`` and, with an ``evaluate:`` node, ``evaluation`` (the metrics
-        of ``ddpm-evaluate`` on ``last.ckpt``, also in ``<run_dir>/evaluate/step_<N>/metrics.json``).
+        of ``ddpm-evaluate`` on ``last.ckpt``, also in ``<run_dir>/evaluate/step_<N>/metrics.json``). The final
+        figures also go to TensorBoard: ``eval/*`` scalars and the ``hp/*`` columns of the HParams tab.
 
     Raises:
         ConfigError: a bad value (one line naming the key), before any training.
@@ -191,6 +202,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")  # subset_size / val_size against the files on disk, before any training
     _check_val_check_interval(cfg, math.ceil(datamodule.num_train / datamodule.batch_size))
     schedule = build(cfg.schedule, key="schedule")
+    if cfg.get("sampler") is not None and cfg.sampler.get(FROM_CHECKPOINT):
+        raise invalid("sampler", TRAIN_EXCLUDED_SAMPLER, "only ddpm-sample and ddpm-evaluate take the sampler from a "
+                      "checkpoint; ddpm-train needs sampler=ddim or sampler=ddpm")
     sampler = build(cfg.sampler, key="sampler")
     sampler.timesteps(schedule.num_timesteps)  # validates sampler.steps against schedule.timesteps
     net = build(cfg.model, key="model")
@@ -213,11 +227,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         eval_dir = run_dir / "evaluate"
         evaluation.check_train_run_config(
-            evaluation.train_run_config(cfg, run_dir / "checkpoints" / "last.ckpt", eval_dir), schedule.num_timesteps
+            evaluation.train_run_config(cfg, run_dir / "checkpoints" / "last.ckpt", eval_dir),
+            schedule.num_timesteps,
+            run_sampler=cfg.sampler,
         )
     named = {k: build(c, key=f"callbacks.{k}") for k, c in cfg.get("callbacks", {}).items() if c is not None}
     _check_callback_samplers(named, schedule.num_timesteps)
-    callbacks = list(named.values())
+    hparams_session = HParamsSession(run_hparams(model.hparams["config"], *_hydra_choices_and_overrides()))
+    callbacks = [*named.values(), hparams_session]
     logger = build(cfg.logger, key="logger") if cfg.get("logger") else False
     trainer: L.Trainer = build(cfg.trainer, key="trainer", callbacks=callbacks, logger=logger)
 
@@ -239,6 +256,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         out = eval_dir / f"step_{trainer.global_step:06d}"
         result["evaluation"] = evaluation.evaluate(evaluation.train_run_config(cfg, result["last_ckpt"], out))
+    hparams_session.log_final(trainer, final_metrics(result["metrics"], result.get("evaluation")))
     if trainer.is_global_zero:
         print(
             f"\nDone in {run_dir}\n"
@@ -250,7 +268,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-@cli(CONFIG_DIR)
+@cli(CONFIG_DIR, exclude={"sampler": [TRAIN_EXCLUDED_SAMPLER]})
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Console entry point. Bad input: one line on stderr and exit status 2; a non-finite loss: one line and exit

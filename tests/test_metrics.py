@@ -160,7 +160,7 @@ def test_training_is_seeded(fake_root, fake_clf, tmp_path):
 
 
 def test_load_classifier_errors(tmp_path, fake_clf):
-    with pytest.raises(ConfigError, match=r"classifier_path=.*no such file; train one with ddpm-train-classifier data.root="):
+    with pytest.raises(ConfigError, match=r"classifier_path=.*no such file; train one there with ddpm-train-classifier data.root="):
         M.load_classifier(tmp_path / "missing.pt")
     blob = torch.load(fake_clf, weights_only=True)
     blob["state_dict"]["head.bias"] = blob["state_dict"]["head.bias"] + 1
@@ -172,11 +172,33 @@ def test_load_classifier_errors(tmp_path, fake_clf):
         M.load_classifier(tmp_path / "junk.pt")
 
 
-def test_default_classifier_path_respects_env(monkeypatch, tmp_path):
+def test_trained_classifier_path_respects_env(monkeypatch, tmp_path):
     monkeypatch.setenv("DDPM_LIGHTNING_CACHE", str(tmp_path))
-    assert M.default_classifier_path() == tmp_path / "mnist_classifier.pt"
+    assert M.trained_classifier_path() == tmp_path / "mnist_classifier.pt"
     monkeypatch.delenv("DDPM_LIGHTNING_CACHE")
-    assert M.default_classifier_path() == Path.home() / ".cache" / "ddpm_lightning" / "mnist_classifier.pt"
+    assert M.trained_classifier_path() == Path.home() / ".cache" / "ddpm_lightning" / "mnist_classifier.pt"
+    with pytest.raises(ConfigError, match="is the packaged reference classifier"):
+        M.train_classifier("unused", M.reference_classifier_path())
+
+
+def test_the_packaged_reference_classifier_is_the_default_and_its_sha256_is_pinned(tmp_path, monkeypatch):
+    path = M.reference_classifier_path()
+    assert path.is_file() and path.stat().st_size < 1_000_000
+    model, meta = M.load_classifier()  # the default: no file of the user's needed
+    assert meta["sha256_of_weights"] == M.REFERENCE_CLASSIFIER_SHA256 == M.weights_sha256(model)
+    assert meta["reference"] is True and meta["test_accuracy"] >= 0.99
+    assert sum(p.numel() for p in model.parameters()) < 200_000
+    # weights that no longer match the pinned sha256 (an edited or corrupt install): one line, not a silent yardstick
+    blob = torch.load(path, weights_only=True)
+    blob["state_dict"]["head.bias"] = blob["state_dict"]["head.bias"] + 1e-3
+    blob["meta"]["sha256_of_weights"] = "0" * 64
+    forged = tmp_path / "assets" / "mnist_classifier.pt"
+    forged.parent.mkdir()
+    torch.save(blob, forged)
+    monkeypatch.setattr(M, "reference_classifier_path", lambda: forged)
+    with pytest.raises(ConfigError, match=r"^the packaged reference classifier .* not the pinned 86e9968c") as info:
+        M.load_classifier()
+    assert "\n" not in str(info.value)
 
 
 def test_fid_of_a_set_with_itself_is_zero(fake_clf):
@@ -239,11 +261,32 @@ def test_evaluate_cli_writes_metrics(fake_root, fake_clf, samples_npz, tmp_path)
     assert "Traceback" not in again.stderr
 
 
-def test_evaluate_missing_classifier_exits_2(fake_root, samples_npz, tmp_path):
-    proc = _run("ddpm-evaluate", f"samples={samples_npz}", f"data.root={fake_root}", f"out_dir={tmp_path / 'e'}", env_cache=tmp_path)
+def test_evaluate_needs_no_classifier_of_the_users(fake_root, samples_npz, tmp_path):
+    """An empty HOME and cache: the packaged reference classifier scores, and metrics.json names its sha256."""
+    import os
+
+    env = {**os.environ, "HOME": str(tmp_path / "home")}
+    env.pop("DDPM_LIGHTNING_CACHE", None)
+    proc = subprocess.run([str(BIN / "ddpm-evaluate"), f"samples={samples_npz}", f"data.root={fake_root}",
+                           f"out_dir={tmp_path / 'e'}"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert data["classifier_sha256"] == M.REFERENCE_CLASSIFIER_SHA256 and data["classifier_reference"] is True
+    assert f"the reference classifier {M.REFERENCE_CLASSIFIER_SHA256[:16]}" in proc.stdout
+
+
+def test_a_missing_classifier_file_exits_2_with_a_hint_that_works(fake_root, samples_npz, tmp_path):
+    missing = tmp_path / "mine" / "clf.pt"
+    args = [f"samples={samples_npz}", f"data.root={fake_root}", f"out_dir={tmp_path / 'e'}", f"classifier_path={missing}"]
+    proc = _run("ddpm-evaluate", *args)
     assert proc.returncode == 2
     line = proc.stderr.strip()
-    assert "\n" not in line and "ddpm-train-classifier data.root=" in line and str(tmp_path / "mnist_classifier.pt") in line
+    assert "\n" not in line and f"ddpm-train-classifier data.root={fake_root} out={missing}," in line
+    assert "leave it unset (null) for the packaged reference classifier" in line
+    hint = line.split("train one there with ", 1)[1].split(",", 1)[0].split()  # the suggested command, as printed
+    assert _run(*hint).returncode == 0 and missing.is_file()
+    assert _run("ddpm-evaluate", *args).returncode == 0
+    assert _run("ddpm-evaluate", *args[:-1], "classifier_path=null", "overwrite=true").returncode == 0
 
 
 def _evaluate(overrides: list[str]):
@@ -288,12 +331,12 @@ def test_evaluate_bad_data_and_samples(fake_clf, tmp_path, fake_root, samples_np
 
 
 def test_evaluate_real_mode_and_training_if_missing(fake_root, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("DDPM_LIGHTNING_CACHE", str(tmp_path / "cache"))
     out = _evaluate(
         [
             "samples=real",
             "n=8",
             f"data.root={fake_root}",
+            f"classifier_path={tmp_path / 'cache' / 'mnist_classifier.pt'}",
             "train_classifier_if_missing=true",
             "classifier_epochs=1",
             f"out_dir={tmp_path / 'e'}",
@@ -359,19 +402,15 @@ def test_evaluate_from_checkpoint(fake_root, fake_clf, tmp_path):
 # ------------------------------------------------------------------------------------------ real MNIST
 @pytest.mark.slow
 def test_real_mnist_classifier_and_floor(real_mnist_root, tmp_path):
-    """The cached classifier when there is one (>= 99% accuracy), else a quick one; the real floor is small."""
+    """The packaged reference classifier is >= 99% accurate on the real test images; the real floor is small."""
     from ddpm_lightning.data import load_mnist_split
 
-    cached = M.default_classifier_path()
-    if cached.is_file():
-        model, meta = M.load_classifier(cached)
-        assert meta["test_accuracy"] >= 0.99
-    else:
-        result = M.train_classifier(real_mnist_root, tmp_path / "q.pt", max_steps=150, train_size=10000, verbose=False)
-        assert result["test_accuracy"] >= 0.9
-        model, meta = M.load_classifier(tmp_path / "q.pt")
+    model, meta = M.load_classifier()
     train, _ = load_mnist_split(real_mnist_root, train=True)
-    test, _ = load_mnist_split(real_mnist_root, train=False)
+    test, test_labels = load_mnist_split(real_mnist_root, train=False)
+    _, probs = M.classifier_outputs(test, model)
+    accuracy = float((probs.argmax(1) == test_labels).double().mean())
+    assert accuracy >= 0.99 and abs(accuracy - meta["test_accuracy"]) < 1e-9
     real = M.evaluate_images(train[-1000:], model, test, train, meta=meta)
     noise = M.evaluate_images(torch.randint(0, 256, (1000, 1, 32, 32), dtype=torch.uint8), model, test, train, meta=meta)
     assert real["normalised_entropy"] > 0.97 and real["inception_score"] > 7
