@@ -110,8 +110,15 @@ def test_cli_prints_the_line_and_exits_2_without_traceback(fake_mnist_root, tmp_
 )
 def test_an_unknown_group_option_is_one_line(args, message):
     with pytest.raises(ConfigError) as excinfo:
-        check_group_choices(args, CONF_DIR)
+        check_group_choices(args, CONF_DIR, exclude={"sampler": ["checkpoint"]})  # as ddpm-train checks them
     assert _one_line(excinfo.value).startswith(message)
+
+
+def test_the_checkpoint_sampler_is_offered_to_ddpm_sample_but_refused_by_ddpm_train(tiny_train_overrides):
+    with pytest.raises(ConfigError, match=r"must be one of \['checkpoint', 'ddim', 'ddpm'\]"):
+        check_group_choices(["sampler=dim"], CONF_DIR)
+    with pytest.raises(ConfigError, match=r"^sampler='checkpoint' is invalid: only ddpm-sample and ddpm-evaluate"):
+        train(compose_train([*tiny_train_overrides, "sampler=checkpoint"]))
 
 
 def test_known_group_options_and_other_overrides_pass_the_group_check():
@@ -313,7 +320,9 @@ def test_two_runs_started_in_the_same_second_get_different_directories(fake_mnis
         assert p.returncode == 0, err[-2000:]
     runs = sorted(tmp_path.glob("outputs/*/*/checkpoints/last.ckpt"))
     assert len(runs) == 2, runs
-    assert all(len(list(r.parent.parent.glob("tensorboard/**/events.out.tfevents.*"))) == 1 for r in runs)
+    # one process per run: every event file of a run (training's, then the final metrics') carries the same pid
+    writers = [{f.name.split(".")[-2] for f in r.parent.parent.glob("tensorboard/**/events.out.tfevents.*")} for r in runs]
+    assert all(len(w) == 1 for w in writers) and writers[0] != writers[1], writers
 
 
 # -- fuzz -----------------------------------------------------------------------------------------------------------

@@ -61,7 +61,8 @@ def test_two_process_cpu_ddp_trains_into_one_run_directory(fake_mnist_root, tmp_
     # 16 images, batch 8, 2 ranks: 1 step per epoch on each rank
     assert ckpt["global_step"] == 2 and ckpt["epoch"] == 1
     assert len(list((run / "samples").glob("epoch_*.png"))) == 2  # rank zero only, once per epoch
-    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    # rank zero alone writes TensorBoard: its training events and, after fit, the final hp/* metrics (same pid)
+    assert len({f.name.split(".")[-2] for f in (run / "tensorboard").glob("events.out.tfevents.*")}) == 1
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 
 

@@ -338,3 +338,36 @@ def test_conditioning_an_unconditional_checkpoint_is_refused(ckpt, tmp_path, ove
 def test_class_label_out_of_range_for_the_checkpoint(conditional_ckpt, tmp_path):
     with pytest.raises(ConfigError, match=r"class_label=10 is invalid: must be in \[0, 9\]"):
         sample_module.sample(_sample_cfg(conditional_ckpt, tmp_path / "out", "class_label=10"))
+
+
+# ------------------------------------------------------------------------------------------ which sampler runs
+def test_by_default_the_checkpoints_own_sampler_runs_and_the_output_says_so(ckpt, tmp_path, capsys):
+    """The test run trained with DDIM-3 (eta=0): ddpm-sample's default is that sampler, not conf/sampler/ddim.yaml's
+    DDIM-50; a key changes only that key; sampler=ddpm picks another."""
+    plain = sample_module.sample(_compose("sample", [f"ckpt_path={ckpt}", f"out_dir={tmp_path / 'a'}", "num_samples=2"]))
+    assert repr(plain["sampler"]) == repr(DDIMSampler(steps=3)) and plain["sampler_source"] == "the checkpoint's sampler"
+    assert "DDIMSampler(steps=3, eta=0.0" in capsys.readouterr().out
+    keyed = sample_module.sample(_compose("sample", [f"ckpt_path={ckpt}", f"out_dir={tmp_path / 'b'}", "num_samples=2",
+                                                     "sampler.eta=1.0"]))
+    assert repr(keyed["sampler"]) == repr(DDIMSampler(steps=3, eta=1.0))
+    assert keyed["sampler_source"] == "the checkpoint's sampler, with eta=1.0"
+    other = sample_module.sample(_compose("sample", [f"ckpt_path={ckpt}", f"out_dir={tmp_path / 'c'}", "num_samples=2",
+                                                     "sampler=ddpm", "sampler.steps=4"]))
+    assert type(other["sampler"]).__name__ == "DDPMSampler" and other["sampler"].steps == 4
+    assert other["sampler_source"] == "chosen on the command line"
+
+
+def test_sampler_node_merges_keys_into_the_stored_sampler_or_refuses_unknown_ones():
+    from ddpm_lightning.config import DEFAULT_SAMPLER_NODE, sampler_node
+
+    marker = {"from_checkpoint": True, "steps": None, "eta": None, "timestep_spacing": None, "variance": None,
+              "clip_denoised": None}
+    stored = {"_target_": "ddpm_lightning.samplers.DDPMSampler", "variance": "fixed_large", "clip_denoised": True,
+              "steps": 100}
+    assert sampler_node(marker, stored) == (stored, "the checkpoint's sampler")
+    assert sampler_node(None, stored) == (stored, "the checkpoint's sampler")
+    assert sampler_node({**marker, "steps": 10}, stored)[0] == {**stored, "steps": 10}
+    assert sampler_node(marker, None)[0] == DEFAULT_SAMPLER_NODE  # an old checkpoint that stored no sampler
+    with pytest.raises(ConfigError, match=r"^sampler.eta=0.5 is invalid: the checkpoint's sampler DDPMSampler has no "
+                                          r"such option; choose another sampler with sampler=ddim or sampler=ddpm$"):
+        sampler_node({**marker, "eta": 0.5}, stored)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -85,6 +86,27 @@ def test_resume_matches_an_uninterrupted_run(tiny_train_overrides, tmp_path):
 
 
 @pytest.mark.slow
+def hparams_of_run(tensorboard_dir: Path) -> tuple[dict, list[str], dict[str, float]]:
+    """What TensorBoard's HParams plugin reads from one run folder: the session's hyperparameters, the declared
+    metric columns, and the latest value of each ``hp/*`` scalar."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    data = {}
+    for events in sorted(tensorboard_dir.glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(events)).Load():
+            for value in event.summary.value if event.HasField("summary") else []:
+                if value.metadata.plugin_data.plugin_name == "hparams":
+                    data[value.tag] = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+    acc = EventAccumulator(str(tensorboard_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    start = data["_hparams_/session_start_info"].session_start_info
+    params = {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
+    columns = [m.name.tag for m in data["_hparams_/experiment"].experiment.metric_infos]
+    values = {tag: acc.Scalars(tag)[-1].value for tag in acc.Tags()["scalars"] if tag.startswith("hp/")}
+    return params, columns, values
+
+
 def test_multirun_over_beta_end_writes_three_job_directories(fake_mnist_root, tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_train_cli(
@@ -96,6 +118,7 @@ def test_multirun_over_beta_end_writes_three_job_directories(fake_mnist_root, tm
             "data.subset_size=8",
             f"data.root={fake_mnist_root}",
             f"hydra.sweep.dir={sweep}",
+            "evaluate={num_samples: 4, batch_size: 4, sampler: {steps: 2}}",  # the packaged reference classifier
         ],
         cwd=tmp_path,
     )
@@ -110,6 +133,15 @@ def test_multirun_over_beta_end_writes_three_job_directories(fake_mnist_root, tm
         assert any((job / "tensorboard").glob("events.out.tfevents.*"))
         losses = ckpt["state_dict"]
         assert all(torch.isfinite(v).all() for v in losses.values() if v.is_floating_point())
+        # one row per job in TensorBoard's HParams tab: the swept key, the groups, and the final figures
+        params, columns, values = hparams_of_run(job / "tensorboard")
+        assert params["schedule.beta_end"] == pytest.approx(seen[-1]) and params["model"] == "adm_tiny"
+        assert params["seed"] == 0 and params["optimizer.lr"] == pytest.approx(1e-4) and "data.root" not in params
+        assert {"hp/val_loss", "hp/fid", "hp/confident_fraction", "hp/normalised_entropy"} <= set(columns)
+        metrics = json.loads(next((job / "evaluate").glob("step_*/metrics.json")).read_text())
+        assert values["hp/fid"] == pytest.approx(metrics["fid"], rel=1e-6)
+        assert values["hp/confident_fraction"] == pytest.approx(metrics["confident_fraction"], rel=1e-6)
+        assert {"hp/val_loss", "hp/fid_floor", "hp/inception_score"} <= set(values)
     assert seen == [0.02, 0.1, 0.2]
 
 
@@ -191,20 +223,24 @@ def test_val_fid_is_logged_and_can_pick_the_best_checkpoint(tiny_train_overrides
     """callbacks.fid.every_n_epochs=1 logs val/fid from a classifier; a missing classifier stops before training."""
     from ddpm_lightning.metrics import train_classifier
 
-    monkeypatch.setenv("DDPM_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    mine = tmp_path / "cache" / "mnist_classifier.pt"
     fid_overrides = [*tiny_train_overrides, "callbacks.fid.every_n_epochs=1", "callbacks.fid.num_samples=8",
                      "callbacks.fid.sampler.steps=2"]
-    with pytest.raises(ConfigError, match="classifier_path"):
-        train(compose_train(fid_overrides))
+    with pytest.raises(ConfigError, match=r"^callbacks.fid.classifier_path=.* no such file; train one there with "
+                                          r"ddpm-train-classifier .*, or leave it unset \(null\) for the packaged"):
+        train(compose_train([*fid_overrides, f"callbacks.fid.classifier_path={mine}"]))
     assert not (tmp_path / "run" / "checkpoints").exists()
-    train_classifier(fake_mnist_root, tmp_path / "cache" / "mnist_classifier.pt", epochs=1, max_steps=2, verbose=False)
+    train_classifier(fake_mnist_root, mine, epochs=1, max_steps=2, verbose=False)
     result = train(compose_train([*fid_overrides, "trainer.max_epochs=2", "callbacks.best.monitor=val/fid",
-                                  "callbacks.best.save_on_train_epoch_end=true"]))
+                                  "callbacks.best.save_on_train_epoch_end=true", f"callbacks.fid.classifier_path={mine}"]))
     fid = result["metrics"]["val/fid"]
     assert fid > 0 and torch.isfinite(torch.tensor(fid))
     events = EventAccumulator(str(result["tensorboard_dir"])).Reload()
     assert len(events.Scalars("val/fid")) == 2
     assert result["best_ckpt"] is not None and result["best_ckpt"].is_file()
+    # the default is the packaged reference classifier: no file of the user's needed
+    default = train(compose_train([*fid_overrides, f"run_dir={tmp_path / 'run2'}"]))
+    assert torch.isfinite(torch.tensor(default["metrics"]["val/fid"]))
 
 
 def test_ckpt_path_last_starts_fresh_then_resumes_in_the_same_run_dir(tiny_train_overrides):
