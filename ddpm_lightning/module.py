@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from ddpm_lightning.errors import NonFiniteLossError, invalid, is_int, is_number
+from ddpm_lightning.networks import as_eps_network
 from ddpm_lightning.samplers import DDPMSampler, SampleOutput, _Sampler
 from ddpm_lightning.schedule import NoiseSchedule
 
@@ -63,7 +64,9 @@ class DDPM(L.LightningModule):
     """A denoising diffusion probabilistic model: eps network + noise schedule + sampler.
 
     Args:
-        net: eps network with the contract ``eps = net(x_t, t, y=None)`` (see :mod:`ddpm_lightning.networks`).
+        net: eps network with the contract ``eps = net(x_t, t, y=None)`` (see :mod:`ddpm_lightning.networks`). A raw
+            deepinv ``DiffUNet`` or ``ADMUNet`` is wrapped in its adapter (:func:`~ddpm_lightning.networks.as_eps_network`),
+            so it is called on its eps path, not on its default denoiser path; another deepinv denoiser is refused.
         schedule: the :class:`~ddpm_lightning.schedule.NoiseSchedule` (T steps).
         optimizer: a callable ``params -> torch.optim.Optimizer`` (a Hydra ``_partial_`` target);
             None gives Adam(lr=1e-4), the paper's setting for 32x32 data.
@@ -111,14 +114,14 @@ class DDPM(L.LightningModule):
             raise invalid("min_snr_gamma", min_snr_gamma, "must be null (L_simple) or a finite number > 0, e.g. 5")
         # Plain containers only: OmegaConf objects would break torch.load(weights_only=True).
         self.save_hyperparameters({"config": config or {}, "seed": int(seed), "image_shape": list(image_shape)})
-        self.net = net
+        self.net = as_eps_network(net)  # a raw deepinv DiffUNet / ADMUNet gets its adapter (never the denoiser path)
         self.schedule = schedule
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.sampler = sampler if sampler is not None else DDPMSampler()
         self.seed = int(seed)
         self.image_shape = tuple(image_shape)
-        self.num_classes: int | None = getattr(net, "num_classes", None)
+        self.num_classes: int | None = getattr(self.net, "num_classes", None)
         self.label_dropout = float(label_dropout)
         self.min_snr_gamma = None if min_snr_gamma is None else float(min_snr_gamma)
         self.val_loss = MeanMetric()

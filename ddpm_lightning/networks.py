@@ -44,12 +44,15 @@ class DiffUNetEps(EpsNetwork):
         in_channels: image channels C (1 for MNIST).
         large_model: deepinv's large variant (256 base channels).
         num_classes: must be None (deepinv's DiffUNet has no class embedding).
+        net: an existing ``DiffUNet`` to wrap (see :func:`as_eps_network`) instead of building one.
 
     Raises:
         ConfigError: ``model.num_classes`` set.
     """
 
-    def __init__(self, in_channels: int = 1, large_model: bool = False, num_classes: int | None = None) -> None:
+    def __init__(
+        self, in_channels: int = 1, large_model: bool = False, num_classes: int | None = None, net: nn.Module | None = None
+    ) -> None:
         super().__init__()
         from deepinv.models import DiffUNet
 
@@ -58,7 +61,9 @@ class DiffUNetEps(EpsNetwork):
                 "model.num_classes", num_classes, "deepinv's DiffUNet is unconditional; use model=adm_small for labels"
             )
         # pretrained=None: random initialisation (the released weights are RGB 256x256 and cannot load at 1 channel).
-        self.net = DiffUNet(in_channels=in_channels, out_channels=in_channels, large_model=large_model, pretrained=None)
+        self.net = net if net is not None else DiffUNet(
+            in_channels=in_channels, out_channels=in_channels, large_model=large_model, pretrained=None
+        )
         self.in_channels = in_channels
 
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
@@ -87,6 +92,8 @@ class ADMUNetEps(EpsNetwork):
             (``pixel_unshuffle``, as the patch size of DiT/U-ViT and the input downsampling of "simple diffusion",
             Hoogeboom et al. 2023, arXiv:2301.11093, Sec. 3) and ``pixel_shuffle`` the output back: about
             p*p times less compute at the same channel widths (4.5x faster training at p=2 on 2 CPU cores).
+        net: an existing ``ADMUNet`` to wrap (see :func:`as_eps_network`; with ``num_classes`` = its label
+            dimension and ``patch_size`` 1) instead of building one from the arguments above.
 
     Raises:
         ConfigError: ``num_classes`` not null or >= 2; ``patch_size`` not a positive integer dividing
@@ -104,6 +111,7 @@ class ADMUNetEps(EpsNetwork):
         dropout: float = 0.1,
         num_classes: int | None = None,
         patch_size: int = 1,
+        net: nn.Module | None = None,
     ) -> None:
         super().__init__()
         from deepinv.models import ADMUNet
@@ -113,7 +121,7 @@ class ADMUNetEps(EpsNetwork):
         if not is_int(patch_size) or patch_size < 1 or img_resolution % patch_size:
             raise invalid("model.patch_size", patch_size, f"must be a positive integer dividing model.img_resolution={img_resolution}")
         self.patch_size = int(patch_size)
-        self.net = ADMUNet(
+        self.net = net if net is not None else ADMUNet(
             img_resolution=img_resolution // self.patch_size,
             in_channels=in_channels * self.patch_size**2,
             out_channels=in_channels * self.patch_size**2,
@@ -141,6 +149,30 @@ class ADMUNetEps(EpsNetwork):
         x = F.pixel_unshuffle(x_t, p) if p > 1 else x_t
         eps = self.net.forward_unet(x, t.to(x_t.dtype), class_labels=labels)
         return F.pixel_shuffle(eps, p) if p > 1 else eps
+
+
+def as_eps_network(net: nn.Module) -> nn.Module:
+    """The network in the eps contract ``eps = net(x_t, t, y=None)``: a raw deepinv ``DiffUNet`` or ``ADMUNet`` is
+    wrapped in its adapter, so that it is called on its timestep/UNet path (eps for [-1, 1] images) and never on
+    its default denoiser path (``DiffUNet.forward(x, t)`` means ``type_t="noise_level"``: an image from a [0, 1]
+    noisy image, not eps). Any other module is returned unchanged.
+
+    Raises:
+        ConfigError: another deepinv denoiser (``DRUNet``, ...), which has no eps path.
+    """
+    if isinstance(net, EpsNetwork) or not type(net).__module__.startswith("deepinv"):
+        return net
+    from deepinv.models import ADMUNet, DiffUNet
+
+    if isinstance(net, DiffUNet):
+        return DiffUNetEps(in_channels=int(net.in_channels), net=net)
+    if isinstance(net, ADMUNet):
+        label = getattr(net, "map_label", None)
+        return ADMUNetEps(num_classes=label.in_features if label is not None else None, net=net)
+    raise ConfigError(
+        f"net={type(net).__name__} is invalid: a deepinv denoiser without an eps path; "
+        "use ddpm_lightning.networks.DiffUNetEps or ADMUNetEps (model=diffunet, model=adm_small)"
+    )
 
 
 def count_parameters(net: nn.Module) -> int:

@@ -242,3 +242,37 @@ def test_patch_size_2_network_trains_end_to_end():
 def test_bad_patch_size_is_one_line(patch_size):
     with pytest.raises(ConfigError, match=rf"^model.patch_size={patch_size!r} is invalid: must be a positive integer dividing"):
         tiny_net(patch_size=patch_size)
+
+
+def test_a_raw_deepinv_diffunet_handed_to_ddpm_is_wrapped_and_never_takes_the_denoiser_path(diffunet):
+    """The seed's way of building the model, DDPM(net=deepinv.models.DiffUNet(...)), must train eps, not images."""
+    raw = diffunet.net  # a plain deepinv DiffUNet with non-zero output weights
+    model = DDPM(net=raw, schedule=NoiseSchedule())
+    assert isinstance(model.net, DiffUNetEps) and model.net.net is raw
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        eps = model(x, t)
+        torch.testing.assert_close(eps, raw.forward_diffusion(x, t)[:, :1])
+        assert (eps - raw(x, t)).abs().max() > 1e-3  # not deepinv's default type_t="noise_level" output
+
+
+def test_a_raw_deepinv_admunet_is_wrapped_with_its_label_embedding():
+    from deepinv.models import ADMUNet
+
+    raw = ADMUNet(img_resolution=32, in_channels=1, out_channels=1, model_channels=32, channel_mult=(1,),
+                  num_blocks=1, attn_resolutions=(), label_dim=10, dropout=0.0, pretrained=None)
+    model = DDPM(net=raw, schedule=NoiseSchedule())
+    assert isinstance(model.net, ADMUNetEps) and model.net.net is raw and model.num_classes == 10
+    x, t, y = torch.randn(2, 1, 32, 32), torch.tensor([5, 900]), torch.tensor([3, -1])
+    one_hot = torch.zeros(2, 10)
+    one_hot[0, 3] = 1.0
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, y), raw.forward_unet(x, t.float(), class_labels=one_hot))
+
+
+def test_another_deepinv_denoiser_is_refused_in_one_line():
+    from deepinv.models import TVDenoiser
+
+    with pytest.raises(ConfigError, match=r"^net=TVDenoiser is invalid: a deepinv denoiser without an eps path"):
+        DDPM(net=TVDenoiser(), schedule=NoiseSchedule())
