@@ -14,8 +14,10 @@ Input: the directory written by ``ddpm-train -m schedule.beta_end=0.02,0.1,0.2 .
   step. Several event files in one folder are one run continued after a resume: they are merged, and at equal
   steps the later-written value wins;
 * ``checkpoints/last.ckpt`` (optional): ``global_step`` and ``epoch`` are read from it;
-* ``metrics.json`` (optional, written by ``ddpm-evaluate``): a JSON object; its numeric top-level values
-  (``fid``, ``fid_floor``, ``inception_score``, ``class_entropy``, ``confident_fraction``, ...) are reported.
+* ``metrics.json`` (optional, written by ``ddpm-evaluate``; else the newest ``evaluate/step_<N>/metrics.json`` of
+  ``ddpm-train``'s end-of-run evaluation): a JSON object; its numeric top-level values (``fid``, ``fid_floor``,
+  ``inception_score``, ``normalised_entropy``, ``confident_fraction``, ...) are reported, and its
+  ``classifier_sha256`` (the classifier the FID was measured with) is named under the table.
 
 Outputs in ``--out`` (default: the sweep directory):
 
@@ -26,7 +28,7 @@ Outputs in ``--out`` (default: the sweep directory):
   under the table.
 * ``report.csv``: the same rows with every column: ``job``, every override key (swept ones first),
   ``status``, ``step``, ``epoch``, the TensorBoard scalars under their tag names, every ``metrics.json`` key,
-  and ``best`` (1 or 0). Missing values are empty cells; floats are written with full precision.
+  ``classifier_sha256`` and ``best`` (1 or 0). Missing values are empty cells; floats are written with full precision.
 * ``report_<metric>.png`` (``/`` in the metric name becomes ``_``, e.g. ``report_val_loss_q0.png``): the
   metric against the first swept parameter (a numeric axis when all its values are numbers, logarithmic when
   they are positive and span more than 10x, unless ``--log-x`` says otherwise), one line per value of the other
@@ -48,6 +50,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ddpm_lightning.metrics import REFERENCE_CLASSIFIER_SHA256
 
 #: TensorBoard scalar tags read from every job, in table order.
 SCALAR_TAGS = ["val/loss", "val/loss_q0", "val/loss_q1", "val/loss_q2", "val/loss_q3", "train/loss_epoch", "val/fid"]
@@ -134,17 +138,31 @@ def read_checkpoint_progress(ckpt: Path) -> dict[str, int]:
     return out
 
 
-def read_metrics_json(job: Path) -> dict[str, float]:
-    """The numeric top-level values of ``<job>/metrics.json`` (``{}`` when absent or not a JSON object)."""
-    path = Path(job) / "metrics.json"
-    if not path.is_file():
+def metrics_json_path(job: Path) -> Path | None:
+    """``<job>/metrics.json`` when it exists, else the newest ``<job>/evaluate/step_<N>/metrics.json`` (the
+    end-of-run evaluation of ``ddpm-train``, largest N), else None."""
+    job = Path(job)
+    if (job / "metrics.json").is_file():
+        return job / "metrics.json"
+    steps = sorted(job.glob("evaluate/step_*/metrics.json"), key=lambda p: (len(p.parent.name), p.parent.name))
+    return steps[-1] if steps else None
+
+
+def _read_json(job: Path) -> dict[str, Any]:
+    path = metrics_json_path(job)
+    if path is None:
         return {}
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    if not isinstance(data, dict):
-        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_metrics_json(job: Path) -> dict[str, float]:
+    """The numeric top-level values of the job's metrics file (:func:`metrics_json_path`; ``{}`` when absent or not a
+    JSON object)."""
+    data = _read_json(job)
     return {k: float(v) for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
@@ -178,6 +196,7 @@ def read_job(job: Path) -> dict[str, Any]:
         "epoch": progress.get("epoch"),
         "scalars": {tag: value for tag, (_, value) in found.items()},
         "metrics": metrics,
+        "classifier": _read_json(job).get("classifier_sha256"),
     }
 
 
@@ -243,6 +262,15 @@ def markdown_table(jobs: list[dict[str, Any]], swept: list[str], best: str | Non
     fixed = {k: v for k, v in jobs[0]["overrides"].items() if k not in swept}
     lines.append("")
     lines.append(f"best: lowest {rank_metric}" + (f" (job {best})" if best is not None else " (no job has one)"))
+    classifiers: dict[str, list[str]] = {}
+    for j in jobs:
+        if j.get("classifier"):
+            classifiers.setdefault(str(j["classifier"]), []).append(j["job"])
+    if classifiers:
+        lines.append("")
+        lines.append("FID measured with the classifier " + "; ".join(
+            f"`{sha}`" + (" (the packaged reference)" if sha == REFERENCE_CLASSIFIER_SHA256 else "")
+            + (f" (jobs {', '.join(js)})" if len(classifiers) > 1 else "") for sha, js in classifiers.items()))
     if fixed:
         lines.append("")
         lines.append("Overrides shared by all jobs: " + ", ".join(f"`{k}={v}`" for k, v in fixed.items()))
@@ -259,14 +287,14 @@ def write_csv(path: Path, jobs: list[dict[str, Any]], swept: list[str], best: st
     mkeys: list[str] = []
     for j in jobs:
         mkeys += [k for k in j["metrics"] if k not in mkeys]
-    header = ["job", *keys, "status", "step", "epoch", *tags, *mkeys, "best"]
+    header = ["job", *keys, "status", "step", "epoch", *tags, *mkeys, "classifier_sha256", "best"]
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(header)
         for j in jobs:
             row = [j["job"], *[j["overrides"].get(k, "") for k in keys], j["status"], j["step"], j["epoch"]]
             row += [j["scalars"].get(t) for t in tags] + [j["metrics"].get(k) for k in mkeys]
-            row.append(int(j["job"] == best))
+            row += [j.get("classifier"), int(j["job"] == best)]
             writer.writerow(["" if v is None else (repr(v) if isinstance(v, float) else v) for v in row])
 
 

@@ -148,6 +148,24 @@ def test_fid_from_metrics_json_ranks_and_is_plotted(fake_sweep):
     _assert_png(fake_sweep / "report_fid.png")
 
 
+def test_the_end_of_run_evaluation_is_read_and_its_classifier_named(fake_sweep):
+    """ddpm-train writes <job>/evaluate/step_<N>/metrics.json: the newest step is reported, with its classifier."""
+    from ddpm_lightning.metrics import REFERENCE_CLASSIFIER_SHA256 as REF
+
+    for job, step, fid in [("0", 10, 50.0), ("0", 100, 9.5), ("1", 100, 20.0)]:
+        path = fake_sweep / job / "evaluate" / f"step_{step:06d}" / "metrics.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"fid": fid, "confident_fraction": 0.5, "classifier_sha256": REF}))
+    result = report(fake_sweep)
+    assert result["best"] == "0" and result["rank_metric"] == "fid"
+    text = (fake_sweep / "report.md").read_text()
+    rows = _md_rows(text)
+    assert rows["0"]["fid"] == "9.5" and rows["1"]["fid"] == "20"
+    assert f"FID measured with the classifier `{REF}` (the packaged reference)" in text
+    by_job = {r["job"]: r for r in _rows(fake_sweep / "report.csv")}
+    assert by_job["0"]["classifier_sha256"] == REF and by_job["2"]["classifier_sha256"] == ""
+
+
 def test_two_swept_parameters_and_chosen_metrics(tmp_path):
     sweep = tmp_path / "sweep"
     num = 0
