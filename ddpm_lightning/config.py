@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import functools
 import sys
-from pathlib import Path
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any, Callable
 
 from hydra.errors import InstantiationException
@@ -136,6 +136,7 @@ def sampler_node(requested: Any, stored: Any) -> tuple[dict[str, Any], str]:
                 f"sampler.{key}", value, f"the checkpoint's sampler {target} has no such option; "
                 "choose another sampler with sampler=ddim or sampler=ddpm"
             )
+    changed = {k: v for k, v in changes.items() if base[k] != v}
     base.update(changes)
-    source = "the checkpoint's sampler" + (f", with {', '.join(f'{k}={v}' for k, v in changes.items())}" if changes else "")
+    source = "the checkpoint's sampler" + (f", with {', '.join(f'{k}={v}' for k, v in changed.items())}" if changed else "")
     return base, source

@@ -14,8 +14,8 @@ fraction of confidently classified images. Prints a table and writes ``metrics.j
 The classifier comes from ``classifier_path``: null (the default) is the reference classifier shipped in the package
 (:func:`ddpm_lightning.metrics.reference_classifier_path`, sha256 pinned), so every machine measures with the same
 weights. Another file (e.g. one retrained with ``ddpm-train-classifier``) that is missing fails with a one-line hint,
-unless ``train_classifier_if_missing=true`` trains it there first. Every input is checked before any work starts; bad input prints one line on
-stderr and exits with status 2.
+unless ``train_classifier_if_missing=true`` trains it there first. Every input is checked before any work starts;
+bad input prints one line on stderr and exits with status 2.
 """
 
 from __future__ import annotations
@@ -232,9 +232,10 @@ def _format_table(m: dict[str, Any]) -> str:
     hist = " ".join(f"{d}:{c}" for d, c in enumerate(m["class_histogram"]))
     acc = m.get("classifier_test_accuracy")
     sha = m.get("classifier_sha256") or "?"
+    which = "the reference" if m.get("classifier_reference") else "a non-reference"
     rows = [
-        f"\nEvaluated {m['n']} images ({m['source']}) with {'the reference' if m.get('classifier_reference') else 'a non-reference'} "
-        f"classifier {sha[:16]} (test accuracy {acc * 100:.2f}%)" if acc is not None else f"\nEvaluated {m['n']} images ({m['source']})",
+        f"\nEvaluated {m['n']} images ({m['source']}) with {which} classifier {sha[:16]} (test accuracy {acc * 100:.2f}%)"
+        if acc is not None else f"\nEvaluated {m['n']} images ({m['source']})",
         *([f"  {'sampler':<34}: {m['sampler']} ({m['sampler_source']})"] if m.get("sampler") else []),
         f"  {'FID vs ' + str(m['n_test']) + ' test images':<34}: {m['fid']:.4f}",
         f"  {'FID floor (' + str(m['floor_n']) + ' train vs test)':<34}: {m['fid_floor']:.4f}",

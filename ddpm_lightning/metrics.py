@@ -439,7 +439,7 @@ def normalised_entropy(hist: torch.Tensor) -> float:
     if h.numel() < 2 or float(h.sum()) <= 0 or bool((h < 0).any()):
         raise ValueError("hist must hold >= 2 non-negative counts with a positive sum")
     q = h / h.sum()
-    return float(-torch.special.xlogy(q, q).sum() / math.log(h.numel()))
+    return float(-torch.special.xlogy(q, q).sum() / math.log(h.numel())) + 0.0  # + 0.0: one class is 0.0, not -0.0
 
 
 def confident_fraction(probs: torch.Tensor, threshold: float = 0.9) -> float:

@@ -116,7 +116,7 @@ def test_class_histogram_entropy_and_confidence():
     assert M.normalised_entropy(hist) == pytest.approx(1.0, abs=1e-12)
     single = M.class_histogram(torch.eye(10)[[4] * 9])
     assert single.tolist() == [0, 0, 0, 0, 9, 0, 0, 0, 0, 0]
-    assert M.normalised_entropy(single) == 0.0
+    assert M.normalised_entropy(single) == 0.0 and math.copysign(1.0, M.normalised_entropy(single)) == 1.0  # not -0.0
     assert M.normalised_entropy(torch.tensor([1, 1, 0, 0, 0, 0, 0, 0, 0, 0])) == pytest.approx(math.log(2) / math.log(10))
     probs = torch.tensor([[0.95, 0.05] + [0.0] * 8, [0.5, 0.5] + [0.0] * 8, [0.0] * 9 + [1.0], [0.1] * 10])
     assert M.confident_fraction(probs) == pytest.approx(0.5)

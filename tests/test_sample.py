@@ -366,7 +366,8 @@ def test_sampler_node_merges_keys_into_the_stored_sampler_or_refuses_unknown_one
               "steps": 100}
     assert sampler_node(marker, stored) == (stored, "the checkpoint's sampler")
     assert sampler_node(None, stored) == (stored, "the checkpoint's sampler")
-    assert sampler_node({**marker, "steps": 10}, stored)[0] == {**stored, "steps": 10}
+    assert sampler_node({**marker, "steps": 10}, stored) == ({**stored, "steps": 10}, "the checkpoint's sampler, with steps=10")
+    assert sampler_node({**marker, "steps": 100}, stored)[1] == "the checkpoint's sampler"  # the stored value: no change
     assert sampler_node(marker, None)[0] == DEFAULT_SAMPLER_NODE  # an old checkpoint that stored no sampler
     with pytest.raises(ConfigError, match=r"^sampler.eta=0.5 is invalid: the checkpoint's sampler DDPMSampler has no "
                                           r"such option; choose another sampler with sampler=ddim or sampler=ddpm$"):

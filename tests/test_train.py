@@ -143,6 +143,49 @@ def test_multirun_over_beta_end_writes_three_job_directories(fake_mnist_root, tm
         assert values["hp/confident_fraction"] == pytest.approx(metrics["confident_fraction"], rel=1e-6)
         assert {"hp/val_loss", "hp/fid_floor", "hp/inception_score"} <= set(values)
     assert seen == [0.02, 0.1, 0.2]
+    rows = hparams_rows_in_a_running_tensorboard(sweep)
+    assert sorted(rows) == ["0/tensorboard", "1/tensorboard", "2/tensorboard"]
+    assert [rows[job]["schedule.beta_end"] for job in sorted(rows)] == pytest.approx(seen)
+    assert all("hp/fid" in row and "hp/val_loss" in row for row in rows.values())
+
+
+def hparams_rows_in_a_running_tensorboard(logdir: Path) -> dict[str, dict]:
+    """Start ``tensorboard --logdir`` on a free localhost port and ask its HParams plugin (the HTTP API the HPARAMS tab
+    uses) for its session groups: ``{run: {hparam or metric tag: value}}``."""
+    import re
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1",
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, url, seen = time.monotonic() + 120, None, []
+        while url is None and time.monotonic() < deadline and proc.poll() is None:
+            line = proc.stdout.readline()
+            seen.append(line)
+            found = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
+            url = found.group(1) if found else None
+        assert url, "".join(seen)[-2000:]
+        request = {"experimentName": "", "startIndex": 0, "sliceSize": 100,
+                   "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+                   "colParams": [{"hparam": "schedule.beta_end"}, {"metric": {"tag": "hp/fid", "group": ""}},
+                                 {"metric": {"tag": "hp/val_loss", "group": ""}}]}
+        for _ in range(30):  # TensorBoard loads the event files in the background: ask until all runs are there
+            post = urllib.request.Request(f"{url}/data/plugin/hparams/session_groups", data=json.dumps(request).encode(),
+                                          headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(post, timeout=30) as answer:
+                groups = json.loads(answer.read())["sessionGroups"]
+            rows = {g["name"]: {**g["hparams"], **{m["name"]["tag"]: m["value"] for m in g["metricValues"]}}
+                    for g in groups}
+            if len(rows) == 3 and all("hp/fid" in row for row in rows.values()):
+                return rows
+            time.sleep(2)
+        return rows
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 @pytest.mark.parametrize(
