@@ -23,8 +23,8 @@ from hydra.errors import InstantiationException
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ddpm_lightning.config import build
-from ddpm_lightning.errors import ConfigError, first_line, invalid
-from ddpm_lightning.module import DDPM
+from ddpm_lightning.errors import ConfigError, NonFiniteWeightsError, first_line, invalid
+from ddpm_lightning.module import DDPM, first_non_finite
 
 log = logging.getLogger(__name__)
 
@@ -159,13 +159,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     Each local save goes to a hidden temporary file in the same folder (``.<name>.tmp-<pid>``), is flushed and
     fsynced, and is then renamed over the target with ``os.replace`` (atomic on POSIX), so a kill during a save
-    leaves the previous ``last.ckpt`` intact. Lightning's own save also uses a temporary file, but fsspec puts it
+    leaves the previous ``last.ckpt`` intact; a checkpoint whose weights (raw or EMA) hold a NaN or an infinity is
+    refused with :class:`~ddpm_lightning.errors.NonFiniteWeightsError` and nothing is written. Lightning's own save also uses a temporary file, but fsspec puts it
     in the system temp folder: on another filesystem the final move is a copy into the target, which a kill can
     cut short (and a 1 GB DiffUNet checkpoint may not fit in ``/tmp``). Remote URLs (``s3://`` ...) use
     Lightning's default path.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        for key in ("state_dict", RAW_KEY):  # check what is saved, not only the loss
+            bad = first_non_finite((checkpoint.get(key) or {}).items())
+            if bad is not None:
+                raise NonFiniteWeightsError(
+                    f"refusing to write {path}: {key} tensor {bad} is non-finite (global step "
+                    f"{checkpoint.get('global_step')}); the previous checkpoint is kept"
+                )
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return

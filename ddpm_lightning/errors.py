@@ -19,9 +19,20 @@ def invalid(key: str, value: object, allowed: str) -> ConfigError:
     return ConfigError(f"{key}={value!r} is invalid: {allowed}")
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss; raised before the optimizer step, so no checkpoint holds the
-    corrupted weights. The message names the global step, the loss and the learning rate."""
+class NonFiniteError(RuntimeError):
+    """Training produced NaN or infinite numbers; entry points print the one-line message and exit with status 3.
+    Raised before anything non-finite is saved, so the newest checkpoint is the last good one."""
+
+
+class NonFiniteLossError(NonFiniteError):
+    """A NaN or infinite loss; raised before the optimizer step, so no checkpoint holds the corrupted weights. The
+    message names the global step, the loss and the learning rate."""
+
+
+class NonFiniteWeightsError(NonFiniteError):
+    """A NaN or infinite parameter or optimizer state right after an optimizer step (a finite loss can still give
+    non-finite weights, e.g. with a huge learning rate), or in a checkpoint about to be written. The message names
+    the global step and the first bad tensor."""
 
 
 def first_line(err: BaseException, limit: int = 300) -> str:

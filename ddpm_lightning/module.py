@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from ddpm_lightning.errors import NonFiniteLossError, invalid, is_int, is_number
+from ddpm_lightning.errors import NonFiniteLossError, NonFiniteWeightsError, invalid, is_int, is_number
 from ddpm_lightning.networks import as_eps_network
 from ddpm_lightning.samplers import DDPMSampler, SampleOutput, _Sampler
 from ddpm_lightning.schedule import NoiseSchedule
@@ -47,6 +47,23 @@ def min_snr_weights(alphas_cumprod: Tensor, t: Tensor, gamma: float) -> Tensor:
     abar = alphas_cumprod.to(t.device)[t]
     snr = abar / (1.0 - abar)
     return (snr.clamp(max=gamma) / snr).float()
+
+
+def first_non_finite(named: Any) -> str | None:
+    """The name of the first floating-point tensor in ``named`` (an iterable of ``(name, tensor)``) that holds a NaN
+    or an infinity, or None when all are finite. One device sync per tensor; non-float tensors are skipped."""
+    for name, value in named:
+        if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return name
+    return None
+
+
+def _optimizer_state_tensors(module: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[tuple[str, Tensor]]:
+    """``("optimizer state exp_avg of net.x.weight", tensor)`` for every tensor in the optimizer's per-parameter state."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            yield f"optimizer state {key} of {names.get(id(param), '?')}", value
 
 
 @contextmanager
@@ -163,6 +180,35 @@ class DDPM(L.LightningModule):
         if self.lr_scheduler_factory is not None:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """Lightning's step, then a check that every parameter and optimizer state is still finite.
+
+        Raises:
+            NonFiniteWeightsError: naming the global step and the first non-finite tensor (or saying that torch's
+                update overflowed float32, e.g. lr=1e39), before any callback (EMA, checkpoints) sees the step, so
+                the newest checkpoint stays the last good one.
+        """
+        inner = getattr(optimizer, "optimizer", optimizer)  # Lightning wraps the torch optimizer
+        lr = inner.param_groups[0]["lr"]
+        try:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        except RuntimeError as err:  # torch refuses an update scalar (lr / bias correction) beyond float32's range
+            if "without overflow" not in str(err):
+                raise
+            raise NonFiniteWeightsError(
+                f"training stopped: the optimizer step at global step {self.global_step} overflowed float32 "
+                f"(lr={lr:g}); nothing from this step was saved, the newest checkpoint is the last good one. "
+                "Try a lower optimizer.lr"
+            ) from None
+        bad = first_non_finite(self.net.named_parameters(prefix="net"))
+        bad = bad or first_non_finite(_optimizer_state_tensors(self, inner))
+        if bad is not None:
+            raise NonFiniteWeightsError(
+                f"training stopped: {bad} is non-finite after the optimizer step at global step {self.global_step} "
+                f"(the loss was finite; lr={lr:g}); nothing from this step was saved, the newest checkpoint is the "
+                "last good one. Try a lower optimizer.lr or trainer.gradient_clip_val"
+            )
 
     def _raise_non_finite(self, loss: Tensor) -> None:
         lr = float("nan")
