@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from ddpm_lightning.errors import ConfigError, invalid, is_int, is_number
@@ -82,13 +82,49 @@ def ema_module(trainer: L.Trainer) -> L.LightningModule | None:
     return None
 
 
+def sample_across_ranks(
+    trainer: L.Trainer,
+    module: L.LightningModule,
+    num_samples: int,
+    seed: int,
+    sampler: _Sampler | None,
+    trajectory_every: int | None = None,
+) -> tuple[Tensor, list[Tensor]]:
+    """Draw ``num_samples`` images with every DDP rank drawing a share, so that no rank waits alone in a collective
+    while another computes (and a SIGTERM reaches every rank while it runs Python code, see
+    :mod:`ddpm_lightning.signals`).
+
+    Each of the W ranks draws ``ceil(num_samples / W)`` samples from a generator seeded with ``seed + 7919 * rank``;
+    one ``all_gather`` collects them on every rank. With one process this is exactly
+    ``module.sample(num_samples, generator=seeded(seed), ...)``. Every rank must call it (it is a collective under DDP).
+
+    Returns:
+        ``(x0, frames)``: x0 ``(num_samples, C, H, W)`` in [-1, 1] on the CPU, in rank order; ``frames`` the trajectory
+        (a list of ``(num_samples, C, H, W)``, empty without ``trajectory_every``).
+    """
+    world, rank = trainer.world_size, trainer.global_rank
+    share = -(-num_samples // world)
+    generator = torch.Generator(device=module.device).manual_seed(seed + 7919 * rank)
+    out = module.sample(share, generator=generator, sampler=sampler, trajectory_every=trajectory_every)
+    frames = torch.stack([x for _, x in out.trajectory]) if out.trajectory else None  # (F, share, C, H, W)
+    if world > 1:
+        x0 = trainer.strategy.all_gather(out.x0).flatten(0, 1)  # (W, share, ...) -> (W * share, ...)
+        if frames is not None:
+            frames = trainer.strategy.all_gather(frames).transpose(0, 1).flatten(1, 2)  # (F, W * share, ...)
+    else:
+        x0 = out.x0
+    x0 = x0[:num_samples].cpu()
+    return x0, ([f[:num_samples].cpu() for f in frames] if frames is not None else [])
+
+
 class SampleCallback(L.Callback):
     """Every ``every_n_epochs`` epochs and at the end of training, draw ``num_samples`` images with a fixed seed.
 
     Writes ``<dirpath>/epoch_XXX.png`` (a grid) and ``<dirpath>/trajectory_XXX.png`` (rows = samples,
     columns = x_t from pure noise to x0), and logs both as images ``samples`` and ``trajectory`` to TensorBoard.
     Samples come from the EMA weights when an :class:`EMA` callback is active, else from the raw weights.
-    Runs on global rank zero only and touches no collective, so it cannot hang a DDP job.
+    Under DDP every rank draws a share of the samples (:func:`sample_across_ranks`), so no rank idles in a collective
+    while another computes; global rank zero writes the files and the TensorBoard images.
 
     Args:
         dirpath: folder for the PNG files (created on first use).
@@ -126,6 +162,7 @@ class SampleCallback(L.Callback):
         self.seed = seed
         self.sampler = sampler
         self.last_paths: list[Path] = []
+        self._drawn_epoch: int | None = None
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -133,24 +170,28 @@ class SampleCallback(L.Callback):
             self._draw(trainer, pl_module, epoch)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # decided from the loop's state, the same on every rank (not from files another node may not see)
         epoch = trainer.current_epoch - 1 if trainer.current_epoch > 0 else 0
-        if not (self.dirpath / f"epoch_{epoch:03d}.png").exists():
+        if self._drawn_epoch != epoch:
             self._draw(trainer, pl_module, epoch)
 
-    @rank_zero_only
     def _draw(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
         sampler = self.sampler or pl_module.sampler
         steps = len(sampler.timesteps(pl_module.schedule.num_timesteps))
         every = max(1, steps // (self.trajectory_frames - 1)) if self.trajectory_samples else None
-        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         module = ema_module(trainer) or pl_module
-        out = module.sample(self.num_samples, generator=generator, sampler=sampler, trajectory_every=every)
-        grid = sample_grid(out.x0)
+        rank_zero_info(f"[samples] epoch {epoch}: drawing {self.num_samples} samples with {sampler!r}"
+                       + (f" on {trainer.world_size} ranks" if trainer.world_size > 1 else ""))
+        x0, frames = sample_across_ranks(trainer, module, self.num_samples, self.seed, sampler, every)
+        self._drawn_epoch = epoch
+        if not trainer.is_global_zero:
+            return
+        grid = sample_grid(x0)
         self.dirpath.mkdir(parents=True, exist_ok=True)
         paths = [save_png(grid, self.dirpath / f"epoch_{epoch:03d}.png")]
         traj: Tensor | None = None
         if self.trajectory_samples:
-            traj = trajectory_grid([x[: self.trajectory_samples] for _, x in out.trajectory])
+            traj = trajectory_grid([x[: self.trajectory_samples] for x in frames])
             paths.append(save_png(traj, self.dirpath / f"trajectory_{epoch:03d}.png"))
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
@@ -165,8 +206,9 @@ class FIDCallback(L.Callback):
     """Every ``every_n_epochs`` epochs, a quick classifier FID of ``num_samples`` samples against the 10,000 MNIST
     test images, logged as ``val/fid`` (usable as ``callbacks.best.monitor=val/fid``).
 
-    It runs at the end of the training epoch with the EMA weights (when EMA is on) and a fixed seed, on global rank
-    zero (other ranks log nothing: with DDP use it for reporting, not as the checkpoint monitor). To keep the best
+    It runs at the end of the training epoch with the EMA weights (when EMA is on) and a fixed seed; under DDP every
+    rank draws a share of the samples (:func:`sample_across_ranks`) and global rank zero computes and logs the FID
+    (other ranks log nothing: with DDP use it for reporting, not as the checkpoint monitor). To keep the best
     checkpoint by FID: ``callbacks.best.monitor=val/fid callbacks.best.save_on_train_epoch_end=true`` with the same
     interval (``callbacks.best.every_n_epochs``). The classifier and the
     test statistics are loaded once, in ``setup``, so a missing or corrupt classifier stops the run before training.
@@ -221,13 +263,12 @@ class FIDCallback(L.Callback):
         epoch = trainer.current_epoch
         if not self.every_n_epochs or (epoch + 1) % self.every_n_epochs:
             return
+        module = ema_module(trainer) or pl_module
+        x0, _ = sample_across_ranks(trainer, module, self.num_samples, self.seed, self.sampler)
         if trainer.is_global_zero:
             from ddpm_lightning.metrics import classifier_outputs, frechet_distance, gaussian_stats
 
-            generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-            module = ema_module(trainer) or pl_module
-            x0 = module.sample(self.num_samples, generator=generator, sampler=self.sampler).x0
-            features, _ = classifier_outputs(x0.cpu(), self._classifier)
+            features, _ = classifier_outputs(x0, self._classifier)
             fid = frechet_distance(*gaussian_stats(features), *self._test_stats)
             pl_module.log("val/fid", fid, rank_zero_only=True)
 

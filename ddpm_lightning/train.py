@@ -6,6 +6,7 @@ sweeps: ``ddpm-train -m schedule.beta_end=0.02,0.1,0.2``; resume: ``ddpm-train c
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -16,15 +17,19 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ddpm_lightning.callbacks import HParamsSession
 from ddpm_lightning.checkpoint import load_checkpoint, resume_mismatch
 from ddpm_lightning.config import CONFIG_DIR, FROM_CHECKPOINT, build, cli
 from ddpm_lightning.data import MNISTDataError
-from ddpm_lightning.errors import ConfigError, NonFiniteLossError, first_line, flag, invalid, is_int, is_number
+from ddpm_lightning.errors import ConfigError, NonFiniteError, first_line, flag, invalid, is_int, is_number
 from ddpm_lightning.hparams import final_metrics, run_hparams
 from ddpm_lightning.module import DDPM
+from ddpm_lightning import signals
+from ddpm_lightning.runlock import RunDirLock
 
 log = logging.getLogger(__name__)
 TRAIN_EXCLUDED_SAMPLER = "checkpoint"  #: conf/sampler/checkpoint.yaml is for ddpm-sample / ddpm-evaluate only
@@ -99,15 +104,35 @@ def prepare_config(cfg: DictConfig) -> DictConfig:
                     f"already holds {existing[0].name} from another run; resume with ckpt_path=last, "
                     "choose another run_dir, or set overwrite=true",
                 )
-        lr = cfg.optimizer.get("lr") if "optimizer" in cfg else None
-        if lr is not None and (not is_number(lr) or not lr > 0):
-            raise invalid("optimizer.lr", lr, "must be a number > 0")
+        _check_rates(cfg)
         seed = cfg.get("seed")
         if not is_int(seed) or seed < 0:
             raise invalid("seed", seed, "must be an integer >= 0")
         cfg.trainer.precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
     _refuse_local_multirun_ddp(cfg)
     return cfg
+
+
+#: Rates and scales that must be finite numbers (a finite loss can still give non-finite weights: lr=inf, lr=1e30),
+#: as ``(key, lowest allowed, lowest included, may be null)``.
+RATE_KEYS = (
+    ("optimizer.lr", 0.0, False, False),
+    ("optimizer.weight_decay", 0.0, True, False),
+    ("optimizer.eps", 0.0, False, False),
+    ("lr_scheduler.max_lr", 0.0, False, False),
+    ("trainer.gradient_clip_val", 0.0, True, True),
+)
+
+
+def _check_rates(cfg: DictConfig) -> None:
+    """Every rate and scale of :data:`RATE_KEYS` that the config has must be a finite number above its bound."""
+    for key, low, inclusive, nullable in RATE_KEYS:
+        found = OmegaConf.select(cfg, key, default="<absent>")
+        if found == "<absent>" or (found is None and nullable):
+            continue
+        if not is_number(found) or not math.isfinite(found) or not (found >= low if inclusive else found > low):
+            bound = f">= {low:g}" if inclusive else f"> {low:g}"
+            raise invalid(key, found, f"must be a finite number {bound}" + (" or null" if nullable else ""))
 
 
 def _check_resume(cfg: DictConfig) -> None:
@@ -190,10 +215,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         figures also go to TensorBoard: ``eval/*`` scalars and the ``hp/*`` columns of the HParams tab.
 
     Raises:
-        ConfigError: a bad value (one line naming the key), before any training.
+        ConfigError: a bad value (one line naming the key), or a run directory that another ``ddpm-train`` holds
+            (:class:`~ddpm_lightning.runlock.RunDirLock`), before any training.
         MNISTDataError: missing or corrupt MNIST files, before any training.
+        NonFiniteError: a non-finite loss, or non-finite weights after a step; nothing non-finite is saved.
     """
     cfg = prepare_config(cfg)
+    # One writer per run directory: the rank that writes files holds an OS lock on it until the run ends.
+    lock = RunDirLock(str(cfg.run_dir)) if rank_zero_only.rank == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        return _fit_and_evaluate(cfg)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _fit_and_evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """:func:`train` after its checks, with the run directory locked."""
     run_dir = Path(str(cfg.run_dir))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -237,6 +277,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = [*named.values(), hparams_session]
     logger = build(cfg.logger, key="logger") if cfg.get("logger") else False
     trainer: L.Trainer = build(cfg.trainer, key="trainer", callbacks=callbacks, logger=logger)
+    signals.install(trainer)  # a SIGTERM ends every DDP rank within seconds (no collective in the handler)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
@@ -255,7 +296,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         from ddpm_lightning import evaluate as evaluation
 
         out = eval_dir / f"step_{trainer.global_step:06d}"
-        result["evaluation"] = evaluation.evaluate(evaluation.train_run_config(cfg, result["last_ckpt"], out))
+        done = out / evaluation.METRICS_FILE
+        if done.is_file():  # a resumed run whose evaluation of this very checkpoint had finished
+            print(f"already evaluated: {done}", flush=True)
+            result["evaluation"] = json.loads(done.read_text())
+        else:
+            print(f"evaluating {result['last_ckpt']} into {out} ...", flush=True)
+            eval_cfg = evaluation.train_run_config(cfg, result["last_ckpt"], out)
+            eval_cfg.overwrite = True  # what is there is an interrupted evaluation of this same checkpoint: redo it
+            result["evaluation"] = evaluation.evaluate(eval_cfg)
     hparams_session.log_final(trainer, final_metrics(result["metrics"], result.get("evaluation")))
     if trainer.is_global_zero:
         print(
@@ -271,16 +320,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 @cli(CONFIG_DIR, exclude={"sampler": [TRAIN_EXCLUDED_SAMPLER]})
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Console entry point. Bad input: one line on stderr and exit status 2; a non-finite loss: one line and exit
-    status 3 (the newest checkpoint is the last good one). No traceback in either case."""
+    """Console entry point. Bad input: one line on stderr and exit status 2; a non-finite loss or non-finite weights
+    after a step: one line and exit status 3 (the newest checkpoint is the last good one). No traceback in either
+    case."""
     try:
         result = train(cfg)
     except (ConfigError, MNISTDataError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except NonFiniteLossError as err:
+    except NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(3)
+    except SIGTERMException:
+        last = Path(str(cfg.run_dir)) / "checkpoints" / "last.ckpt"
+        resume = f"resume with ckpt_path={last}" if last.is_file() else "no checkpoint was written yet"
+        print(f"error: stopped by SIGTERM; the newest complete checkpoint is kept ({resume})", file=sys.stderr, flush=True)
+        sys.exit(143)
     val = result["metrics"].get("val/loss")
     return val  # lets Hydra sweepers optimise val/loss
 

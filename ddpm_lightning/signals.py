@@ -1,0 +1,44 @@
+"""SIGTERM that ends every DDP rank within seconds, whatever a rank is doing when it arrives.
+
+SLURM sends SIGTERM at the time limit, at preemption and on ``scancel``. Lightning 2.6's handler
+(``_SignalConnector._sigterm_notifier_fn``) calls ``torch.distributed.broadcast`` from inside the signal handler:
+a rank that receives the signal while the other ranks are elsewhere (rank zero drawing the epoch-end grid while the
+others wait in the checkpoint barrier) starts a collective that nobody joins, and every rank waits forever.
+
+:class:`SafeSignalConnector` replaces that handler with one that touches no collective: it forwards the signal to
+the local DDP child processes (as Lightning's does) and raises :class:`SIGTERMException` in this rank at once. Each
+rank gets the signal (from SLURM, or forwarded by rank zero) and leaves; a rank still inside a collective with a
+rank that has left gets an error from the process group and leaves too. Checkpoints are written atomically
+(:class:`~ddpm_lightning.checkpoint.AtomicCheckpointIO`), so the newest complete ``last.ckpt`` stays as it was.
+Lightning's SLURM requeue checkpoint (``hpc_ckpt_*.ckpt`` on SIGUSR1, ``#SBATCH --signal=SIGUSR1@90``) is untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import FrameType
+from typing import Any
+
+from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
+
+
+class SafeSignalConnector(_SignalConnector):
+    """Lightning's signal connector with a SIGTERM handler that is safe in the middle of a collective."""
+
+    def _sigterm_notifier_fn(self, signum: Any, _: FrameType | None) -> None:
+        rank = getattr(self.trainer, "global_rank", 0)
+        log.warning("rank %s: received SIGTERM (%s), stopping now", rank, signum)
+        if not self.received_sigterm:
+            launcher = self.trainer.strategy.launcher
+            if launcher is not None:
+                launcher.kill(signum)  # the local DDP children (a no-op where there are none)
+        self.received_sigterm = True
+        raise SIGTERMException()
+
+
+def install(trainer: Any) -> None:
+    """Give ``trainer`` the :class:`SafeSignalConnector` (before ``trainer.fit``, which registers its handlers)."""
+    trainer._signal_connector = SafeSignalConnector(trainer)
