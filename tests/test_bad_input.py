@@ -56,6 +56,11 @@ TRAIN_BAD_INPUTS: list[tuple[list[str], str]] = [
     (["optimizer.lr=0"], "optimizer.lr=0 is invalid"),
     (["optimizer.lr=-1"], "optimizer.lr=-1 is invalid"),
     (["optimizer.lr=fast"], "optimizer.lr='fast' is invalid"),
+    (["optimizer.lr=inf"], "optimizer.lr=inf is invalid: must be a finite number > 0"),
+    (["optimizer.lr=nan"], "optimizer.lr=nan is invalid: must be a finite number > 0"),
+    (["optimizer.weight_decay=-1"], "optimizer.weight_decay=-1 is invalid: must be a finite number >= 0"),
+    (["trainer.gradient_clip_val=inf"], "trainer.gradient_clip_val=inf is invalid: must be a finite number >= 0 or null"),
+    (["lr_scheduler=onecycle", "trainer.max_steps=10", "lr_scheduler.max_lr=inf"], "lr_scheduler.max_lr=inf is invalid"),
     (["seed=-1"], "seed=-1 is invalid"),
     (["label_dropout=1.5"], "label_dropout=1.5 is invalid"),
     (["min_snr_gamma=0"], "min_snr_gamma=0 is invalid"),
@@ -375,3 +380,118 @@ if __name__ == "__main__":  # print the table of bad inputs and their messages (
             except (ConfigError, MNISTDataError) as err:
                 msg = str(err)
             print(f"| `{' '.join(overrides)}` | `{msg}` |")
+
+
+# ------------------------------------------------------------------------------------------ non-finite weights, one writer
+def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path):
+    from ddpm_lightning.errors import NonFiniteWeightsError
+
+    last = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"net.w": torch.ones(2)}, "global_step": 1}, last)
+    before = last.read_bytes()
+    for key in ("state_dict", "current_model_state"):
+        bad = {"state_dict": {"net.w": torch.ones(2)}, key: {"net.w": torch.tensor([1.0, float("inf")])}, "global_step": 2}
+        with pytest.raises(NonFiniteWeightsError, match=rf"{key} tensor net.w is non-finite \(global step 2\)"):
+            AtomicCheckpointIO().save_checkpoint(bad, last)
+        assert last.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+@pytest.mark.parametrize(
+    "lr, needle",
+    [
+        ("1e39", "the optimizer step at global step 0 overflowed float32 (lr=1e+39)"),  # finite, beyond float32
+        ("1e37", "non-finite"),  # the first steps pass; the weights then overflow the forward pass
+    ],
+)
+def test_a_huge_learning_rate_exits_3_and_writes_no_non_finite_checkpoint(fake_mnist_root, tmp_path, lr, needle):
+    run = tmp_path / "run"
+    proc = run_train_cli([*TINY_TRAIN, "trainer.max_epochs=3", f"data.root={fake_mnist_root}", f"run_dir={run}",
+                          f"optimizer.lr={lr}"], cwd=tmp_path)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: training stopped: ") and needle in last and "Traceback" not in proc.stderr
+    for ckpt in run.glob("checkpoints/*.ckpt"):
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        assert all(torch.isfinite(v).all() for k in ("state_dict", "current_model_state") for v in state[k].values()
+                   if v.is_floating_point()), ckpt
+
+
+def test_weights_that_overflow_after_a_few_steps_stop_the_run_and_keep_the_last_good_checkpoint(tiny_train_overrides,
+                                                                                              monkeypatch):
+    """Three epochs of two steps; from step 3 on the learning rate is inf (which the config check refuses, so it is
+    set on the optimizer): the loss of step 3 is finite, its update is not. The run stops at step 3 with
+    NonFiniteWeightsError naming the first bad tensor, and last.ckpt stays the finite one of epoch 1, byte for byte."""
+    from ddpm_lightning.errors import NonFiniteWeightsError
+    from ddpm_lightning.module import DDPM
+
+    cfg = compose_train([*tiny_train_overrides, "trainer.max_epochs=3"])
+    last = Path(str(cfg.run_dir)) / "checkpoints" / "last.ckpt"
+    saved = {}
+
+    def huge_lr_from_step_3(self, batch, batch_idx):
+        if self.global_step == 2:
+            saved["last"] = last.read_bytes()
+        if self.global_step >= 3:
+            for group in self.trainer.optimizers[0].param_groups:
+                group["lr"] = float("inf")
+
+    monkeypatch.setattr(DDPM, "on_train_batch_start", huge_lr_from_step_3, raising=False)
+    with pytest.raises(NonFiniteWeightsError, match=r"^training stopped: net\.\S+ is non-finite after the optimizer step "
+                                                    r"at global step 3 \(the loss was finite; lr=inf\)"):
+        train(cfg)
+    assert last.read_bytes() == saved["last"]
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2
+    for key in ["state_dict", "current_model_state"]:
+        assert all(torch.isfinite(v).all() for v in ckpt[key].values() if v.is_floating_point())
+
+
+def test_a_second_ddpm_train_on_a_held_run_dir_is_refused_in_one_line_and_can_resume_afterwards(fake_mnist_root, tmp_path):
+    """Two `ddpm-train ... run_dir=X ckpt_path=last` at once: one run and one one-line refusal naming the holder
+    (pid, host, start time); the same command after the first has ended resumes its checkpoint."""
+    import json
+    import time
+
+    run = tmp_path / "run"
+
+    def args(epochs: int) -> list[str]:
+        return [*TINY_TRAIN, f"trainer.max_epochs={epochs}", f"data.root={fake_mnist_root}", f"run_dir={run}",
+                "ckpt_path=last"]
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "ddpm_lightning.train", *args(20)], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and first.poll() is None:
+            text = (run / ".ddpm-train.lock").read_text() if (run / ".ddpm-train.lock").is_file() else ""
+            if text.strip():
+                break
+            time.sleep(0.2)
+        holder = json.loads((run / ".ddpm-train.lock").read_text())
+        assert holder["pid"] == first.pid
+        with pytest.raises(ConfigError) as refused:  # the same command, in-process: it reaches the lock at once
+            train(compose_train(args(20)))
+        line = _one_line(refused.value)
+        assert line.startswith(f"run_dir='{run}' is invalid: another ddpm-train is writing it (pid {first.pid} on host ")
+        assert f"started {holder['started']}" in line and first.poll() is None
+    finally:
+        _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-2000:]
+    assert len({f.name.split(".")[-2] for f in run.glob("tensorboard/events.out.tfevents.*")}) == 1  # one writer
+    again = run_train_cli(args(21), cwd=tmp_path)  # the lock is free again: the requeue resumes
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 20
+
+
+def test_the_run_dir_lock_is_an_os_lock_released_by_a_crash(tmp_path):
+    from ddpm_lightning.runlock import RunDirLock
+
+    code = (f"import os; from ddpm_lightning.runlock import RunDirLock; RunDirLock({str(tmp_path)!r}).acquire(); "
+            "os._exit(1)")  # dies holding the lock, without any clean-up
+    assert subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)}).returncode == 1
+    assert (tmp_path / ".ddpm-train.lock").is_file()  # the file stays, the lock does not
+    with RunDirLock(tmp_path):
+        with pytest.raises(ConfigError, match=r"another ddpm-train is writing it \(pid \d+ on host"):
+            RunDirLock(tmp_path).acquire()
+    RunDirLock(tmp_path).acquire().release()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -103,6 +104,60 @@ def test_killed_run_resumes_with_the_same_command_and_matches_an_uninterrupted_r
             assert torch.equal(a[key][name], value), f"{key}: {name}"
 
 
+@pytest.mark.slow
+def test_a_run_killed_in_the_grid_or_in_the_final_evaluation_resumes_to_the_same_weights_and_metrics(fake_mnist_root,
+                                                                                                   tmp_path):
+    """SIGKILL during the epoch-end sampling (the grid of the last epoch, 4 samples with all 1000 DDPM steps) and,
+    in another run, during the end-of-run evaluation; the same command with ckpt_path=last then ends with the weights
+    and the complete metrics.json of a run that was never killed."""
+    import json
+    import signal
+    import threading
+    import time
+
+    common = [*[o for o in TINY_TRAIN if not o.startswith("callbacks.samples.sampler")], "trainer.max_epochs=2",
+              "callbacks.samples.sampler=null", f"data.root={fake_mnist_root}", "ckpt_path=last",
+              "evaluate={num_samples: 16, batch_size: 4, sampler: {steps: 250}}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def start(run: Path, hydra_dir: str) -> tuple[subprocess.Popen, list[str]]:
+        proc = subprocess.Popen([sys.executable, "-m", "ddpm_lightning.train", *common, f"run_dir={run}",
+                                 f"hydra.run.dir={tmp_path / hydra_dir}"], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines: list[str] = []
+        threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+        return proc, lines
+
+    def kill_when(proc: subprocess.Popen, lines: list[str], marker: str) -> None:
+        deadline = time.monotonic() + 300
+        while not any(marker in line for line in lines) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, "".join(lines)[-3000:]
+
+    straight = _cli([*common, f"run_dir={tmp_path / 'straight'}", f"hydra.run.dir={tmp_path / 'h0'}"], cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    reference = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    metrics = json.loads(next((tmp_path / "straight" / "evaluate").glob("step_*/metrics.json")).read_text())
+    for phase, marker in [("grid", "[samples] epoch 1: drawing"), ("evaluation", "evaluating ")]:
+        run = tmp_path / phase
+        proc, lines = start(run, f"h_{phase}")
+        kill_when(proc, lines, marker)
+        assert not list(run.glob("evaluate/step_*/metrics.json"))
+        again = _cli([*common, f"run_dir={run}", f"hydra.run.dir={tmp_path / ('h2_' + phase)}"], cwd=tmp_path)
+        assert again.returncode == 0, again.stderr[-3000:]
+        state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        assert state["global_step"] == reference["global_step"] == 4
+        for key in ["state_dict", "current_model_state"]:
+            for name, value in reference[key].items():
+                assert torch.equal(state[key][name], value), f"{phase} {key}: {name}"
+        resumed = json.loads(next((run / "evaluate").glob("step_*/metrics.json")).read_text())
+        assert resumed["n"] == 16 and resumed["fid"] == metrics["fid"], phase
+        assert resumed["class_histogram"] == metrics["class_histogram"]
+
+
 def test_slurm_launcher_config_composes_for_a_beta_sweep():
     """hydra/launcher=slurm (the [slurm] extra): one task per GPU, requeue on preemption, cluster keys left to the user."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
@@ -118,3 +173,87 @@ def test_slurm_launcher_config_composes_for_a_beta_sweep():
     assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 4, 4)
     assert launcher.max_num_timeout == 3 and launcher.account is None
     assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == -1
+
+
+def _sigterm_rank_zero(fake_mnist_root: Path, tmp_path: Path, phase: str) -> tuple[subprocess.Popen, list[str], float, list[int]]:
+    """Start a 2-process CPU DDP run, SIGTERM rank zero (the launching process) while it draws the epoch-end grid
+    (``phase="grid"``: 16 samples with all 1000 DDPM steps, minutes of CPU) or while it trains (after its first
+    checkpoint), and return the process, its output lines, the seconds until every rank had gone, and the ranks' pids."""
+    import threading
+    import time
+
+    run = tmp_path / "run"
+    args = ["trainer=ddp_sim", *[o for o in TINY_TRAIN if not o.startswith("callbacks.samples")], "trainer.max_epochs=50",
+            "callbacks.samples.num_samples=16", "callbacks.samples.trajectory_samples=2", f"data.root={fake_mnist_root}",
+            f"run_dir={run}", f"hydra.run.dir={tmp_path / 'hydra'}", "callbacks.samples.sampler=null",
+            *(["data.subset_size=16"] if phase == "grid" else ["data.subset_size=64", "callbacks.samples.every_n_epochs=0"])]
+    proc = subprocess.Popen([sys.executable, "-m", "ddpm_lightning.train", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+    deadline = time.monotonic() + 300
+    ready = (lambda: any("[samples] epoch 0: drawing 16 samples" in line for line in lines)) if phase == "grid" else \
+        (lambda: (run / "checkpoints" / "last.ckpt").is_file())
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None and ready(), "".join(lines)[-3000:]
+    time.sleep(3 if phase == "grid" else 1)
+    ranks = [proc.pid, *map(int, subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split())]
+    assert len(ranks) == 2, ranks
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+        except FileNotFoundError:
+            return False
+
+    while any(alive(pid) for pid in ranks) and time.monotonic() - start < 120:
+        time.sleep(0.1)
+    gone = time.monotonic() - start
+    proc.wait(timeout=30)
+    time.sleep(0.5)  # the reader thread drains the pipe
+    return proc, lines, gone, ranks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["grid", "train"])
+def test_sigterm_ends_every_ddp_rank_within_seconds_in_the_grid_and_in_training(fake_mnist_root, tmp_path, phase):
+    """Lightning 2.6's SIGTERM handler broadcasts from inside the handler: with rank zero drawing the grid alone and
+    rank one in the checkpoint barrier, both ranks hung forever. Now every rank draws a share of the grid, the handler
+    touches no collective, and both ranks end within seconds with one line and a non-zero exit."""
+    proc, lines, gone, ranks = _sigterm_rank_zero(fake_mnist_root, tmp_path, phase)
+    assert gone < 60, f"ranks {ranks} still alive {gone:.0f} s after SIGTERM"
+    assert proc.returncode == 143
+    errors = [line.strip() for line in lines if line.startswith("error:")]
+    assert len(errors) == 2 and all(e.startswith("error: stopped by SIGTERM; the newest complete checkpoint is kept")
+                                    for e in errors), "".join(lines)[-3000:]
+    assert not any("Traceback" in line for line in lines)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    if phase == "train":  # the hint resumes: the same command with the checkpoint it names
+        state = torch.load(last, map_location="cpu", weights_only=True)
+        assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+        assert f"(resume with ckpt_path={last})" in errors[0]
+        resumed = _cli(["trainer=ddp_sim", *TINY_TRAIN, "data.subset_size=64", f"trainer.max_epochs={state['epoch'] + 2}",
+                        f"data.root={fake_mnist_root}", f"run_dir={tmp_path / 'run'}", f"ckpt_path={last}",
+                        f"hydra.run.dir={tmp_path / 'hydra2'}"], cwd=tmp_path)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+
+def test_sample_across_ranks_is_the_single_process_sample_with_one_rank():
+    from types import SimpleNamespace
+
+    from ddpm_lightning.callbacks import sample_across_ranks
+    from ddpm_lightning.module import DDPM
+    from ddpm_lightning.networks import ADMUNetEps
+    from ddpm_lightning.samplers import DDIMSampler
+    from ddpm_lightning.schedule import NoiseSchedule
+
+    model = DDPM(net=ADMUNetEps(model_channels=32, channel_mult=(1,), num_blocks=1, attn_resolutions=()),
+                 schedule=NoiseSchedule(timesteps=20))
+    sampler = DDIMSampler(steps=4)
+    x0, frames = sample_across_ranks(SimpleNamespace(world_size=1, global_rank=0), model, 5, 11, sampler, 2)
+    out = model.sample(5, generator=torch.Generator().manual_seed(11), sampler=sampler, trajectory_every=2)
+    torch.testing.assert_close(x0, out.x0)
+    assert len(frames) == len(out.trajectory) and all(torch.equal(a, b) for a, (_, b) in zip(frames, out.trajectory))
