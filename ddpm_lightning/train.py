@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ddpm_lightning import signals
 from ddpm_lightning.callbacks import HParamsSession
 from ddpm_lightning.checkpoint import load_checkpoint, resume_mismatch
 from ddpm_lightning.config import CONFIG_DIR, FROM_CHECKPOINT, build, cli
@@ -28,7 +29,6 @@ from ddpm_lightning.data import MNISTDataError
 from ddpm_lightning.errors import ConfigError, NonFiniteError, first_line, flag, invalid, is_int, is_number
 from ddpm_lightning.hparams import final_metrics, run_hparams
 from ddpm_lightning.module import DDPM
-from ddpm_lightning import signals
 from ddpm_lightning.runlock import RunDirLock
 
 log = logging.getLogger(__name__)
