@@ -368,3 +368,19 @@ def test_lr_scheduler_without_a_step_budget_is_one_line_before_training(tiny_tra
         train(compose_train([*tiny_train_overrides, "lr_scheduler=onecycle", "trainer.max_steps=4",
                              "lr_scheduler.pct_start=2"]))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_preset_with_a_step_budget_off_the_validation_interval_still_saves_and_evaluates_its_final_state(
+        fake_mnist_root, tmp_path):
+    """experiment=mnist_cpu validates every 1,000 steps; stopped at step 2 (max_steps, or max_time on a slow machine)
+    it must still write last.ckpt at that step, which the end-of-run evaluation then scores. Before, last.ckpt was
+    written only at validation ends, and the evaluation failed with 'no such checkpoint file'."""
+    import json
+
+    result = train(compose_train(["experiment=mnist_cpu", "model=adm_tiny", f"data.root={fake_mnist_root}",
+                                  "data.val_size=8", "trainer.max_steps=2", "trainer.enable_progress_bar=false",
+                                  "sampler.steps=3", "callbacks.samples.num_samples=4", "evaluate.num_samples=8",
+                                  "evaluate.sampler.steps=3", f"run_dir={tmp_path / 'run'}"]))
+    assert torch.load(result["last_ckpt"], map_location="cpu", weights_only=True)["global_step"] == 2
+    metrics = json.loads((tmp_path / "run" / "evaluate" / "step_000002" / "metrics.json").read_text())
+    assert metrics["n"] == 8 and metrics["classifier_reference"] is True
