@@ -317,12 +317,21 @@ def _fit_and_evaluate(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
+def _peer_failed(err: BaseException) -> bool:
+    """True for the process group's error when another DDP rank has gone (gloo: "Connection closed by peer")."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    return isinstance(err, getattr(dist, "DistError", ())) or any(
+        text in str(err) for text in ("Connection closed by peer", "Connection reset by peer", "NCCL error"))
+
+
 @cli(CONFIG_DIR, exclude={"sampler": [TRAIN_EXCLUDED_SAMPLER]})
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Console entry point. Bad input: one line on stderr and exit status 2; a non-finite loss or non-finite weights
-    after a step: one line and exit status 3 (the newest checkpoint is the last good one). No traceback in either
-    case."""
+    after a step: one line and exit status 3 (the newest checkpoint is the last good one); SIGTERM: one line and exit
+    status 143; under DDP, a rank whose peer has ended: one line and exit status 1. No traceback in these cases."""
     try:
         result = train(cfg)
     except (ConfigError, MNISTDataError) as err:
@@ -331,6 +340,12 @@ def main(cfg: DictConfig) -> float | None:
     except NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(3)
+    except RuntimeError as err:
+        if not _peer_failed(err):
+            raise
+        print(f"error: this DDP rank stops because another rank ended ({first_line(err, 200)}); that rank's own "
+              "message says why", file=sys.stderr, flush=True)
+        sys.exit(1)
     except SIGTERMException:
         last = Path(str(cfg.run_dir)) / "checkpoints" / "last.ckpt"
         resume = f"resume with ckpt_path={last}" if last.is_file() else "no checkpoint was written yet"

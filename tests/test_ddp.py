@@ -257,3 +257,29 @@ def test_sample_across_ranks_is_the_single_process_sample_with_one_rank():
     out = model.sample(5, generator=torch.Generator().manual_seed(11), sampler=sampler, trajectory_every=2)
     torch.testing.assert_close(x0, out.x0)
     assert len(frames) == len(out.trajectory) and all(torch.equal(a, b) for a, (_, b) in zip(frames, out.trajectory))
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_ends_the_other_with_one_line_and_a_non_zero_exit(fake_mnist_root, tmp_path):
+    import threading
+    import time
+
+    run = tmp_path / "run"
+    args = ["trainer=ddp_sim", *TINY_TRAIN, "data.subset_size=64", "trainer.max_epochs=50", "callbacks.samples.every_n_epochs=0",
+            f"data.root={fake_mnist_root}", f"run_dir={run}", f"hydra.run.dir={tmp_path / 'hydra'}"]
+    proc = subprocess.Popen([sys.executable, "-m", "ddpm_lightning.train", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoints" / "last.ckpt").is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    child = int(subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()[0])
+    start = time.monotonic()
+    os.kill(child, signal.SIGKILL)  # rank 1 dies without a word
+    proc.wait(timeout=60)
+    assert time.monotonic() - start < 60 and proc.returncode == 1
+    time.sleep(0.5)
+    errors = [line.strip() for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: this DDP rank stops because another rank ended (")
+    assert not any(line.startswith("Traceback") for line in lines), "".join(lines)[-3000:]
