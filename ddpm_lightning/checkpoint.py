@@ -160,9 +160,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Each local save goes to a hidden temporary file in the same folder (``.<name>.tmp-<pid>``), is flushed and
     fsynced, and is then renamed over the target with ``os.replace`` (atomic on POSIX), so a kill during a save
     leaves the previous ``last.ckpt`` intact; a checkpoint whose weights (raw or EMA) hold a NaN or an infinity is
-    refused with :class:`~ddpm_lightning.errors.NonFiniteWeightsError` and nothing is written. Lightning's own save also uses a temporary file, but fsspec puts it
-    in the system temp folder: on another filesystem the final move is a copy into the target, which a kill can
-    cut short (and a 1 GB DiffUNet checkpoint may not fit in ``/tmp``). Remote URLs (``s3://`` ...) use
+    refused with :class:`~ddpm_lightning.errors.NonFiniteWeightsError` and nothing is written. Lightning's own save
+    also uses a temporary file, but fsspec puts it in the system temp folder: on another filesystem the final move
+    is a copy into the target, which a kill can cut short (and a 1 GB DiffUNet checkpoint may not fit in ``/tmp``). Remote URLs (``s3://`` ...) use
     Lightning's default path.
     """
 

@@ -133,7 +133,7 @@ def _validate(cfg: DictConfig, ckpt_must_exist: bool = True) -> dict[str, Any]:
     if clf_path.exists() and not clf_path.is_file():
         raise invalid("classifier_path", str(clf_path), "is a folder, not a classifier file")
     if not clf_path.is_file() and not opts["train_if_missing"]:
-        raise ConfigError(missing_classifier_message(clf_path).replace("<dir containing MNIST/raw>", str(root)))
+        raise ConfigError(missing_classifier_message(clf_path, root=str(root)))
     opts["classifier_path"] = clf_path
     return opts
 

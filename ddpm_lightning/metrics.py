@@ -275,12 +275,12 @@ def train_classifier(
     return {**meta, "path": out}
 
 
-def missing_classifier_message(path: Path) -> str:
-    """The one-line error for a ``classifier_path`` that does not exist; both hints work in every command."""
+def missing_classifier_message(path: Path, root: str = "<dir containing MNIST/raw>") -> str:
+    """The one-line error for a ``classifier_path`` that does not exist; both hints work in every command.
+    ``root``: the ``data.root`` to put in the suggested ``ddpm-train-classifier`` command, when the caller knows it."""
     return (
         f"classifier_path={str(path)!r} is invalid: no such file; train one there with ddpm-train-classifier "
-        f"data.root=<dir containing MNIST/raw> out={path}, or leave it unset (null) for the packaged reference "
-        "classifier"
+        f"data.root={root} out={path}, or leave it unset (null) for the packaged reference classifier"
     )
 
 

@@ -159,10 +159,10 @@ def _read_json(job: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def read_metrics_json(job: Path) -> dict[str, float]:
+def read_metrics_json(job: Path, data: dict[str, Any] | None = None) -> dict[str, float]:
     """The numeric top-level values of the job's metrics file (:func:`metrics_json_path`; ``{}`` when absent or not a
-    JSON object)."""
-    data = _read_json(job)
+    JSON object); ``data``: that file's content when the caller has already read it."""
+    data = _read_json(job) if data is None else data
     return {k: float(v) for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
@@ -185,7 +185,8 @@ def read_job(job: Path) -> dict[str, Any]:
         status = "non-finite val/loss"
     else:
         status = "ok"
-    metrics = read_metrics_json(job)
+    metrics_file = _read_json(job)
+    metrics = read_metrics_json(job, metrics_file)
     if "fid" not in metrics and "val/fid" in found:
         metrics["fid"] = found["val/fid"][1]
     return {
@@ -196,7 +197,7 @@ def read_job(job: Path) -> dict[str, Any]:
         "epoch": progress.get("epoch"),
         "scalars": {tag: value for tag, (_, value) in found.items()},
         "metrics": metrics,
-        "classifier": _read_json(job).get("classifier_sha256"),
+        "classifier": metrics_file.get("classifier_sha256"),
     }
 
 
