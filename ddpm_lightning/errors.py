@@ -6,17 +6,40 @@ from pathlib import Path
 from typing import Any
 
 
+_UNSET = object()
+
+
 class ConfigError(ValueError):
     """A bad configuration value, raised before any work starts.
 
-    The message is one line, e.g. ``schedule.beta_end=1.5 is invalid: must be in (0, 1)``; entry points print
-    it without a traceback and exit with status 2.
+    The message is one line, e.g. ``beta_end=1.5 is invalid: must be in (0, 1)``. A component names its own
+    parameter (``key``); :func:`ddpm_lightning.config.build` and :func:`ddpm_lightning.config.at_key` prefix the key
+    path of its config node (``schedule.beta_end=1.5 is invalid: ...``), and the one command wrapper
+    (:func:`ddpm_lightning.config.run_command`) prints it without a traceback and exits with status 2.
+
+    Attributes:
+        key: the parameter the message starts with (``"beta_end"``), or None for a message about no single key.
     """
+
+    def __init__(self, message: str, key: str | None = None, value: object = _UNSET, allowed: str | None = None):
+        super().__init__(message)
+        self.key, self.value, self.allowed = key, value, allowed
+
+    def at(self, prefix: str | None) -> "ConfigError":
+        """The same error under the config node ``prefix``: ``eta=-1 ...`` -> ``callbacks.fid.sampler.eta=-1 ...``.
+        A message about no single key gets ``<prefix>: `` in front. ``prefix`` None or empty: unchanged."""
+        if not prefix:
+            return self
+        if self.key is not None and self.value is not _UNSET:
+            return invalid(f"{prefix}.{self.key}", self.value, self.allowed or "")
+        if self.key is not None and str(self).startswith(self.key):
+            return ConfigError(f"{prefix}.{self}", key=f"{prefix}.{self.key}")
+        return ConfigError(f"{prefix}: {self}")
 
 
 def invalid(key: str, value: object, allowed: str) -> ConfigError:
-    """Build the standard message ``<key>=<value> is invalid: <allowed>``."""
-    return ConfigError(f"{key}={value!r} is invalid: {allowed}")
+    """Build the standard message ``<key>=<value> is invalid: <allowed>`` (the value as its ``repr``)."""
+    return ConfigError(f"{key}={value!r} is invalid: {allowed}", key=key, value=value, allowed=allowed)
 
 
 class NonFiniteError(RuntimeError):
