@@ -13,10 +13,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from ddpm_lightning.errors import ConfigError, invalid, is_int, is_number
+from ddpm_lightning.errors import invalid, is_int, is_number
+from ddpm_lightning.classifier import load_classifier, missing_classifier_error
 from ddpm_lightning.hparams import HP_METRICS, log_final_metrics, write_session_start
 from ddpm_lightning.images import save_png, sample_grid, trajectory_grid
-from ddpm_lightning.samplers import _Sampler
+from ddpm_lightning.mnist import load_mnist_split
+from ddpm_lightning.samplers import Sampler
+from ddpm_lightning.sampling import draw_samples
 
 
 def ema_decay(decay: float, num_averaged: int, warmup: bool = True) -> float:
@@ -43,14 +46,14 @@ class EMA(WeightAveraging):
         update_every_n_steps: update interval in optimizer steps (>= 1).
 
     Raises:
-        ConfigError: ``callbacks.ema.*`` out of range.
+        ConfigError: ``decay`` or ``update_every_n_steps`` out of range (``build`` adds ``callbacks.ema.``).
     """
 
     def __init__(self, decay: float = 0.9999, warmup: bool = True, update_every_n_steps: int = 1) -> None:
         if not is_number(decay) or not 0.0 <= decay < 1.0:
-            raise invalid("callbacks.ema.decay", decay, "must be a number in [0, 1)")
+            raise invalid("decay", decay, "must be a number in [0, 1)")
         if not is_int(update_every_n_steps) or update_every_n_steps < 1:
-            raise invalid("callbacks.ema.update_every_n_steps", update_every_n_steps, "must be an integer >= 1")
+            raise invalid("update_every_n_steps", update_every_n_steps, "must be an integer >= 1")
         self.decay = float(decay)
         self.warmup = bool(warmup)
         self.update_every_n_steps = update_every_n_steps
@@ -87,34 +90,36 @@ def sample_across_ranks(
     module: L.LightningModule,
     num_samples: int,
     seed: int,
-    sampler: _Sampler | None,
-    trajectory_every: int | None = None,
+    sampler: Sampler | None,
+    trajectory_frames: int | None = None,
+    trajectory_rows: int = 0,
 ) -> tuple[Tensor, list[Tensor]]:
     """Draw ``num_samples`` images with every DDP rank drawing a share, so that no rank waits alone in a collective
     while another computes (and a SIGTERM reaches every rank while it runs Python code, see
     :mod:`ddpm_lightning.signals`).
 
-    Each of the W ranks draws ``ceil(num_samples / W)`` samples from a generator seeded with ``seed + 7919 * rank``;
-    one ``all_gather`` collects them on every rank. With one process this is exactly
-    ``module.sample(num_samples, generator=seeded(seed), ...)``. Every rank must call it (it is a collective under DDP).
+    Each of the W ranks draws ``ceil(num_samples / W)`` samples in one batch with
+    :func:`~ddpm_lightning.sampling.draw_samples` (the one sampling loop), seeded with ``seed + 7919 * rank``; one
+    ``all_gather`` collects them on every rank. With one process this is exactly
+    ``draw_samples(module, num_samples, batch_size=num_samples, seed=seed)``. Every rank must call it (it is a
+    collective under DDP).
 
     Returns:
         ``(x0, frames)``: x0 ``(num_samples, C, H, W)`` in [-1, 1] on the CPU, in rank order; ``frames`` the trajectory
-        (a list of ``(num_samples, C, H, W)``, empty without ``trajectory_every``).
+        of the first ``trajectory_rows`` samples of each rank (a list of ``(W * rows, C, H, W)``, empty without
+        ``trajectory_frames``).
     """
     world, rank = trainer.world_size, trainer.global_rank
     share = -(-num_samples // world)
-    generator = torch.Generator(device=module.device).manual_seed(seed + 7919 * rank)
-    out = module.sample(share, generator=generator, sampler=sampler, trajectory_every=trajectory_every)
-    frames = torch.stack([x for _, x in out.trajectory]) if out.trajectory else None  # (F, share, C, H, W)
+    drawn = draw_samples(module, share, sampler=sampler, batch_size=share, seed=seed + 7919 * rank,
+                         trajectory_frames=trajectory_frames, trajectory_rows=trajectory_rows)
+    x0 = drawn.x0.to(module.device)
+    frames = torch.stack(drawn.frames).to(module.device) if drawn.frames else None  # (F, rows, C, H, W)
     if world > 1:
-        x0 = trainer.strategy.all_gather(out.x0).flatten(0, 1)  # (W, share, ...) -> (W * share, ...)
+        x0 = trainer.strategy.all_gather(x0).flatten(0, 1)  # (W, share, ...) -> (W * share, ...)
         if frames is not None:
-            frames = trainer.strategy.all_gather(frames).transpose(0, 1).flatten(1, 2)  # (F, W * share, ...)
-    else:
-        x0 = out.x0
-    x0 = x0[:num_samples].cpu()
-    return x0, ([f[:num_samples].cpu() for f in frames] if frames is not None else [])
+            frames = trainer.strategy.all_gather(frames).transpose(0, 1).flatten(1, 2)  # (F, W * rows, ...)
+    return x0[:num_samples].cpu(), ([f.cpu() for f in frames] if frames is not None else [])
 
 
 class SampleCallback(L.Callback):
@@ -144,7 +149,7 @@ class SampleCallback(L.Callback):
         trajectory_samples: int = 8,
         trajectory_frames: int = 10,
         seed: int = 1234,
-        sampler: _Sampler | None = None,
+        sampler: Sampler | None = None,
     ) -> None:
         for key, value, low in [
             ("every_n_epochs", every_n_epochs, 0),
@@ -153,7 +158,7 @@ class SampleCallback(L.Callback):
             ("trajectory_frames", trajectory_frames, 2),
         ]:
             if not is_int(value) or value < low:
-                raise invalid(f"callbacks.samples.{key}", value, f"must be an integer >= {low}")
+                raise invalid(key, value, f"must be an integer >= {low}")
         self.dirpath = Path(dirpath)
         self.every_n_epochs = every_n_epochs
         self.num_samples = num_samples
@@ -177,12 +182,12 @@ class SampleCallback(L.Callback):
 
     def _draw(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
         sampler = self.sampler or pl_module.sampler
-        steps = len(sampler.timesteps(pl_module.schedule.num_timesteps))
-        every = max(1, steps // (self.trajectory_frames - 1)) if self.trajectory_samples else None
         module = ema_module(trainer) or pl_module
         rank_zero_info(f"[samples] epoch {epoch}: drawing {self.num_samples} samples with {sampler!r}"
                        + (f" on {trainer.world_size} ranks" if trainer.world_size > 1 else ""))
-        x0, frames = sample_across_ranks(trainer, module, self.num_samples, self.seed, sampler, every)
+        x0, frames = sample_across_ranks(trainer, module, self.num_samples, self.seed, sampler,
+                                         self.trajectory_frames if self.trajectory_samples else None,
+                                         self.trajectory_samples)
         self._drawn_epoch = epoch
         if not trainer.is_global_zero:
             return
@@ -229,17 +234,15 @@ class FIDCallback(L.Callback):
         self,
         every_n_epochs: int = 0,
         num_samples: int = 256,
-        sampler: _Sampler | None = None,
+        sampler: Sampler | None = None,
         classifier_path: str | None = None,
         seed: int = 4321,
     ) -> None:
         for key, value, low in [("every_n_epochs", every_n_epochs, 0), ("num_samples", num_samples, 2)]:
             if not is_int(value) or value < low:
-                raise invalid(f"callbacks.fid.{key}", value, f"must be an integer >= {low}")
+                raise invalid(key, value, f"must be an integer >= {low}")
         if every_n_epochs and classifier_path is not None and not Path(classifier_path).expanduser().is_file():
-            from ddpm_lightning.metrics import missing_classifier_message
-
-            raise ConfigError("callbacks.fid." + missing_classifier_message(Path(classifier_path).expanduser()))
+            raise missing_classifier_error(Path(classifier_path).expanduser())
         self.every_n_epochs = every_n_epochs
         self.num_samples = num_samples
         self.sampler = sampler
@@ -251,8 +254,7 @@ class FIDCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or not self.every_n_epochs or self._classifier is not None:
             return
-        from ddpm_lightning.data import load_mnist_split
-        from ddpm_lightning.metrics import classifier_outputs, gaussian_stats, load_classifier
+        from ddpm_lightning.metrics import classifier_outputs, gaussian_stats
 
         self._classifier, _ = load_classifier(self.classifier_path)
         test_images, _ = load_mnist_split(trainer.datamodule.root, train=False)

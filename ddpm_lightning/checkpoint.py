@@ -24,6 +24,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ddpm_lightning.config import build
 from ddpm_lightning.errors import ConfigError, NonFiniteWeightsError, first_line, invalid
+from ddpm_lightning.hparams import flatten
 from ddpm_lightning.module import DDPM, first_non_finite
 
 log = logging.getLogger(__name__)
@@ -63,16 +64,6 @@ def load_checkpoint(path: str | os.PathLike[str], mmap: bool = False) -> dict[st
     return ckpt
 
 
-def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a.b": value}`` for every leaf of nested mappings (lists are leaves)."""
-    if not isinstance(node, Mapping):
-        return {prefix: node}
-    out: dict[str, Any] = {}
-    for k, v in node.items():
-        out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
 def resume_mismatch(stored: Mapping[str, Any], config: Mapping[str, Any], groups: tuple[str, ...] = ("model", "schedule")) -> str | None:
     """Say how the network or schedule of a checkpoint's stored config differs from the config of a resumed run.
 
@@ -86,7 +77,7 @@ def resume_mismatch(stored: Mapping[str, Any], config: Mapping[str, Any], groups
     """
     diffs = []
     for group in groups:
-        old, new = _leaves(stored.get(group, {}), group), _leaves(config.get(group, {}), group)
+        old, new = flatten(stored.get(group, {}), group), flatten(config.get(group, {}), group)
         for key in sorted(set(old) | set(new)):
             if old.get(key, "<unset>") != new.get(key, "<unset>"):
                 diffs.append(f"{key}={old.get(key, '<unset>')!r} in the checkpoint, {new.get(key, '<unset>')!r} in the config")

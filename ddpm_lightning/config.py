@@ -1,19 +1,32 @@
-"""Building parts from Hydra config nodes, with the project's one-line errors surfaced."""
+"""The configuration boundary: building parts from Hydra nodes, the commands' option schemas, and the one wrapper
+that turns a project error into one line on stderr and an exit status.
+
+* :func:`build` instantiates a config node and gives any error of a component its key path: a component names
+  its own parameter (``eta=-1 is invalid: ...``) and ``build(node, "callbacks.fid")`` reports
+  ``callbacks.fid.sampler.eta=-1 is invalid: ...``. :func:`at_key` does the same for any other call.
+* :class:`SampleConfig`, :class:`EvaluateOptions` and :class:`EvaluateConfig` are the typed schemas of
+  ``ddpm-sample``, ``ddpm-evaluate`` and the ``evaluate:`` node of ``ddpm-train`` (registered in Hydra's
+  ConfigStore; the yaml files in ``conf/`` set their values). A value of the wrong type is one line.
+* :func:`command` makes a Hydra entry point: it checks the command line first (an unknown group option, an unknown
+  key with the nearest valid one, a value of the wrong type: one line and exit status 2) and runs the command
+  under :func:`run_command`.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import functools
+import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-from ddpm_lightning.data import MNISTDataError
-from ddpm_lightning.errors import ConfigError, first_line, invalid
+from ddpm_lightning.errors import ConfigError, ProjectError, first_line, invalid
 
 
 def _config_dir() -> Path:
@@ -29,24 +42,250 @@ def _config_dir() -> Path:
 CONFIG_DIR = str(_config_dir())
 
 
-def build(node: Any, key: str | None = None, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate(node, **kwargs)`` with one-line errors.
-
-    A :class:`ConfigError` or :class:`MNISTDataError` raised by the target is re-raised as itself (it already names
-    the key). Any other failure to build the node (a typo'd argument, a value the library refuses, e.g.
-    ``trainer.precision=bf17``) becomes a :class:`ConfigError` naming ``key`` and the first line of the library's
-    message when ``key`` is given; without ``key`` Hydra's exception propagates unchanged.
-    """
+# --------------------------------------------------------------------------------------------------- building
+@contextlib.contextmanager
+def at_key(key: str | None) -> Iterator[None]:
+    """Inside the block, a :class:`ConfigError` gets the key path ``key`` in front (``ConfigError.at``)."""
     try:
-        return instantiate(node, **kwargs)
+        yield
+    except ConfigError as err:
+        raise err.at(key) from None
+
+
+def _is_node(value: Any) -> bool:
+    return isinstance(value, Mapping) and "_target_" in value
+
+
+def build(node: Any, key: str | None = None, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate(node, **kwargs)``, with the key path in every error.
+
+    Nested nodes with a ``_target_`` (``callbacks.fid.sampler``) are built first, each under its own key path, and
+    passed to their parent as objects. A :class:`ConfigError` raised by a component is re-keyed under ``key``
+    (``eta=-1 ...`` -> ``sampler.eta=-1 ...``); a data error passes unchanged; any other failure to build (a typo'd
+    argument, a value the library refuses, e.g. ``trainer.precision=bf17``) becomes
+    ``<key> is invalid: cannot build <target>: <first line of the library's message>``.
+
+    Args:
+        node: a DictConfig or mapping with ``_target_`` (None builds None).
+        key: the node's key path in the composed config (``"schedule"``, ``"callbacks.fid"``), or None for a node
+            that has none (its errors are then unprefixed).
+        kwargs: extra arguments for the target (objects are passed as they are).
+    """
+    if node is None:
+        return None
+    if isinstance(node, (DictConfig, ListConfig)):
+        node = OmegaConf.to_container(node, resolve=True)
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    children = {
+        name: build(value, f"{key}.{name}" if key else str(name)) for name, value in node.items() if _is_node(value)
+    }
+    rest = {name: value for name, value in node.items() if name not in children}
+    try:
+        return instantiate(rest, **children, **kwargs)
     except InstantiationException as err:
         cause = err.__cause__
-        if isinstance(cause, (ConfigError, MNISTDataError)):
+        if isinstance(cause, ConfigError):
+            raise cause.at(key) from None
+        if isinstance(cause, ProjectError):
             raise cause from None
         if key is None:
             raise
-        target = node.get("_target_", "?") if hasattr(node, "get") else "?"
-        raise ConfigError(f"{key} is invalid: cannot build {target}: {first_line(cause or err)}") from None
+        raise ConfigError(f"{key} is invalid: cannot build {node.get('_target_', '?')}: {first_line(cause or err)}") from None
+
+
+# --------------------------------------------------------------------------------------------------- schemas
+@dataclass
+class SampleConfig:
+    """``ddpm-sample``'s options: their types (this schema) and their values and meaning (``conf/sample.yaml``)."""
+
+    ckpt_path: str = MISSING
+    num_samples: int = MISSING
+    batch_size: int = MISSING
+    seed: int = MISSING
+    device: str = MISSING
+    use_ema: bool = MISSING
+    trajectory: bool = MISSING
+    trajectory_frames: int = MISSING
+    class_label: Optional[int] = MISSING
+    guidance_scale: float = MISSING
+    sampler: Any = MISSING
+    out_dir: Any = MISSING
+    overwrite: bool = MISSING
+    task_name: str = MISSING
+
+
+@dataclass
+class EvaluationData:
+    """``data.root``: the directory containing ``MNIST/raw`` (the real test and training images)."""
+
+    root: str = MISSING
+
+
+@dataclass
+class EvaluateOptions:
+    """The keys of ``ddpm-train``'s ``evaluate:`` node (an end-of-run ``ddpm-evaluate`` of ``last.ckpt``): their
+    types; their values and meaning are in ``conf/evaluate.yaml``."""
+
+    num_samples: int = MISSING
+    batch_size: int = MISSING
+    seed: int = MISSING
+    device: str = MISSING
+    use_ema: bool = MISSING
+    guidance_scale: float = MISSING
+    n: Optional[int] = MISSING
+    classifier_path: Optional[str] = MISSING
+    train_classifier_if_missing: bool = MISSING
+    classifier_epochs: int = MISSING
+    inception_fid: bool = MISSING
+    sampler: Any = MISSING
+    overwrite: bool = MISSING
+
+
+@dataclass
+class EvaluateConfig(EvaluateOptions):
+    """``ddpm-evaluate``'s options: :class:`EvaluateOptions` plus what to evaluate and where to write."""
+
+    samples: Optional[str] = MISSING
+    ckpt_path: Optional[str] = MISSING
+    data: EvaluationData = field(default_factory=EvaluationData)
+    out_dir: Any = MISSING
+    task_name: str = MISSING
+
+
+def _register_schemas() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="sample_schema", node=SampleConfig)
+    store.store(name="evaluate_schema", node=EvaluateConfig)
+
+
+#: Marker key of ``conf/sampler/checkpoint.yaml``: "use the sampler stored in the checkpoint".
+FROM_CHECKPOINT = "from_checkpoint"
+
+
+def options(cfg: Any, schema: type, command: str) -> Any:
+    """The composed ``cfg`` as an instance of the dataclass ``schema`` (types checked by OmegaConf), with
+    ``out_dir`` resolved to a :class:`~pathlib.Path`.
+
+    Raises:
+        ConfigError: a key the schema lacks (naming the nearest valid key), a value of the wrong type, or an
+            ``out_dir`` that cannot be resolved (``${hydra:...}`` outside a Hydra run: pass ``out_dir=<folder>``).
+    """
+    node = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False)) if not isinstance(cfg, DictConfig) else cfg.copy()
+    with one_line_omegaconf(node, ""):
+        node = OmegaConf.merge(OmegaConf.structured(schema), node)
+    if "out_dir" in node:
+        node.out_dir = str(out_dir_path(node, command))
+    with one_line_omegaconf(node, ""):
+        opts = OmegaConf.to_object(node)
+    if hasattr(opts, "out_dir") and opts.out_dir is not None:
+        opts.out_dir = Path(opts.out_dir)
+    return opts
+
+
+def out_dir_path(cfg: Any, command: str) -> Path:
+    """``cfg.out_dir`` as a path; a clear error when it is unset (``${hydra:...}`` outside a Hydra run) or empty."""
+    try:
+        value = cfg.get("out_dir")
+    except Exception:  # ${hydra:runtime.output_dir} outside a Hydra run
+        raise ConfigError(f"out_dir is not set: pass out_dir=<folder> when not running through {command}") from None
+    if value is None or str(value) == "":
+        raise invalid("out_dir", value, "must be a folder path")
+    return Path(str(value)).expanduser()
+
+
+_TYPE_WORDS = {"Integer": "must be an integer", "Float": "must be a number", "bool": "must be true or false",
+               "str": "must be a string"}
+
+
+@contextlib.contextmanager
+def one_line_omegaconf(node: Any, prefix: str, given: Mapping[str, Any] | None = None) -> Iterator[None]:
+    """OmegaConf's multi-line key and type errors as one-line :class:`ConfigError` s under ``prefix``; ``given``:
+    the values set on the command line (quoted instead of the node's)."""
+    from omegaconf.errors import ConfigKeyError, ValidationError
+
+    try:
+        yield
+    except (ConfigKeyError, ValidationError) as err:
+        key = f"{prefix}{err.full_key}" if getattr(err, "full_key", None) else prefix.rstrip(".") or "?"
+        text = str(err).splitlines()[0]
+        if isinstance(err, ConfigKeyError) and "not in" in text:
+            leaf = str(err.key) if getattr(err, "key", None) is not None else key.rsplit(".", 1)[-1]
+            parent = key[: -len(leaf)].rstrip(".") if key.endswith(leaf) else ""
+            raise unknown_key_error(key, (given or {}).get(key, _select(node, key)), _paths(node), parent) from None
+        words = next((w for name, w in _TYPE_WORDS.items() if f"to {name}" in text or f"valid {name}" in text), text)
+        value = (given or {}).get(key, getattr(err, "value", None) if getattr(err, "value", None) is not None else _select(node, key))
+        raise invalid(key, value, words) from None
+
+
+def _select(node: Any, key: str) -> Any:
+    try:
+        return OmegaConf.select(node, key, throw_on_missing=False)
+    except Exception:  # noqa: BLE001 - only used to quote the bad value
+        return None
+
+
+# --------------------------------------------------------------------------------------------- the command line
+def _paths(node: Any, prefix: str = "") -> list[str]:
+    """Every dotted key path of a composed config (nodes and leaves)."""
+    out: list[str] = []
+    if isinstance(node, (DictConfig, Mapping)):
+        items = node.items_ex(resolve=False) if isinstance(node, DictConfig) else node.items()
+        for k, v in items:
+            path = f"{prefix}.{k}" if prefix else str(k)
+            out.append(path)
+            out.extend(_paths(v, path))
+    return out
+
+
+def unknown_key_error(key: str, value: Any, known: Iterable[str], parent: str = "") -> ConfigError:
+    """``<key>=<value> is invalid: no such key; did you mean <nearest>?`` (one line), the nearest valid key chosen
+    among ``known`` by its last part first (``label_dropout`` -> ``diffusion.label_dropout``), then by spelling."""
+    known = sorted(set(known))
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
+    siblings = [k for k in known if (k.rsplit(".", 1)[0] if "." in k else "") == parent]
+    nearest = same_leaf[:1] or difflib.get_close_matches(key, siblings or known, n=1, cutoff=0.5) or difflib.get_close_matches(
+        key, known, n=1, cutoff=0.5)
+    if nearest:
+        return invalid(key, value, f"no such key; did you mean {nearest[0]}={_text(value)}?")
+    names = ", ".join(k.rsplit(".", 1)[-1] for k in siblings[:12]) or "none"
+    return invalid(key, value, f"no such key; the keys{f' of {parent}' if parent else ''} are: {names}")
+
+
+def _text(value: Any) -> str:
+    """A value as it is typed on the command line (``true``, ``null``, ``0.5``, ``abc``)."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _group_options(config_dir: Path, group: str, exclude: Mapping[str, Iterable[str]] | None) -> list[str]:
+    skip = set((exclude or {}).get(group, ()))
+    return sorted(p.stem for p in (config_dir / group).glob("*.yaml") if p.stem not in skip)
+
+
+def _overrides(argv: list[str]) -> list[tuple[str, str, str]]:
+    """``(prefix, key, value)`` of each ``key=value`` word (``prefix`` is ``+``, ``++``, ``~`` or empty)."""
+    out = []
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        prefix = re.match(r"^[+~]*", key).group(0)
+        out.append((prefix, key[len(prefix):], value))
+    return out
+
+
+def _is_sweep(value: str) -> bool:
+    depth = 0
+    for ch in value:
+        depth += ch in "[{(" 
+        depth -= ch in "]})"
+        if ch == "," and depth == 0:
+            return True
+    return bool(re.match(r"^\s*(choice|range|interval|glob|tag)\(", value))
 
 
 def check_group_choices(
@@ -61,44 +300,115 @@ def check_group_choices(
     Raises:
         ConfigError: the first unknown option.
     """
-    for arg in overrides:
-        if arg.startswith("-") or "=" not in arg:
-            continue
-        key, value = arg.split("=", 1)
-        key = key.lstrip("+~")
+    for _, key, value in _overrides(overrides):
         group = Path(config_dir) / key
         if key.startswith("hydra") or "." in key or not group.is_dir() or "(" in value:
             continue
-        options = sorted(p.stem for p in group.glob("*.yaml") if p.stem not in set((exclude or {}).get(key, ())))
+        options_ = _group_options(Path(config_dir), key, exclude)
         for choice in value.split(","):
-            if choice.strip() not in options and choice.strip() != "null":
-                raise invalid(key, choice.strip(), f"must be one of {options}")
+            if choice.strip() not in options_ and choice.strip() != "null":
+                raise invalid(key, choice.strip(), f"must be one of {options_}")
 
 
-def cli(
-    config_dir: str | Path, exclude: Mapping[str, Iterable[str]] | None = None
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorate a ``@hydra.main`` entry point: check the ``group=option`` overrides in ``sys.argv`` first (one line
-    on stderr and exit status 2 for an unknown option, see :func:`check_group_choices`), then hand over to Hydra."""
+def _compose(config_name: str, overrides: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
-    def wrap(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(hydra_main)
-        def entry(*args: Any, **kwargs: Any) -> Any:
-            if not args and not kwargs:
+    if GlobalHydra.instance().is_initialized():  # inside a running Hydra app (same config folder)
+        return compose(config_name=config_name, overrides=overrides)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides)
+
+
+def compose_config(config_name: str, overrides: list[str] = (), exclude: Mapping[str, Iterable[str]] | None = None) -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` with command-line ``overrides`` as the command does, with one-line
+    errors: an unknown group option, an unknown key (naming the nearest valid key, e.g. ``num_sample=5 is invalid:
+    no such key; did you mean num_samples=5?``) or a value of the wrong type for a schema (``num_samples=1.5 is
+    invalid: must be an integer``). Sweep values (``a,b``, ``choice(...)``) are checked by key only; the first item
+    of a group sweep picks the group option for the key check.
+
+    Raises:
+        ConfigError: the first bad override.
+    """
+    from hydra.errors import HydraException
+
+    overrides = list(overrides)
+    check_group_choices(overrides, CONFIG_DIR, exclude)
+    parsed = _overrides(overrides)
+    groups = [f"{p}{k}={v.split(',')[0] if _is_sweep(v) else v}" for p, k, v in parsed
+              if (Path(CONFIG_DIR) / k).is_dir() and "(" not in v and not k.startswith("hydra")]
+    base = _compose(config_name, groups)
+    known = _paths(base)
+    for prefix, key, value in parsed:
+        if prefix or key.startswith("hydra") or (Path(CONFIG_DIR) / key).is_dir() or key in known:
+            continue
+        parent, node = key.rsplit(".", 1)[0] if "." in key else "", base
+        if parent and parent in known and not isinstance(OmegaConf.select(base, parent, throw_on_missing=False), DictConfig):
+            continue  # below a null or list node: Hydra decides
+        raise unknown_key_error(key, _typed(value), known, parent)
+    plain = [f"{p}{k}={v}" for p, k, v in parsed if not _is_sweep(v)]
+    try:
+        return _compose(config_name, plain)
+    except HydraException as err:
+        cause = err.__cause__ if err.__cause__ is not None else err
+        given = {k: _typed(v) for _, k, v in parsed}
+        with one_line_omegaconf(base, "", given):
+            raise cause from None
+        raise
+
+
+def _typed(text: str) -> Any:
+    """A command-line value as Hydra reads it (``1.5`` -> 1.5, ``maybe`` -> 'maybe'), for quoting it in a message."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def run_command(fn: Callable[[Any], Any], cfg: Any) -> Any:
+    """Run a command's body; a project error (:class:`~ddpm_lightning.errors.ProjectError`: bad config or data,
+    non-finite training, SIGTERM, a lost DDP peer) becomes ``error: <one line>`` on stderr and its exit status."""
+    try:
+        return fn(cfg)
+    except ProjectError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(err.exit_status)
+
+
+def command(config_name: str, exclude: Mapping[str, Iterable[str]] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Make ``fn(cfg)`` a Hydra console entry point on ``conf/<config_name>.yaml``.
+
+    The command line is checked first with :func:`compose_config` (one line on stderr and exit status 2 for a bad
+    group option, key or type); then Hydra runs ``fn`` under :func:`run_command`. ``exclude``: group options this
+    command refuses (``{"sampler": ["checkpoint"]}`` for ``ddpm-train``).
+    """
+    import hydra
+
+    def wrap(fn: Callable[[Any], Any]) -> Callable[..., Any]:
+        @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)
+        @functools.wraps(fn)
+        def hydra_entry(cfg: DictConfig) -> Any:
+            return run_command(fn, cfg)
+
+        @functools.wraps(fn)
+        def entry() -> Any:
+            args = sys.argv[1:]
+            if not any(a in ("-h", "--help", "--hydra-help", "--info", "-i") or a.startswith("--cfg") for a in args):
                 try:
-                    check_group_choices(sys.argv[1:], config_dir, exclude)
+                    compose_config(config_name, args, exclude)
                 except ConfigError as err:
                     print(f"error: {err}", file=sys.stderr, flush=True)
                     sys.exit(2)
-            return hydra_main(*args, **kwargs)
+            return hydra_entry()
 
         return entry
 
     return wrap
 
 
-#: Marker key of ``conf/sampler/checkpoint.yaml``: "use the sampler stored in the checkpoint".
-FROM_CHECKPOINT = "from_checkpoint"
+# ------------------------------------------------------------------------------------------------ sampler nodes
 #: The sampler of checkpoints that stored none (the DDPM module's own default: ancestral sampling, all T steps).
 DEFAULT_SAMPLER_NODE = {
     "_target_": "ddpm_lightning.samplers.DDPMSampler", "variance": "fixed_small", "clip_denoised": True, "steps": None
@@ -120,8 +430,8 @@ def sampler_node(requested: Any, stored: Any) -> tuple[dict[str, Any], str]:
         "the checkpoint's sampler, with steps=20")``.
 
     Raises:
-        ConfigError: a key set for the checkpoint's sampler that this sampler does not have (``sampler.eta`` for a
-            stored DDPMSampler), naming the key and how to choose another sampler.
+        ConfigError: a key set for the checkpoint's sampler that this sampler does not have (``eta`` for a
+            stored DDPMSampler), naming the key and how to choose another sampler (the caller adds ``sampler.``).
     """
     if requested is not None and not isinstance(requested, Mapping):
         requested = OmegaConf.to_container(requested, resolve=True)
@@ -133,10 +443,13 @@ def sampler_node(requested: Any, stored: Any) -> tuple[dict[str, Any], str]:
     for key, value in changes.items():
         if key not in base:
             raise invalid(
-                f"sampler.{key}", value, f"the checkpoint's sampler {target} has no such option; "
+                key, value, f"the checkpoint's sampler {target} has no such option; "
                 "choose another sampler with sampler=ddim or sampler=ddpm"
             )
     changed = {k: v for k, v in changes.items() if base[k] != v}
     base.update(changes)
     source = "the checkpoint's sampler" + (f", with {', '.join(f'{k}={v}' for k, v in changed.items())}" if changed else "")
     return base, source
+
+
+_register_schemas()

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 
 _UNSET = object()
 
 
-class ConfigError(ValueError):
+class ProjectError(Exception):
+    """An error the user can act on: the commands print its one-line message (no traceback) and exit with
+    :attr:`exit_status` (see :func:`ddpm_lightning.config.run_command`)."""
+
+    exit_status = 1
+
+
+class ConfigError(ProjectError, ValueError):
     """A bad configuration value, raised before any work starts.
 
     The message is one line, e.g. ``beta_end=1.5 is invalid: must be in (0, 1)``. A component names its own
@@ -20,6 +24,8 @@ class ConfigError(ValueError):
     Attributes:
         key: the parameter the message starts with (``"beta_end"``), or None for a message about no single key.
     """
+
+    exit_status = 2
 
     def __init__(self, message: str, key: str | None = None, value: object = _UNSET, allowed: str | None = None):
         super().__init__(message)
@@ -42,9 +48,30 @@ def invalid(key: str, value: object, allowed: str) -> ConfigError:
     return ConfigError(f"{key}={value!r} is invalid: {allowed}", key=key, value=value, allowed=allowed)
 
 
-class NonFiniteError(RuntimeError):
+class MNISTDataError(ProjectError, RuntimeError):
+    """The MNIST raw files are missing, truncated or corrupt (one line naming the file and the ``data.root`` hint);
+    exit status 2."""
+
+    exit_status = 2
+
+
+class NonFiniteError(ProjectError, RuntimeError):
     """Training produced NaN or infinite numbers; entry points print the one-line message and exit with status 3.
     Raised before anything non-finite is saved, so the newest checkpoint is the last good one."""
+
+    exit_status = 3
+
+
+class StoppedBySignal(ProjectError):
+    """SIGTERM ended training (a preempted job); the message says which checkpoint to resume from. Exit 143."""
+
+    exit_status = 143
+
+
+class PeerRankFailed(ProjectError):
+    """Under DDP, another rank has gone (its own message says why); this rank ends with one line. Exit 1."""
+
+    exit_status = 1
 
 
 class NonFiniteLossError(NonFiniteError):
@@ -75,30 +102,3 @@ def is_int(value: object) -> bool:
 def is_number(value: object) -> bool:
     """An ``int`` or ``float`` that is not a ``bool``."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def flag(cfg: Any, key: str) -> bool:
-    """``cfg[key]``, which must be a real boolean."""
-    value = cfg.get(key)
-    if not isinstance(value, bool):
-        raise invalid(key, value, "must be true or false")
-    return value
-
-
-def int_at_least(cfg: Any, key: str, low: int, what: str) -> int:
-    """``cfg[key]``, which must be an integer >= ``low`` (``what`` says so in the error)."""
-    value = cfg.get(key)
-    if not is_int(value) or value < low:
-        raise invalid(key, value, what)
-    return value
-
-
-def out_dir_path(cfg: Any, command: str) -> Path:
-    """``cfg.out_dir`` as a path; a clear error when it is unset (``${hydra:...}`` outside a Hydra run) or empty."""
-    try:
-        value = cfg.get("out_dir")
-    except Exception:  # ${hydra:runtime.output_dir} outside a Hydra run
-        raise ConfigError(f"out_dir is not set: pass out_dir=<folder> when not running through {command}") from None
-    if value is None or str(value) == "":
-        raise invalid("out_dir", value, "must be a folder path")
-    return Path(str(value)).expanduser()

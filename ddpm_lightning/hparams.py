@@ -20,9 +20,9 @@ from typing import Any
 #: The metric columns of the HParams table: ``hp/<name>`` <- the run's figure of that name.
 HP_METRICS = ("val_loss", "fid", "fid_floor", "confident_fraction", "normalised_entropy", "inception_score")
 #: Config nodes whose leaves are hyperparameters.
-HPARAM_GROUPS = ("schedule", "model", "optimizer", "lr_scheduler", "sampler")
+HPARAM_GROUPS = ("schedule", "diffusion", "model", "optimizer", "lr_scheduler", "sampler")
 #: Single keys that are hyperparameters too.
-HPARAM_KEYS = ("seed", "min_snr_gamma", "label_dropout", "data.batch_size", "data.subset_size", "trainer.max_steps",
+HPARAM_KEYS = ("seed", "data.batch_size", "data.subset_size", "trainer.max_steps",
                "trainer.max_epochs", "trainer.precision")
 #: Command-line keys that are paths or switches, not hyperparameters.
 NOT_HPARAMS = ("run_dir", "ckpt_path", "data.root", "overwrite", "data.download")
@@ -49,14 +49,19 @@ def _select(config: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
     return True, node
 
 
-def _leaves(node: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+def flatten(node: Any, prefix: str = "", skip: Iterable[str] = ()) -> dict[str, Any]:
+    """``{"a.b": value}`` for every leaf of nested mappings under ``prefix`` (lists are leaves; a non-mapping
+    ``node`` is ``{prefix: node}``); keys named in ``skip`` are left out with what is below them."""
+    if not isinstance(node, Mapping):
+        return {prefix: node}
     out: dict[str, Any] = {}
     for key, value in node.items():
-        if str(key) in ("_target_", "_partial_"):
-            continue
-        name = f"{prefix}.{key}"
-        out.update(_leaves(value, name) if isinstance(value, Mapping) else {name: value})
+        if str(key) not in skip:
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key), skip))
     return out
+
+
+_NOT_LEAVES = ("_target_", "_partial_")
 
 
 def run_hparams(
@@ -77,7 +82,7 @@ def run_hparams(
     params: dict[str, Any] = {}
     for group in HPARAM_GROUPS:
         node = config.get(group)
-        params.update(_leaves(node, group) if isinstance(node, Mapping) else {group: node} if group in config else {})
+        params.update(flatten(node, group, _NOT_LEAVES) if isinstance(node, Mapping) else {group: node} if group in config else {})
     for key in HPARAM_KEYS:
         found, value = _select(config, key)
         if found:
@@ -93,7 +98,7 @@ def run_hparams(
         if found and not isinstance(value, Mapping):
             params[key] = value
         elif found:
-            params.update(_leaves(value, key))
+            params.update(flatten(value, key, _NOT_LEAVES))
     return {k: _plain(v) for k, v in sorted(params.items())}
 
 

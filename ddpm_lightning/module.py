@@ -20,7 +20,7 @@ from torchmetrics import MeanMetric
 
 from ddpm_lightning.errors import NonFiniteLossError, NonFiniteWeightsError, invalid, is_int, is_number
 from ddpm_lightning.networks import as_eps_network
-from ddpm_lightning.samplers import DDPMSampler, SampleOutput, _Sampler
+from ddpm_lightning.samplers import DDPMSampler, SampleOutput, Sampler
 from ddpm_lightning.schedule import NoiseSchedule
 
 NUM_QUARTILES = 4
@@ -116,7 +116,7 @@ class DDPM(L.LightningModule):
         net: nn.Module,
         schedule: NoiseSchedule,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
-        sampler: _Sampler | None = None,
+        sampler: Sampler | None = None,
         seed: int = 0,
         image_shape: tuple[int, int, int] = (1, 32, 32),
         config: dict[str, Any] | None = None,
@@ -257,7 +257,7 @@ class DDPM(L.LightningModule):
         self,
         num_samples: int,
         generator: torch.Generator | None = None,
-        sampler: _Sampler | None = None,
+        sampler: Sampler | None = None,
         trajectory_every: int | None = None,
         noise: Tensor | None = None,
         progress: bool = False,

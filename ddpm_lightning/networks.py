@@ -47,7 +47,7 @@ class DiffUNetEps(EpsNetwork):
         net: an existing ``DiffUNet`` to wrap (see :func:`as_eps_network`) instead of building one.
 
     Raises:
-        ConfigError: ``model.num_classes`` set.
+        ConfigError: ``num_classes`` set.
     """
 
     def __init__(
@@ -57,9 +57,7 @@ class DiffUNetEps(EpsNetwork):
         from deepinv.models import DiffUNet
 
         if num_classes is not None:
-            raise invalid(
-                "model.num_classes", num_classes, "deepinv's DiffUNet is unconditional; use model=adm_small for labels"
-            )
+            raise invalid("num_classes", num_classes, "deepinv's DiffUNet is unconditional; use model=adm_small for labels")
         # pretrained=None: random initialisation (the released weights are RGB 256x256 and cannot load at 1 channel).
         self.net = net if net is not None else DiffUNet(
             in_channels=in_channels, out_channels=in_channels, large_model=large_model, pretrained=None
@@ -117,9 +115,9 @@ class ADMUNetEps(EpsNetwork):
         from deepinv.models import ADMUNet
 
         if num_classes is not None and (not is_int(num_classes) or num_classes < 2):
-            raise invalid("model.num_classes", num_classes, "must be null or an integer >= 2")
+            raise invalid("num_classes", num_classes, "must be null or an integer >= 2")
         if not is_int(patch_size) or patch_size < 1 or img_resolution % patch_size:
-            raise invalid("model.patch_size", patch_size, f"must be a positive integer dividing model.img_resolution={img_resolution}")
+            raise invalid("patch_size", patch_size, f"must be a positive integer dividing img_resolution={img_resolution}")
         self.patch_size = int(patch_size)
         self.net = net if net is not None else ADMUNet(
             img_resolution=img_resolution // self.patch_size,

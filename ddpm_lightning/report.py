@@ -1,4 +1,4 @@
-"""``ddpm-report``: summarise a Hydra multirun sweep of ``ddpm-train`` in a table and one plot per metric.
+"""Summarising a Hydra multirun sweep of ``ddpm-train`` (the body of ``ddpm-report``, :mod:`ddpm_lightning.cli.report`): summarise a Hydra multirun sweep of ``ddpm-train`` in a table and one plot per metric.
 
 Usage::
 
@@ -40,18 +40,17 @@ A job without an event file or without ``val/loss`` stays in the table with its 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ddpm_lightning.metrics import REFERENCE_CLASSIFIER_SHA256
+from ddpm_lightning.classifier import REFERENCE_CLASSIFIER_SHA256
+from ddpm_lightning.errors import ProjectError
 
 #: TensorBoard scalar tags read from every job, in table order.
 SCALAR_TAGS = ["val/loss", "val/loss_q0", "val/loss_q1", "val/loss_q2", "val/loss_q3", "train/loss_epoch", "val/fid"]
@@ -66,8 +65,10 @@ SHORT = {
 DEFAULT_METRICS = ["val/loss", "val/loss_q0", "val/loss_q1", "val/loss_q2", "val/loss_q3", "fid"]
 
 
-class NotASweepError(ValueError):
-    """The path holds no numeric job folder with ``.hydra/overrides.yaml``."""
+class NotASweepError(ProjectError, ValueError):
+    """The path holds no numeric job folder with ``.hydra/overrides.yaml`` (exit status 2)."""
+
+    exit_status = 2
 
 
 # ----------------------------------------------------------------------------------------------------- reading
@@ -388,34 +389,3 @@ def report(sweep: Path, out: Path | None = None, metrics: list[str] | None = Non
         "csv": out / "report.csv",
         "plots": plots,
     }
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point; returns the exit status (2 with one ``error:`` line when the path is not a sweep)."""
-    parser = argparse.ArgumentParser(prog="ddpm-report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("sweep", type=Path, help="Hydra multirun directory (hydra.sweep.dir) of ddpm-train -m")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: the sweep directory)")
-    parser.add_argument(
-        "--metric",
-        action="append",
-        default=None,
-        help="metric to plot, repeatable: a TensorBoard tag (val/loss, val/loss_q0, train/loss_epoch) or a "
-        "metrics.json key (fid, inception_score); default: val/loss, val/loss_q0..q3 and fid when present",
-    )
-    parser.add_argument("--log-x", choices=["auto", "on", "off"], default="auto", help="log scale of the x axis")
-    args = parser.parse_args(argv)
-    try:
-        result = report(args.sweep, args.out, args.metric, args.log_x)
-    except NotASweepError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    print(result["markdown"])
-    print(f"wrote {result['md']}")
-    print(f"wrote {result['csv']}")
-    for path in result["plots"]:
-        print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,5 @@
-"""``ddpm-train``: compose the Hydra config, build the parts, let Lightning run the loop.
+"""Training a DDPM from a composed ``conf/train.yaml``: the run-level checks, building the parts, Lightning's loop,
+and the end-of-run evaluation (the body of ``ddpm-train``, :mod:`ddpm_lightning.cli.train`).
 
 Usage (see README): ``ddpm-train experiment=seed data.root=../shared/data``;
 sweeps: ``ddpm-train -m schedule.beta_end=0.02,0.1,0.2``; resume: ``ddpm-train ckpt_path=<run>/checkpoints/last.ckpt``.
@@ -9,30 +10,43 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 import torch
-from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ddpm_lightning import signals
+from ddpm_lightning import evaluation, signals
 from ddpm_lightning.callbacks import HParamsSession
 from ddpm_lightning.checkpoint import load_checkpoint, resume_mismatch
-from ddpm_lightning.config import CONFIG_DIR, FROM_CHECKPOINT, build, cli
-from ddpm_lightning.data import MNISTDataError
-from ddpm_lightning.errors import ConfigError, NonFiniteError, first_line, flag, invalid, is_int, is_number
+from ddpm_lightning.config import (FROM_CHECKPOINT, EvaluateConfig, EvaluateOptions, at_key, build, compose_config,
+                                   one_line_omegaconf, options)
+from ddpm_lightning.errors import ConfigError, PeerRankFailed, StoppedBySignal, first_line, invalid, is_int, is_number
 from ddpm_lightning.hparams import final_metrics, run_hparams
 from ddpm_lightning.module import DDPM
 from ddpm_lightning.runlock import RunDirLock
 
 log = logging.getLogger(__name__)
 TRAIN_EXCLUDED_SAMPLER = "checkpoint"  #: conf/sampler/checkpoint.yaml is for ddpm-sample / ddpm-evaluate only
+
+
+@dataclass
+class RunContext:
+    """What the command line adds to the config (empty outside a Hydra run).
+
+    Attributes:
+        output_dir: Hydra's run directory (the default ``run_dir``), or None.
+        choices: the config-group choices (``{"model": "adm_fast", ...}``), for the HParams tab.
+        overrides: the command-line overrides of this job.
+    """
+
+    output_dir: str | None = None
+    choices: dict[str, Any] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -49,18 +63,6 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "32-true"
 
 
-def _hydra_output_dir() -> str | None:
-    return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
-
-
-def _hydra_choices_and_overrides() -> tuple[dict[str, Any], list[str]]:
-    """Hydra's config-group choices and the command-line overrides of this job (empty outside a Hydra run)."""
-    if not HydraConfig.initialized():
-        return {}, []
-    hydra_cfg = HydraConfig.get()
-    return OmegaConf.to_container(hydra_cfg.runtime.choices), list(hydra_cfg.overrides.task)
-
-
 def newest_checkpoint(run_dir: Path) -> Path | None:
     """The most recently written of ``<run_dir>/checkpoints/last.ckpt`` and Lightning's SLURM requeue checkpoints
     ``<run_dir>/hpc_ckpt_<n>.ckpt`` (saved on SIGUSR1, possibly mid-epoch), or None when there is none."""
@@ -68,7 +70,7 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
     return max(candidates, key=lambda p: p.stat().st_mtime_ns) if candidates else None
 
 
-def prepare_config(cfg: DictConfig) -> DictConfig:
+def prepare_config(cfg: DictConfig, context: RunContext | None = None) -> DictConfig:
     """Check the run-level keys and fill in derived values, before any work starts.
 
     * ``ckpt_path=last`` resumes from the newest of ``<run_dir>/checkpoints/last.ckpt`` and Lightning's SLURM
@@ -81,6 +83,7 @@ def prepare_config(cfg: DictConfig) -> DictConfig:
     Raises:
         ConfigError: one line naming the key, the value and what is allowed.
     """
+    context = context or RunContext()
     with open_dict(cfg):
         if str(cfg.get("ckpt_path")) == "last":  # preemption-safe: resume if this run dir has a checkpoint
             newest = newest_checkpoint(Path(str(cfg.run_dir)))
@@ -93,9 +96,9 @@ def prepare_config(cfg: DictConfig) -> DictConfig:
             cfg.ckpt_path = str(ckpt.resolve())
             _check_resume(cfg)
             run = ckpt.resolve().parent.parent
-            if ckpt.resolve().parent.name == "checkpoints" and str(cfg.run_dir) == str(_hydra_output_dir()):
+            if ckpt.resolve().parent.name == "checkpoints" and str(cfg.run_dir) == str(context.output_dir):
                 cfg.run_dir = str(run)
-        elif not flag(cfg, "overwrite"):
+        elif not _flag(cfg, "overwrite"):
             existing = sorted((Path(str(cfg.run_dir)) / "checkpoints").glob("*.ckpt"))
             if existing:
                 raise invalid(
@@ -109,8 +112,14 @@ def prepare_config(cfg: DictConfig) -> DictConfig:
         if not is_int(seed) or seed < 0:
             raise invalid("seed", seed, "must be an integer >= 0")
         cfg.trainer.precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
-    _refuse_local_multirun_ddp(cfg)
     return cfg
+
+
+def _flag(cfg: DictConfig, key: str) -> bool:
+    value = cfg.get(key)
+    if not isinstance(value, bool):
+        raise invalid(key, value, "must be true or false")
+    return value
 
 
 #: Rates and scales that must be finite numbers (a finite loss can still give non-finite weights: lr=inf, lr=1e30),
@@ -154,10 +163,8 @@ def _check_callback_samplers(callbacks: dict[str, Any], num_timesteps: int) -> N
     for name, callback in callbacks.items():
         sampler = getattr(callback, "sampler", None)
         if sampler is not None:
-            try:
-                sampler.timesteps(num_timesteps)
-            except ConfigError as err:
-                raise ConfigError(f"callbacks.{name}.{err}") from None
+            with at_key(f"callbacks.{name}.sampler"):
+                sampler.check(num_timesteps)
 
 
 def _check_val_check_interval(cfg: DictConfig, batches_per_epoch: int) -> None:
@@ -189,23 +196,7 @@ def _build_lr_scheduler(cfg: DictConfig) -> Any:
     return factory
 
 
-def _refuse_local_multirun_ddp(cfg: DictConfig) -> None:
-    """Lightning's DDP starts its extra processes by re-running the command line: under a local ``-m`` sweep each
-    child would run the whole sweep again. Refuse that combination before any work; SLURM (submitit) is fine,
-    since srun starts one task per GPU and Lightning does not relaunch."""
-    if not HydraConfig.initialized() or "ddp" not in str(cfg.trainer.get("strategy", "auto")):
-        return
-    hydra_cfg = HydraConfig.get()
-    if str(hydra_cfg.mode) == "RunMode.MULTIRUN" and "BasicLauncher" in str(hydra_cfg.launcher.get("_target_", "")):
-        raise invalid(
-            "trainer.strategy",
-            str(cfg.trainer.strategy),
-            "a local multirun (-m) cannot start DDP jobs (every DDP child would rerun the sweep); "
-            'use hydra/launcher=slurm (pip install -e ".[slurm]") or run the sweep points one by one',
-        )
-
-
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(cfg: DictConfig, context: RunContext | None = None) -> dict[str, Any]:
     """Train a DDPM as configured; returns paths and the final logged metrics.
 
     Returns:
@@ -219,61 +210,90 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             (:class:`~ddpm_lightning.runlock.RunDirLock`), before any training.
         MNISTDataError: missing or corrupt MNIST files, before any training.
         NonFiniteError: a non-finite loss, or non-finite weights after a step; nothing non-finite is saved.
+        StoppedBySignal: SIGTERM (a preempted job); the newest complete checkpoint is kept.
+        PeerRankFailed: under DDP, another rank has ended.
     """
-    cfg = prepare_config(cfg)
+    context = context or RunContext()
+    cfg = prepare_config(cfg, context)
     # One writer per run directory: the rank that writes files holds an OS lock on it until the run ends.
     lock = RunDirLock(str(cfg.run_dir)) if rank_zero_only.rank == 0 else None
     if lock is not None:
         lock.acquire()
     try:
-        return _fit_and_evaluate(cfg)
+        return _fit_and_evaluate(cfg, context)
+    except SIGTERMException:
+        last = Path(str(cfg.run_dir)) / "checkpoints" / "last.ckpt"
+        resume = f"resume with ckpt_path={last}" if last.is_file() else "no checkpoint was written yet"
+        raise StoppedBySignal(f"stopped by SIGTERM; the newest complete checkpoint is kept ({resume})") from None
+    except RuntimeError as err:
+        if not _peer_failed(err):
+            raise
+        raise PeerRankFailed(f"this DDP rank stops because another rank ended ({first_line(err, 200)}); that rank's "
+                             "own message says why") from None
     finally:
         if lock is not None:
             lock.release()
 
 
-def _fit_and_evaluate(cfg: DictConfig) -> dict[str, Any]:
+def end_of_run_options(cfg: DictConfig, ckpt_path: str | Path, out_dir: str | Path) -> EvaluateConfig:
+    """The options of ``ddpm-train``'s end-of-run evaluation: ``conf/evaluate.yaml`` as Hydra composes it, the
+    ``evaluate:`` node of the training config on top (its keys and types checked against
+    :class:`~ddpm_lightning.config.EvaluateOptions`: an unknown key is one line naming ``evaluate.<key>`` and the
+    nearest valid key), then the run's ``data.root``, its checkpoint and ``out_dir`` (one folder per checkpoint
+    step, so nothing is overwritten)."""
+    node = cfg.get("evaluate")
+    node = OmegaConf.create(OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node))
+    with one_line_omegaconf(node, "evaluate."):
+        OmegaConf.merge(OmegaConf.structured(EvaluateOptions), node)
+    base = compose_config("evaluate")
+    with open_dict(base):
+        base.out_dir = str(out_dir)
+    merged = OmegaConf.merge(base, node, {"samples": None, "ckpt_path": str(ckpt_path), "data": {"root": str(cfg.data.root)}})
+    with at_key("evaluate"):
+        return options(merged, EvaluateConfig, "ddpm-train")
+
+
+def _fit_and_evaluate(cfg: DictConfig, context: RunContext) -> dict[str, Any]:
     """:func:`train` after its checks, with the run directory locked."""
     run_dir = Path(str(cfg.run_dir))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = build(cfg.data, key="data")
-    datamodule.prepare_data()  # fails here, with the data.root hint, if the files are missing
-    datamodule.setup("fit")  # subset_size / val_size against the files on disk, before any training
+    with at_key("data"):
+        datamodule.prepare_data()  # fails here, with the data.root hint, if the files are missing
+        datamodule.setup("fit")  # subset_size / val_size against the files on disk, before any training
     _check_val_check_interval(cfg, math.ceil(datamodule.num_train / datamodule.batch_size))
     schedule = build(cfg.schedule, key="schedule")
     if cfg.get("sampler") is not None and cfg.sampler.get(FROM_CHECKPOINT):
         raise invalid("sampler", TRAIN_EXCLUDED_SAMPLER, "only ddpm-sample and ddpm-evaluate take the sampler from a "
                       "checkpoint; ddpm-train needs sampler=ddim or sampler=ddpm")
     sampler = build(cfg.sampler, key="sampler")
-    sampler.timesteps(schedule.num_timesteps)  # validates sampler.steps against schedule.timesteps
+    with at_key("sampler"):
+        sampler.check(schedule.num_timesteps)
     net = build(cfg.model, key="model")
     optimizer = build(cfg.optimizer, key="optimizer")
     lr_scheduler = _build_lr_scheduler(cfg)
-    model = DDPM(
-        net=net,
-        schedule=schedule,
-        optimizer=optimizer,
-        sampler=sampler,
-        seed=cfg.seed,
-        config=OmegaConf.to_container(cfg, resolve=True),
-        label_dropout=cfg.get("label_dropout", 0.1),
-        lr_scheduler=lr_scheduler,
-        min_snr_gamma=cfg.get("min_snr_gamma"),
-    )
+    with at_key("diffusion"):  # the DDPM's own options: conf/diffusion/
+        model = DDPM(
+            net=net,
+            schedule=schedule,
+            optimizer=optimizer,
+            sampler=sampler,
+            seed=cfg.seed,
+            config=OmegaConf.to_container(cfg, resolve=True),
+            lr_scheduler=lr_scheduler,
+            **OmegaConf.to_container(cfg.get("diffusion") or OmegaConf.create({}), resolve=True),
+        )
     eval_dir = None
     if cfg.get("evaluate") is not None:  # checked now, run after training (the checkpoint does not exist yet)
-        from ddpm_lightning import evaluate as evaluation
-
         eval_dir = run_dir / "evaluate"
-        evaluation.check_train_run_config(
-            evaluation.train_run_config(cfg, run_dir / "checkpoints" / "last.ckpt", eval_dir),
-            schedule.num_timesteps,
-            run_sampler=cfg.sampler,
-        )
+        eval_opts = end_of_run_options(cfg, run_dir / "checkpoints" / "last.ckpt", eval_dir)
+        with at_key("evaluate"):
+            evaluation.check_before_training(eval_opts, schedule.num_timesteps,
+                                             OmegaConf.to_container(cfg.sampler, resolve=True))
     named = {k: build(c, key=f"callbacks.{k}") for k, c in cfg.get("callbacks", {}).items() if c is not None}
     _check_callback_samplers(named, schedule.num_timesteps)
-    hparams_session = HParamsSession(run_hparams(model.hparams["config"], *_hydra_choices_and_overrides()))
+    hparams_session = HParamsSession(run_hparams(model.hparams["config"], context.choices, context.overrides))
     callbacks = [*named.values(), hparams_session]
     logger = build(cfg.logger, key="logger") if cfg.get("logger") else False
     trainer: L.Trainer = build(cfg.trainer, key="trainer", callbacks=callbacks, logger=logger)
@@ -293,8 +313,6 @@ def _fit_and_evaluate(cfg: DictConfig) -> dict[str, Any]:
         "trainer": trainer,
     }
     if eval_dir is not None and trainer.is_global_zero:
-        from ddpm_lightning import evaluate as evaluation
-
         out = eval_dir / f"step_{trainer.global_step:06d}"
         done = out / evaluation.METRICS_FILE
         if done.is_file():  # a resumed run whose evaluation of this very checkpoint had finished
@@ -302,9 +320,9 @@ def _fit_and_evaluate(cfg: DictConfig) -> dict[str, Any]:
             result["evaluation"] = json.loads(done.read_text())
         else:
             print(f"evaluating {result['last_ckpt']} into {out} ...", flush=True)
-            eval_cfg = evaluation.train_run_config(cfg, result["last_ckpt"], out)
-            eval_cfg.overwrite = True  # what is there is an interrupted evaluation of this same checkpoint: redo it
-            result["evaluation"] = evaluation.evaluate(eval_cfg)
+            eval_opts = end_of_run_options(cfg, result["last_ckpt"], out)
+            eval_opts.overwrite = True  # what is there is an interrupted evaluation of this same checkpoint: redo it
+            result["evaluation"] = evaluation.evaluate(eval_opts)
     hparams_session.log_final(trainer, final_metrics(result["metrics"], result.get("evaluation")))
     if trainer.is_global_zero:
         print(
@@ -324,36 +342,3 @@ def _peer_failed(err: BaseException) -> bool:
         return False
     return isinstance(err, getattr(dist, "DistError", ())) or any(
         text in str(err) for text in ("Connection closed by peer", "Connection reset by peer", "NCCL error"))
-
-
-@cli(CONFIG_DIR, exclude={"sampler": [TRAIN_EXCLUDED_SAMPLER]})
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    """Console entry point. Bad input: one line on stderr and exit status 2; a non-finite loss or non-finite weights
-    after a step: one line and exit status 3 (the newest checkpoint is the last good one); SIGTERM: one line and exit
-    status 143; under DDP, a rank whose peer has ended: one line and exit status 1. No traceback in these cases."""
-    try:
-        result = train(cfg)
-    except (ConfigError, MNISTDataError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except NonFiniteError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(3)
-    except RuntimeError as err:
-        if not _peer_failed(err):
-            raise
-        print(f"error: this DDP rank stops because another rank ended ({first_line(err, 200)}); that rank's own "
-              "message says why", file=sys.stderr, flush=True)
-        sys.exit(1)
-    except SIGTERMException:
-        last = Path(str(cfg.run_dir)) / "checkpoints" / "last.ckpt"
-        resume = f"resume with ckpt_path={last}" if last.is_file() else "no checkpoint was written yet"
-        print(f"error: stopped by SIGTERM; the newest complete checkpoint is kept ({resume})", file=sys.stderr, flush=True)
-        sys.exit(143)
-    val = result["metrics"].get("val/loss")
-    return val  # lets Hydra sweepers optimise val/loss
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,50 @@
+"""``ddpm-report``: summarise a Hydra multirun sweep of ``ddpm-train`` in a table and one plot per metric.
+
+Usage::
+
+    ddpm-report <sweep dir> [--out DIR] [--metric val/loss --metric fid ...] [--log-x auto|on|off]
+
+What is read and written: :mod:`ddpm_lightning.report`. A path without any job folder: one line on stderr, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ddpm_lightning.config import run_command
+from ddpm_lightning.report import report
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="ddpm-report", description="Summarise a ddpm-train -m sweep.")
+    parser.add_argument("sweep", type=Path, help="Hydra multirun directory (hydra.sweep.dir) of ddpm-train -m")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: the sweep directory)")
+    parser.add_argument(
+        "--metric",
+        action="append",
+        default=None,
+        help="metric to plot, repeatable: a TensorBoard tag (val/loss, val/loss_q0, train/loss_epoch) or a "
+        "metrics.json key (fid, inception_score); default: val/loss, val/loss_q0..q3 and fid when present",
+    )
+    parser.add_argument("--log-x", choices=["auto", "on", "off"], default="auto", help="log scale of the x axis")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = report(args.sweep, args.out, args.metric, args.log_x)
+    print(result["markdown"])
+    for key in ("md", "csv"):
+        print(f"wrote {result[key]}")
+    for path in result["plots"]:
+        print(f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns 0, or exits with status 2 and one ``error:`` line when the path is not a sweep."""
+    return run_command(run, parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,238 @@
+"""Sample quality of a DDPM on MNIST, measured with the MNIST classifier: the body of ``ddpm-evaluate`` and of
+``ddpm-train``'s end-of-run evaluation.
+
+Three sources of images: a ``samples.npz`` of ``ddpm-sample``, a checkpoint (sampled here, in memory, by
+:func:`ddpm_lightning.sampling.draw_samples`; the samples are also written to ``<out_dir>/samples``), or ``real``
+(real training images: the floor alone). Metrics (:mod:`ddpm_lightning.metrics`): FID in the classifier's feature
+space against the 10,000 test images and its floor, the Inception Score with the classifier, the class histogram and
+its normalised entropy, the confident fraction. The classifier is the packaged reference unless
+``classifier_path`` names another (:mod:`ddpm_lightning.classifier`). Every input is checked before any work.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ddpm_lightning.classifier import load_classifier, missing_classifier_error, reference_classifier_path, train_classifier
+from ddpm_lightning.config import EvaluateConfig, at_key, build, options, sampler_node
+from ddpm_lightning.errors import ConfigError, invalid
+from ddpm_lightning.images import atomic_write, nhwc_to_nchw, to_uint8
+from ddpm_lightning.metrics import evaluate_images
+from ddpm_lightning.mnist import check_mnist_files, load_mnist_split
+from ddpm_lightning.sampling import SAMPLES_FILE, open_checkpoint, resolve_device, sample_checkpoint, write_samples
+
+METRICS_FILE = "metrics.json"
+REAL_MODES = ("real", "real-train")
+REAL_DEFAULT_N = 10000
+
+
+def load_samples(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``arr_0`` of a samples.npz as uint8 ``(N, 1, 32, 32)`` and ``arr_1`` (the requested class of each
+    conditional sample, int64 ``(N,)``) or None.
+
+    Raises:
+        ConfigError: naming ``samples``: unreadable, no ``arr_0``, not uint8, another shape, fewer than 2 images.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "arr_0" not in f.files:
+                raise invalid("samples", str(path), f"holds no arr_0 (arrays: {', '.join(f.files) or 'none'})")
+            arr = f["arr_0"]
+            labels = torch.from_numpy(f["arr_1"].astype(np.int64)) if "arr_1" in f.files else None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise invalid("samples", str(path), f"not a readable .npz file ({type(err).__name__})") from None
+    if arr.dtype != np.uint8:
+        raise invalid("samples", str(path), f"arr_0 must be uint8 0..255, got {arr.dtype}")
+    images = nhwc_to_nchw(torch.from_numpy(np.ascontiguousarray(arr))) if arr.ndim == 4 and arr.shape[1:] == (32, 32, 1) else torch.from_numpy(arr)
+    if images.ndim != 4 or tuple(images.shape[1:]) != (1, 32, 32):
+        raise invalid("samples", str(path), f"arr_0 must be (N, 32, 32, 1) or (N, 1, 32, 32), got {arr.shape}")
+    if images.shape[0] < 2:
+        raise invalid("samples", str(path), f"holds {images.shape[0]} image(s); FID needs at least 2")
+    return images.contiguous(), labels
+
+
+def mode(opts: EvaluateConfig) -> str:
+    """``"real"``, ``"samples"`` or ``"checkpoint"``: what ``opts`` evaluates."""
+    return "checkpoint" if opts.samples is None else "real" if str(opts.samples) in REAL_MODES else "samples"
+
+
+def check(opts: EvaluateConfig, ckpt_must_exist: bool = True) -> Path:
+    """Every check that needs neither the classifier nor the images, in the order a user fixes them.
+    ``ckpt_must_exist=False``: the checkpoint will be written later (ddpm-train's end-of-run evaluation).
+
+    Returns:
+        the classifier file to use.
+
+    Raises:
+        ConfigError / MNISTDataError: one line naming the key.
+    """
+    if (opts.samples is None) == (opts.ckpt_path is None):
+        raise ConfigError(
+            "give exactly one of samples=<samples.npz> (or samples=real) and ckpt_path=<checkpoint>: "
+            f"got samples={opts.samples!r}, ckpt_path={opts.ckpt_path!r}"
+        )
+    if mode(opts) == "samples" and not Path(opts.samples).expanduser().is_file():
+        raise invalid("samples", str(opts.samples), "no such file; give a samples.npz from ddpm-sample, or real")
+    if mode(opts) == "checkpoint":
+        if ckpt_must_exist and not Path(opts.ckpt_path).expanduser().is_file():
+            raise invalid("ckpt_path", str(opts.ckpt_path), "no such checkpoint file")
+        if opts.num_samples < 2:
+            raise invalid("num_samples", opts.num_samples, "must be an integer >= 2 (FID needs at least 2 images)")
+        if (opts.out_dir / "samples" / SAMPLES_FILE).exists() and not opts.overwrite:
+            raise invalid("out_dir", str(opts.out_dir), f"already holds samples/{SAMPLES_FILE}; set overwrite=true "
+                          "to replace it, or choose another out_dir")
+    if opts.n is not None and opts.n < 2:
+        raise invalid("n", opts.n, "must be null (all images) or an integer >= 2")
+    if opts.classifier_epochs < 1:
+        raise invalid("classifier_epochs", opts.classifier_epochs, "must be a positive integer")
+    out_dir = opts.out_dir
+    if out_dir.exists() and not out_dir.is_dir():
+        raise invalid("out_dir", str(out_dir), "exists and is not a folder")
+    if (out_dir / METRICS_FILE).exists() and not opts.overwrite:
+        raise invalid("out_dir", str(out_dir),
+                      f"already holds {METRICS_FILE}; set overwrite=true to replace it, or choose another out_dir")
+    root = opts.data.root
+    if root is None or str(root) == "":
+        raise invalid("data.root", root, "must be the directory containing MNIST/raw (e.g. data.root=../shared/data)")
+    check_mnist_files(str(root))
+    clf = Path(opts.classifier_path).expanduser() if opts.classifier_path is not None else reference_classifier_path()
+    if clf.exists() and not clf.is_file():
+        raise invalid("classifier_path", str(clf), "is a folder, not a classifier file")
+    if not clf.is_file() and not opts.train_classifier_if_missing:
+        raise missing_classifier_error(clf, root=str(root))
+    return clf
+
+
+def check_before_training(opts: EvaluateConfig, num_timesteps: int, run_sampler: Any) -> None:
+    """Check an end-of-run evaluation before training starts (the checkpoint does not exist yet): the options, and
+    the sampler it will build from the run's ``sampler`` node (which the checkpoint will store)."""
+    check(opts, ckpt_must_exist=False)
+    with at_key("sampler"):
+        node, _ = sampler_node(opts.sampler, run_sampler)
+    with at_key("sampler"):
+        build(node, key=None).check(num_timesteps)
+
+
+def inception_fid(images: torch.Tensor, real_test: torch.Tensor) -> dict[str, Any]:
+    """The standard Inception-v3 FID (torchmetrics + torch-fidelity, 2048-d pool features) against the test images,
+    from uint8 ``(N, 1, 32, 32)`` images.
+
+    Needs ``pip install torch-fidelity`` and the Inception weights in torch's hub cache (downloaded once with
+    internet); without them it is skipped with the reason, never an error. Slow on a CPU (every image is resized
+    to 299x299). Returns ``{"inception_fid": float | None, "inception_fid_skipped": str | None}``.
+    """
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        fid = FrechetInceptionDistance(feature=2048)
+        for batch, real in [(real_test, True), (images, False)]:
+            for i in range(0, batch.shape[0], 500):
+                fid.update(batch[i : i + 500].expand(-1, 3, -1, -1), real=real)
+        return {"inception_fid": float(fid.compute()), "inception_fid_skipped": None}
+    except Exception as err:  # noqa: BLE001 - offline / missing package: report and carry on
+        reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:300]
+        return {"inception_fid": None, "inception_fid_skipped": reason}
+
+
+def format_table(m: dict[str, Any]) -> str:
+    """The metrics as the table ``ddpm-evaluate`` prints."""
+    hist = " ".join(f"{d}:{c}" for d, c in enumerate(m["class_histogram"]))
+    acc = m.get("classifier_test_accuracy")
+    sha = m.get("classifier_sha256") or "?"
+    which = "the reference" if m.get("classifier_reference") else "a non-reference"
+    rows = [
+        f"\nEvaluated {m['n']} images ({m['source']}) with {which} classifier {sha[:16]} (test accuracy {acc * 100:.2f}%)"
+        if acc is not None else f"\nEvaluated {m['n']} images ({m['source']})",
+        *([f"  {'sampler':<34}: {m['sampler']} ({m['sampler_source']})"] if m.get("sampler") else []),
+        f"  {'FID vs ' + str(m['n_test']) + ' test images':<34}: {m['fid']:.4f}",
+        f"  {'FID floor (' + str(m['floor_n']) + ' train vs test)':<34}: {m['fid_floor']:.4f}",
+        f"  {'Inception Score':<34}: {m['inception_score']:.3f}  (real test images: {m['inception_score_test']:.3f})",
+        f"  {'class histogram':<34}: {hist}",
+        f"  {'normalised class entropy':<34}: {m['normalised_entropy']:.4f}  (1 = uniform)",
+        f"  {'confident fraction (p >= 0.9)':<34}: {m['confident_fraction']:.4f}",
+        *([f"  {'classified as the requested label':<34}: {m['label_accuracy']:.4f}"] if m.get("label_accuracy") is not None else []),
+        f"  {'metrics':<34}: {m['metrics_json']}",
+    ]
+    if "inception_fid" in m:
+        value = f"{m['inception_fid']:.4f}" if m["inception_fid"] is not None else f"skipped ({m['inception_fid_skipped']})"
+        rows.insert(-1, f"  {'Inception-v3 FID (standard)':<34}: {value}")
+    return "\n".join(rows)
+
+
+def _images(opts: EvaluateConfig, real_train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, str, dict[str, Any]]:
+    """The images to judge (uint8 ``(N, 1, 32, 32)``), their requested labels, a description, and sampler facts."""
+    kind = mode(opts)
+    if kind == "real":
+        n = opts.n if opts.n is not None else min(REAL_DEFAULT_N, real_train.shape[0])
+        if n > real_train.shape[0]:
+            raise invalid("n", n, f"exceeds the {real_train.shape[0]} training images under data.root={opts.data.root}")
+        start = real_train.shape[0] - n  # the last n training images; the floor uses the first n
+        return real_train[start:], None, f"real training images {start}..{real_train.shape[0] - 1}", {}
+    if kind == "samples":
+        images, labels = load_samples(Path(opts.samples).expanduser().resolve())
+        if opts.n is not None and opts.n > images.shape[0]:
+            raise invalid("n", opts.n, f"exceeds the {images.shape[0]} images in samples={opts.samples}")
+        return images, labels, str(Path(opts.samples).expanduser().resolve()), {}
+    if opts.n is not None and opts.n > opts.num_samples:
+        raise invalid("n", opts.n, f"exceeds num_samples={opts.num_samples}")
+    device = resolve_device(opts.device)
+    ckpt = Path(opts.ckpt_path).expanduser().resolve()
+    opened = open_checkpoint(ckpt, opts.sampler, None, opts.guidance_scale)
+    drawn, _ = sample_checkpoint(opened, opts.num_samples, device, use_ema=opts.use_ema, batch_size=opts.batch_size,
+                                 seed=opts.seed, guidance_scale=opts.guidance_scale, progress=True)
+    written = write_samples(opts.out_dir / "samples", drawn, overwrite=opts.overwrite)
+    info = {"sampler": repr(opened.sampler), "sampler_source": opened.sampler_source, "samples": str(written["samples"])}
+    return to_uint8(drawn.x0), drawn.labels, f"{opts.num_samples} samples from {ckpt} -> {written['samples']}", info
+
+
+def evaluate(opts: EvaluateConfig | Any) -> dict[str, Any]:
+    """Evaluate as configured (an :class:`EvaluateConfig`, or a composed ``conf/evaluate.yaml``); returns the
+    metrics dict (also written to ``<out_dir>/metrics.json``) and prints the table.
+
+    Raises:
+        ConfigError / MNISTDataError: one line naming the key, before any sampling or training of a classifier.
+    """
+    if not isinstance(opts, EvaluateConfig):
+        opts = options(opts, EvaluateConfig, "ddpm-evaluate")
+    clf_path = check(opts)
+    start = time.perf_counter()
+    if not clf_path.is_file():
+        print(f"classifier {clf_path} not found: training it now on data.root={opts.data.root} "
+              f"({opts.classifier_epochs} epochs; train_classifier_if_missing=true) ...", flush=True)
+        trained = train_classifier(opts.data.root, clf_path, epochs=opts.classifier_epochs)
+        print(f"classifier test accuracy {trained['test_accuracy'] * 100:.2f}%, saved to {clf_path}", flush=True)
+    classifier, meta = load_classifier(clf_path)
+    real_train, _ = load_mnist_split(opts.data.root, train=True)
+    real_test, _ = load_mnist_split(opts.data.root, train=False)
+    images, labels, source, info = _images(opts, real_train)
+    if opts.n is not None:
+        images, labels = images[: opts.n], (labels[: opts.n] if labels is not None else None)
+    metrics = evaluate_images(images, classifier, real_test, real_train, meta=meta, labels=labels)
+    if opts.inception_fid:
+        metrics.update(inception_fid(images, real_test))
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = opts.out_dir / METRICS_FILE
+    kind = mode(opts)
+    metrics.update({
+        "mode": kind,
+        "source": source,
+        "samples": info.pop("samples", None) or (str(Path(opts.samples).expanduser().resolve()) if kind == "samples" else "real"),
+        "ckpt_path": str(Path(opts.ckpt_path).expanduser().resolve()) if kind == "checkpoint" else None,
+        **info,
+        "classifier_path": str(clf_path),
+        "data_root": str(opts.data.root),
+        "seconds": time.perf_counter() - start,
+        "metrics_json": str(metrics_path),
+    })
+    atomic_write(metrics_path, lambda f: f.write((json.dumps(metrics, indent=2) + "\n").encode()))
+    print(format_table(metrics), flush=True)
+    return metrics
