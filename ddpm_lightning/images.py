@@ -1,17 +1,70 @@
-"""Pictures of samples: grids and denoising trajectories as ``(3, H, W)`` float tensors in [0, 1] and PNG files."""
+"""Every pixel conversion, and sample pictures.
+
+Pixel conventions:
+
+* the model works on ``float32`` in ``[-1, 1]``, channels first: ``(B, C, H, W)`` (MNIST: ``(B, 1, 32, 32)``);
+* stored and exported pixels are ``uint8`` ``0..255`` (``samples.npz`` is channels last, ``(N, H, W, C)``);
+* pictures for people (grids, trajectories, PNG files) are ``float32`` ``(3, H, W)`` in ``[0, 1]``.
+
+:func:`to_model_range` and :func:`to_uint8` convert between the first two (``to_uint8(to_model_range(u)) == u``),
+:func:`to_unit_range` to the third. No Lightning here: torch and torchvision only.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
+from typing import Union
 
 import torch
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
+__all__ = [
+    "to_model_range",
+    "to_uint8",
+    "to_unit_range",
+    "sample_grid",
+    "trajectory_grid",
+    "save_png",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+# ----------------------------------------------------------------------------- pixel conversions
+
+
+def to_model_range(uint8_batch: Tensor) -> Tensor:
+    """Map ``uint8`` pixels ``0..255`` to ``float32`` in ``[-1, 1]`` as ``x / 255 * 2 - 1``.
+
+    Works on any shape (a single ``(1, 32, 32)`` image or a ``(B, 1, 32, 32)`` batch) and keeps it; 0 maps to
+    exactly ``-1.0`` and 255 to exactly ``1.0``.
+
+    Raises:
+        TypeError: if the input is not ``torch.uint8``.
+    """
+    if uint8_batch.dtype != torch.uint8:
+        raise TypeError(f"to_model_range expects a torch.uint8 tensor, got {uint8_batch.dtype}")
+    return uint8_batch.to(torch.float32) / 255 * 2 - 1
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """Inverse of :func:`to_model_range`: floats in ``[-1, 1]`` to ``uint8`` ``0..255``, same shape and device.
+
+    Values outside ``[-1, 1]`` (e.g. raw sampler output) are clamped first, then ``(x + 1) / 2 * 255`` is rounded
+    to the nearest integer (halves to even). ``to_uint8(to_model_range(u)) == u`` for every ``uint8`` tensor ``u``.
+    """
+    x = x.detach().to(torch.float32).clamp(-1.0, 1.0)
+    return ((x + 1) / 2 * 255).round().to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------- pictures
+
 
 def to_unit_range(x: Tensor) -> Tensor:
-    """Map images from [-1, 1] to [0, 1] (clamped)."""
+    """Map images from [-1, 1] to [0, 1] (clamped): any shape, returned as ``float32`` on the CPU."""
     return ((x.detach().float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
@@ -34,3 +87,4 @@ def save_png(image: Tensor, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(image, path)
     return path
+

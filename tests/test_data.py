@@ -1,4 +1,4 @@
-"""Specification of ddpm_lightning.data: MNIST checks, loading, scaling and the DataModule.
+"""Specification of ddpm_lightning.mnist (file checks, loading) and ddpm_lightning.data (the DataModule).
 
 Most tests run on tiny synthetic IDX files (64 train / 32 test images, see
 ``mnist_fixtures.py``); the ``requires_real_mnist`` tests check the real dataset.
@@ -14,15 +14,9 @@ import pytest
 import torch
 import torchvision
 
-from ddpm_lightning.data import (
-    EXPECTED_FILES,
-    MNISTDataError,
-    MNISTDataModule,
-    check_mnist_files,
-    load_mnist_split,
-    to_model_range,
-    to_uint8,
-)
+from ddpm_lightning.data import MNISTDataModule
+from ddpm_lightning.images import to_model_range
+from ddpm_lightning.mnist import EXPECTED_FILES, MNISTDataError, check_mnist_files, load_mnist_split
 from mnist_fixtures import (
     FILE_NAMES,
     REAL_MNIST_ROOT,
@@ -106,30 +100,6 @@ def test_model_range_border_is_exactly_minus_one_and_centre_is_x_over_255_times_
     # the fake digits have non-zero edges, so the border really is added padding
     assert torch.all(x[:, 0, 2, 2:30] > -1.0)
     assert x.min() >= -1.0 and x.max() == 1.0
-
-
-def test_to_model_range_endpoints_and_exact_roundtrip_of_all_256_levels():
-    u = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
-    x = to_model_range(u)
-    assert x.dtype == torch.float32
-    assert x.shape == u.shape
-    assert x.flatten()[0].item() == -1.0
-    assert x.flatten()[255].item() == 1.0
-    assert torch.all(x.flatten()[1:] > x.flatten()[:-1])  # strictly increasing
-    back = to_uint8(x)
-    assert back.dtype == torch.uint8
-    assert torch.equal(back, u)
-
-
-def test_to_uint8_clamps_out_of_range_values_and_rounds():
-    x = torch.tensor([-3.0, -1.0, 0.0, 0.5, 1.0, 7.0])
-    # (x+1)/2*255: 0, 0, 127.5 -> 128 (round half to even), 191.25 -> 191, 255, 255
-    assert to_uint8(x).tolist() == [0, 0, 128, 191, 255, 255]
-
-
-def test_to_model_range_rejects_float_input():
-    with pytest.raises(TypeError, match="uint8"):
-        to_model_range(torch.zeros(1, 1, 32, 32))
 
 
 # --------------------------------------------------------------------------- subsets
