@@ -129,8 +129,6 @@ class MNISTDataModule(lightning.LightningDataModule):
         download: download MNIST with torchvision in :meth:`prepare_data` (needs
             internet); otherwise only check the files.
         pin_memory: passed to the DataLoaders.
-        class_conditional: recorded for the model/config; the loaders always yield
-            labels, an unconditional model just ignores them.
         seed: seed of the training shuffle.
 
     Raises:
@@ -149,7 +147,6 @@ class MNISTDataModule(lightning.LightningDataModule):
         num_workers: int = 0,
         download: bool = False,
         pin_memory: bool = False,
-        class_conditional: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -169,11 +166,7 @@ class MNISTDataModule(lightning.LightningDataModule):
             raise _invalid("num_workers", num_workers, "must be a non-negative integer")
         if not is_int(seed):
             raise _invalid("seed", seed, "must be an integer")
-        for key, flag in (
-            ("download", download),
-            ("pin_memory", pin_memory),
-            ("class_conditional", class_conditional),
-        ):
+        for key, flag in (("download", download), ("pin_memory", pin_memory)):
             if not isinstance(flag, bool):
                 raise _invalid(key, flag, "must be true or false")
         if root is None or os.fspath(root) == "":
@@ -186,7 +179,6 @@ class MNISTDataModule(lightning.LightningDataModule):
         self.num_workers = num_workers
         self.download = download
         self.pin_memory = pin_memory
-        self.class_conditional = class_conditional
         self.seed = seed
         self.save_hyperparameters()
 
