@@ -23,7 +23,7 @@ import lightning
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from ddpm_lightning.errors import ConfigError, invalid, is_int
+from ddpm_lightning.errors import invalid, is_int
 from ddpm_lightning.images import to_model_range
 from ddpm_lightning.mnist import MNIST_NUM_TEST, check_mnist_files, download_mnist, load_mnist_split, raw_dir
 
@@ -106,10 +106,6 @@ class EpochShuffleSampler(RandomSampler):
 # ----------------------------------------------------------------------------- datamodule
 
 
-def _invalid(key: str, value: object, why: str) -> ConfigError:
-    return invalid(f"data.{key}", value, why)
-
-
 class MNISTDataModule(lightning.LightningDataModule):
     """MNIST 32x32 in ``[-1, 1]`` for training a DDPM.
 
@@ -132,8 +128,9 @@ class MNISTDataModule(lightning.LightningDataModule):
         seed: seed of the training shuffle.
 
     Raises:
-        ConfigError: (a ``ValueError``) on an invalid argument, one line naming the Hydra key and value, e.g.
-            ``data.batch_size=0 is invalid: must be a positive integer``; also from :meth:`setup` when ``subset_size`` or ``val_size`` exceeds the images on disk.
+        ConfigError: (a ``ValueError``) on an invalid argument, one line naming the parameter and value, e.g.
+            ``batch_size=0 is invalid: must be a positive integer`` (the config boundary puts it under
+            ``data.``); also from :meth:`setup` when ``subset_size`` or ``val_size`` exceeds the images on disk.
         MNISTDataError: from :meth:`prepare_data` / :meth:`setup` when files are missing
             or corrupt (see :func:`ddpm_lightning.mnist.check_mnist_files`).
     """
@@ -151,26 +148,26 @@ class MNISTDataModule(lightning.LightningDataModule):
     ) -> None:
         super().__init__()
         if not is_int(batch_size) or batch_size <= 0:
-            raise _invalid("batch_size", batch_size, "must be a positive integer")
+            raise invalid("batch_size", batch_size, "must be a positive integer")
         if subset_size is not None and (not is_int(subset_size) or subset_size <= 0):
-            raise _invalid(
+            raise invalid(
                 "subset_size", subset_size, "must be a positive integer, or null for all images"
             )
         if not is_int(val_size) or val_size <= 0:
-            raise _invalid("val_size", val_size, "must be a positive integer")
+            raise invalid("val_size", val_size, "must be a positive integer")
         if val_size > MNIST_NUM_TEST:
-            raise _invalid(
+            raise invalid(
                 "val_size", val_size, f"must be at most {MNIST_NUM_TEST} (the MNIST test set size)"
             )
         if not is_int(num_workers) or num_workers < 0:
-            raise _invalid("num_workers", num_workers, "must be a non-negative integer")
+            raise invalid("num_workers", num_workers, "must be a non-negative integer")
         if not is_int(seed):
-            raise _invalid("seed", seed, "must be an integer")
+            raise invalid("seed", seed, "must be an integer")
         for key, flag in (("download", download), ("pin_memory", pin_memory)):
             if not isinstance(flag, bool):
-                raise _invalid(key, flag, "must be true or false")
+                raise invalid(key, flag, "must be true or false")
         if root is None or os.fspath(root) == "":
-            raise _invalid("root", root, "must be a directory containing MNIST/raw")
+            raise invalid("root", root, "must be a directory containing MNIST/raw")
 
         self.root = Path(os.fspath(root)).expanduser()
         self.batch_size = batch_size
@@ -217,7 +214,7 @@ class MNISTDataModule(lightning.LightningDataModule):
         n_avail = train_images.shape[0]
         if self.subset_size is not None:
             if self.subset_size > n_avail:
-                raise _invalid(
+                raise invalid(
                     "subset_size",
                     self.subset_size,
                     f"only {n_avail} training images are available in {raw_dir(self.root)}",
@@ -229,7 +226,7 @@ class MNISTDataModule(lightning.LightningDataModule):
         test_images, test_labels = load_mnist_split(self.root, train=False)
         n_test = test_images.shape[0]
         if self.val_size > n_test:
-            raise _invalid(
+            raise invalid(
                 "val_size",
                 self.val_size,
                 f"only {n_test} test images are available in {raw_dir(self.root)}",

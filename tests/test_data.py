@@ -408,16 +408,16 @@ def test_download_errors_propagate_when_files_are_missing(tmp_path, monkeypatch)
 @pytest.mark.parametrize(
     "kwargs, key, value",
     [
-        ({"batch_size": 0}, "data.batch_size", "0"),
-        ({"batch_size": -1}, "data.batch_size", "-1"),
-        ({"batch_size": 2.5}, "data.batch_size", "2.5"),
-        ({"batch_size": True}, "data.batch_size", "True"),
-        ({"subset_size": 0}, "data.subset_size", "0"),
-        ({"subset_size": -3}, "data.subset_size", "-3"),
-        ({"val_size": 0}, "data.val_size", "0"),
-        ({"val_size": 10001}, "data.val_size", "10001"),
-        ({"num_workers": -1}, "data.num_workers", "-1"),
-        ({"download": "yes"}, "data.download", "yes"),
+        ({"batch_size": 0}, "batch_size", "0"),
+        ({"batch_size": -1}, "batch_size", "-1"),
+        ({"batch_size": 2.5}, "batch_size", "2.5"),
+        ({"batch_size": True}, "batch_size", "True"),
+        ({"subset_size": 0}, "subset_size", "0"),
+        ({"subset_size": -3}, "subset_size", "-3"),
+        ({"val_size": 0}, "val_size", "0"),
+        ({"val_size": 10001}, "val_size", "10001"),
+        ({"num_workers": -1}, "num_workers", "-1"),
+        ({"download": "yes"}, "download", "yes"),
     ],
 )
 def test_bad_arguments_are_rejected_at_construction(kwargs, key, value):
@@ -433,14 +433,16 @@ def test_bad_arguments_are_rejected_at_construction(kwargs, key, value):
 def test_batch_size_message_reads_as_documented():
     with pytest.raises(ValueError) as err:
         MNISTDataModule(batch_size=0)
-    assert str(err.value) == "data.batch_size=0 is invalid: must be a positive integer"
+    assert str(err.value) == "batch_size=0 is invalid: must be a positive integer"
+    # the component names its own parameter; the config boundary adds the node's path
+    assert str(err.value.at("data")) == "data.batch_size=0 is invalid: must be a positive integer"
 
 
 @pytest.mark.parametrize(
     "kwargs, key, value, available",
     [
-        ({"subset_size": N_TRAIN + 1}, "data.subset_size", N_TRAIN + 1, N_TRAIN),
-        ({"val_size": N_TEST + 1}, "data.val_size", N_TEST + 1, N_TEST),
+        ({"subset_size": N_TRAIN + 1}, "subset_size", N_TRAIN + 1, N_TRAIN),
+        ({"val_size": N_TEST + 1}, "val_size", N_TEST + 1, N_TEST),
     ],
 )
 def test_sizes_larger_than_the_data_on_disk_are_rejected_in_setup(
