@@ -1,4 +1,4 @@
-"""Every pixel conversion, and sample pictures.
+"""Every pixel conversion, sample pictures, and the one atomic file write.
 
 Pixel conventions:
 
@@ -7,15 +7,18 @@ Pixel conventions:
 * pictures for people (grids, trajectories, PNG files) are ``float32`` ``(3, H, W)`` in ``[0, 1]``.
 
 :func:`to_model_range` and :func:`to_uint8` convert between the first two (``to_uint8(to_model_range(u)) == u``),
-:func:`to_unit_range` to the third. No Lightning here: torch and torchvision only.
+:func:`to_unit_range` to the third; :func:`nchw_to_nhwc` / :func:`nhwc_to_nchw` swap the channel axis.
+:func:`atomic_write` writes a file through a temporary file in the same folder, so a kill never leaves half a file
+under the final name. No Lightning here: torch and torchvision only.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import uuid
 from pathlib import Path
-from typing import Union
+from typing import Callable, Union
 
 import torch
 from torch import Tensor
@@ -25,9 +28,12 @@ __all__ = [
     "to_model_range",
     "to_uint8",
     "to_unit_range",
+    "nchw_to_nhwc",
+    "nhwc_to_nchw",
     "sample_grid",
     "trajectory_grid",
     "save_png",
+    "atomic_write",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -60,6 +66,20 @@ def to_uint8(x: Tensor) -> Tensor:
     return ((x + 1) / 2 * 255).round().to(torch.uint8)
 
 
+def nchw_to_nhwc(x: Tensor) -> Tensor:
+    """``(N, C, H, W)`` -> ``(N, H, W, C)`` (channels last, the layout of ``samples.npz``), contiguous; any dtype."""
+    if x.dim() != 4:
+        raise ValueError(f"nchw_to_nhwc expects a 4-d (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+def nhwc_to_nchw(x: Tensor) -> Tensor:
+    """``(N, H, W, C)`` -> ``(N, C, H, W)`` (channels first, the model's layout), contiguous; any dtype."""
+    if x.dim() != 4:
+        raise ValueError(f"nhwc_to_nchw expects a 4-d (N, H, W, C) tensor, got shape {tuple(x.shape)}")
+    return x.permute(0, 3, 1, 2).contiguous()
+
+
 # ----------------------------------------------------------------------------- pictures
 
 
@@ -88,3 +108,44 @@ def save_png(image: Tensor, path: str | Path) -> Path:
     save_image(image, path)
     return path
 
+
+# ----------------------------------------------------------------------------- files
+
+
+def atomic_write(path: PathLike, write_fn: Callable[[Path], object], fsync: bool = True) -> Path:
+    """Write ``path`` all at once: ``write_fn(tmp)`` writes a temporary file, which then replaces ``path``.
+
+    The temporary file is hidden in the same folder (``.<name>.tmp-<pid>-<random>``), so the final
+    ``os.replace`` is a rename on one filesystem (atomic on POSIX): a reader or a kill sees the old file or the
+    new one, never half of one. The parent folder is created. With ``fsync`` the data reaches the disk before the
+    rename. If ``write_fn`` raises (or writes nothing), the temporary file is removed, the old file at ``path`` (if
+    any) is left as it was, and the exception propagates.
+
+    Args:
+        path: the final file.
+        write_fn: called once with the temporary path (a :class:`~pathlib.Path`); must create that file. Its name
+            does not end like ``path``, so tell writers that guess the format from the suffix which one to use
+            (``PIL.Image.save(tmp, format="PNG")``), and give ``np.savez`` an open file (it would append ``.npz``).
+            Its return value is ignored.
+        fsync: flush the temporary file to disk before the rename.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    target = Path(os.fspath(path))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        write_fn(tmp)
+        if not tmp.is_file():
+            raise FileNotFoundError(f"atomic_write: the writer did not create {tmp} for {target}")
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
