@@ -1,4 +1,4 @@
-"""Specification of ddpm_lightning.data: MNIST checks, loading, scaling and the DataModule.
+"""Specification of ddpm_lightning.mnist (file checks, loading) and ddpm_lightning.data (the DataModule).
 
 Most tests run on tiny synthetic IDX files (64 train / 32 test images, see
 ``mnist_fixtures.py``); the ``requires_real_mnist`` tests check the real dataset.
@@ -14,15 +14,9 @@ import pytest
 import torch
 import torchvision
 
-from ddpm_lightning.data import (
-    EXPECTED_FILES,
-    MNISTDataError,
-    MNISTDataModule,
-    check_mnist_files,
-    load_mnist_split,
-    to_model_range,
-    to_uint8,
-)
+from ddpm_lightning.data import MNISTDataModule
+from ddpm_lightning.images import to_model_range
+from ddpm_lightning.mnist import EXPECTED_FILES, MNISTDataError, check_mnist_files, load_mnist_split
 from mnist_fixtures import (
     FILE_NAMES,
     REAL_MNIST_ROOT,
@@ -106,30 +100,6 @@ def test_model_range_border_is_exactly_minus_one_and_centre_is_x_over_255_times_
     # the fake digits have non-zero edges, so the border really is added padding
     assert torch.all(x[:, 0, 2, 2:30] > -1.0)
     assert x.min() >= -1.0 and x.max() == 1.0
-
-
-def test_to_model_range_endpoints_and_exact_roundtrip_of_all_256_levels():
-    u = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
-    x = to_model_range(u)
-    assert x.dtype == torch.float32
-    assert x.shape == u.shape
-    assert x.flatten()[0].item() == -1.0
-    assert x.flatten()[255].item() == 1.0
-    assert torch.all(x.flatten()[1:] > x.flatten()[:-1])  # strictly increasing
-    back = to_uint8(x)
-    assert back.dtype == torch.uint8
-    assert torch.equal(back, u)
-
-
-def test_to_uint8_clamps_out_of_range_values_and_rounds():
-    x = torch.tensor([-3.0, -1.0, 0.0, 0.5, 1.0, 7.0])
-    # (x+1)/2*255: 0, 0, 127.5 -> 128 (round half to even), 191.25 -> 191, 255, 255
-    assert to_uint8(x).tolist() == [0, 0, 128, 191, 255, 255]
-
-
-def test_to_model_range_rejects_float_input():
-    with pytest.raises(TypeError, match="uint8"):
-        to_model_range(torch.zeros(1, 1, 32, 32))
 
 
 # --------------------------------------------------------------------------- subsets
@@ -352,22 +322,102 @@ def test_image_and_label_counts_must_match(fake_mnist_root):
     assert f"{N_TRAIN} images" in msg and f"{N_TRAIN - 1} labels" in msg
 
 
+def _corrupt(raw, case):
+    """Damage one file in ``raw`` as ``case`` says; returns (file name, text the message must hold)."""
+    digits, _ = make_fake_mnist_arrays(N_TRAIN, N_TEST, seed=0)["train"]
+    if case == "not_28x28":  # same bytes, header says 14x56: torchvision reads it happily
+        write_idx_images(raw / "train-images-idx3-ubyte", digits.reshape(N_TRAIN, 14, 56))
+        return "train-images-idx3-ubyte", "images are 14x56, expected 28x28"
+    if case == "label_out_of_range":
+        write_idx_labels(raw / "t10k-labels-idx1-ubyte", np.full(N_TEST, 10, np.uint8))
+        return "t10k-labels-idx1-ubyte", "labels range 10..10, expected 0..9"
+    if case == "zero_items":  # self-consistent header, but torchvision refuses the empty buffer
+        write_idx_labels(raw / "train-labels-idx1-ubyte", np.zeros(0, np.uint8))
+        return "train-labels-idx1-ubyte", "torchvision cannot read it"
+    if case == "negative_count":  # torchvision reads the count as unsigned
+        path = raw / "t10k-labels-idx1-ubyte"
+        path.write_bytes(path.read_bytes()[:4] + (-1).to_bytes(4, "big", signed=True) + path.read_bytes()[8:])
+        return "t10k-labels-idx1-ubyte", f"actual size {8 + N_TEST} bytes, expected {8 + 2**32 - 1} bytes"
+    if case == "float_images":  # IDX type 0x0D (float32), 3 dims
+        path = raw / "t10k-images-idx3-ubyte"
+        path.write_bytes((0x0D03).to_bytes(4, "big") + path.read_bytes()[4:])
+        return "t10k-images-idx3-ubyte", f"bad IDX magic number {0x0D03} (expected 2051)"
+    if case == "empty":
+        (raw / "train-images-idx3-ubyte").write_bytes(b"")
+        return "train-images-idx3-ubyte", "actual size 0 bytes, smaller than the 16-byte IDX header"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "case", ["not_28x28", "label_out_of_range", "zero_items", "negative_count", "float_images", "empty"]
+)
+def test_corrupt_files_give_one_line_errors_in_check_and_load(fake_mnist_root, case):
+    name, text = _corrupt(fake_mnist_root / "MNIST" / "raw", case)
+    with pytest.raises(MNISTDataError) as err:
+        check_mnist_files(fake_mnist_root)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert str(fake_mnist_root / "MNIST" / "raw" / name) in msg
+    assert text in msg
+    assert "actual size" in msg or "labels range" in msg
+    with pytest.raises(MNISTDataError, match=name):
+        load_mnist_split(fake_mnist_root, train=name.startswith("train"))
+
+
+def test_load_parses_each_file_of_its_split_once_and_only_those(fake_mnist_root, monkeypatch):
+    import ddpm_lightning.mnist as mnist
+
+    calls = []
+    for reader in ("read_image_file", "read_label_file"):
+        real = getattr(mnist, reader)
+        monkeypatch.setattr(mnist, reader, lambda path, real=real: calls.append(Path(path).name) or real(path))
+    monkeypatch.setattr(torchvision.datasets, "MNIST", None)  # not through the dataset class either
+    load_mnist_split(fake_mnist_root, train=False)
+    assert calls == ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+
+
+def test_download_mnist_checks_the_files_and_reports_corrupt_ones_as_ours(fake_mnist_root, monkeypatch):
+    import ddpm_lightning.mnist as mnist
+
+    seen = []
+    monkeypatch.setattr(torchvision.datasets, "MNIST", lambda root, train, download: seen.append((root, download)))
+    assert mnist.download_mnist(fake_mnist_root) == fake_mnist_root / "MNIST" / "raw"
+    assert seen == [(str(fake_mnist_root), True)]
+
+    def torchvision_fails(root, train, download):  # e.g. an AssertionError on a corrupt file already there
+        raise AssertionError()
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", torchvision_fails)
+    _corrupt(fake_mnist_root / "MNIST" / "raw", "empty")
+    with pytest.raises(MNISTDataError, match="train-images-idx3-ubyte.*actual size 0 bytes"):
+        MNISTDataModule(root=fake_mnist_root, download=True).prepare_data()
+
+
+def test_download_errors_propagate_when_files_are_missing(tmp_path, monkeypatch):
+    def offline(root, train, download):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    with pytest.raises(RuntimeError, match="Error downloading"):
+        MNISTDataModule(root=tmp_path, download=True).prepare_data()
+
+
 # --------------------------------------------------------------------------- bad arguments
 
 
 @pytest.mark.parametrize(
     "kwargs, key, value",
     [
-        ({"batch_size": 0}, "data.batch_size", "0"),
-        ({"batch_size": -1}, "data.batch_size", "-1"),
-        ({"batch_size": 2.5}, "data.batch_size", "2.5"),
-        ({"batch_size": True}, "data.batch_size", "True"),
-        ({"subset_size": 0}, "data.subset_size", "0"),
-        ({"subset_size": -3}, "data.subset_size", "-3"),
-        ({"val_size": 0}, "data.val_size", "0"),
-        ({"val_size": 10001}, "data.val_size", "10001"),
-        ({"num_workers": -1}, "data.num_workers", "-1"),
-        ({"download": "yes"}, "data.download", "yes"),
+        ({"batch_size": 0}, "batch_size", "0"),
+        ({"batch_size": -1}, "batch_size", "-1"),
+        ({"batch_size": 2.5}, "batch_size", "2.5"),
+        ({"batch_size": True}, "batch_size", "True"),
+        ({"subset_size": 0}, "subset_size", "0"),
+        ({"subset_size": -3}, "subset_size", "-3"),
+        ({"val_size": 0}, "val_size", "0"),
+        ({"val_size": 10001}, "val_size", "10001"),
+        ({"num_workers": -1}, "num_workers", "-1"),
+        ({"download": "yes"}, "download", "yes"),
     ],
 )
 def test_bad_arguments_are_rejected_at_construction(kwargs, key, value):
@@ -383,14 +433,16 @@ def test_bad_arguments_are_rejected_at_construction(kwargs, key, value):
 def test_batch_size_message_reads_as_documented():
     with pytest.raises(ValueError) as err:
         MNISTDataModule(batch_size=0)
-    assert str(err.value) == "data.batch_size=0 is invalid: must be a positive integer"
+    assert str(err.value) == "batch_size=0 is invalid: must be a positive integer"
+    # the component names its own parameter; the config boundary adds the node's path
+    assert str(err.value.at("data")) == "data.batch_size=0 is invalid: must be a positive integer"
 
 
 @pytest.mark.parametrize(
     "kwargs, key, value, available",
     [
-        ({"subset_size": N_TRAIN + 1}, "data.subset_size", N_TRAIN + 1, N_TRAIN),
-        ({"val_size": N_TEST + 1}, "data.val_size", N_TEST + 1, N_TEST),
+        ({"subset_size": N_TRAIN + 1}, "subset_size", N_TRAIN + 1, N_TRAIN),
+        ({"val_size": N_TEST + 1}, "val_size", N_TEST + 1, N_TEST),
     ],
 )
 def test_sizes_larger_than_the_data_on_disk_are_rejected_in_setup(
