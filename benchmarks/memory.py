@@ -3,7 +3,7 @@
 Each case runs in its own process (``os.wait4`` gives that child's peak RSS), so cases do not inherit each other's
 peaks; ``baseline`` is the same process after importing torch, Lightning and the project, doing nothing.
 
-* ``train <net>``: ``ddpm_lightning.train.train`` (real configs, batch ``data.batch_size``=64), ``--train-steps``
+* ``train <net>``: ``ddpm_lightning.training.train`` (real configs, batch ``data.batch_size``=64), ``--train-steps``
   steps on MNIST, picture callback off.
 * ``sample <net>``: ``DDPM.sample`` of ``--sample-batch`` images (ddpm-sample's default batch 256) with DDIM-2
   (memory does not grow with the number of steps).
@@ -29,7 +29,7 @@ _CHILD = r"""
 import json, sys, tempfile, torch
 sys.path.insert(0, {repo!r})
 from hydra import compose, initialize_config_dir
-from ddpm_lightning.train import train
+from ddpm_lightning.training import train
 from ddpm_lightning.module import DDPM
 from ddpm_lightning.samplers import DDIMSampler
 from ddpm_lightning.schedule import NoiseSchedule

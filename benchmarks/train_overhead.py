@@ -1,7 +1,7 @@
 """Training overhead: a full ``ddpm-train`` step vs a bare PyTorch loop with the same network, batch and optimizer.
 
 The bare loop is the lower bound: in-memory uint8 MNIST, a random batch, q_sample, the epsilon-MSE, backward,
-gradient clipping at 1.0 and Adam. The project's step is ``ddpm_lightning.train.train`` with the real configs
+gradient clipping at 1.0 and Adam. The project's step is ``ddpm_lightning.training.train`` with the real configs
 (DataModule + DataLoader, LightningModule with per-step seeding and the non-finite check, TensorBoard logging every
 10 steps, EMA, checkpoint callbacks); only the picture callback is off (it runs once per epoch, not per step) and
 the progress bar (callbacks.samples=null). Steps are timed between consecutive ``on_train_batch_start`` calls after ``--warmup`` steps, so
@@ -34,9 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common import DEFAULT_DATA_ROOT, mnist_root  # noqa: E402
-from ddpm_lightning.data import load_mnist_split  # noqa: E402
+from ddpm_lightning.mnist import load_mnist_split  # noqa: E402
 from ddpm_lightning.schedule import NoiseSchedule  # noqa: E402
-from ddpm_lightning.train import train  # noqa: E402
+from ddpm_lightning.training import train  # noqa: E402
 
 
 class StepTimer(L.Callback):

@@ -25,6 +25,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from ddpm_lightning.config import build
 from ddpm_lightning.errors import ConfigError, NonFiniteWeightsError, first_line, invalid
 from ddpm_lightning.hparams import flatten
+from ddpm_lightning.images import atomic_write
 from ddpm_lightning.module import DDPM, first_non_finite
 
 log = logging.getLogger(__name__)
@@ -148,8 +149,8 @@ def load_ddpm(path: str | os.PathLike[str], map_location: str | torch.device = "
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint I/O that never leaves a half-written checkpoint under the final name.
 
-    Each local save goes to a hidden temporary file in the same folder (``.<name>.tmp-<pid>``), is flushed and
-    fsynced, and is then renamed over the target with ``os.replace`` (atomic on POSIX), so a kill during a save
+    Each local save goes to a hidden temporary file in the same folder (:func:`~ddpm_lightning.images.atomic_write`),
+    is fsynced, and is then renamed over the target with ``os.replace`` (atomic on POSIX), so a kill during a save
     leaves the previous ``last.ckpt`` intact; a checkpoint whose weights (raw or EMA) hold a NaN or an infinity is
     refused with :class:`~ddpm_lightning.errors.NonFiniteWeightsError` and nothing is written. Lightning's own save
     also uses a temporary file, but fsspec puts it in the system temp folder: on another filesystem the final move
@@ -168,14 +169,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        target = Path(os.fspath(path))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        try:
+        def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
                 torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+
+        atomic_write(path, write)

@@ -154,12 +154,28 @@ class EvaluateConfig(EvaluateOptions):
     task_name: str = MISSING
 
 
+@dataclass
+class TrainClassifierConfig:
+    """``ddpm-train-classifier``'s options: types here, values and meaning in ``conf/train_classifier.yaml``."""
+
+    data: EvaluationData = field(default_factory=EvaluationData)
+    out: Optional[str] = MISSING
+    epochs: int = MISSING
+    seed: int = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    augment: bool = MISSING
+    max_steps: Optional[int] = MISSING
+    train_size: Optional[int] = MISSING
+
+
 def _register_schemas() -> None:
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
     store.store(name="sample_schema", node=SampleConfig)
     store.store(name="evaluate_schema", node=EvaluateConfig)
+    store.store(name="train_classifier_schema", node=TrainClassifierConfig)
 
 
 #: Marker key of ``conf/sampler/checkpoint.yaml``: "use the sampler stored in the checkpoint".

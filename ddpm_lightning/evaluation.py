@@ -233,6 +233,6 @@ def evaluate(opts: EvaluateConfig | Any) -> dict[str, Any]:
         "seconds": time.perf_counter() - start,
         "metrics_json": str(metrics_path),
     })
-    atomic_write(metrics_path, lambda f: f.write((json.dumps(metrics, indent=2) + "\n").encode()))
+    atomic_write(metrics_path, lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
     print(format_table(metrics), flush=True)
     return metrics

@@ -149,3 +149,19 @@ def atomic_write(path: PathLike, write_fn: Callable[[Path], object], fsync: bool
     finally:
         tmp.unlink(missing_ok=True)
     return target
+
+
+GIF_FRAME_MS = 100  #: duration of each trajectory frame
+GIF_LAST_FRAME_MS = 1500  #: the final sample stays on screen longer
+
+
+def save_gif(frames: list[Tensor], path: PathLike) -> Path:
+    """An animated GIF, looping forever, with one frame per ``(n, C, H, W)`` tensor in [-1, 1] (the
+    :func:`sample_grid` of the n samples, grey); consecutive pixel-identical frames are merged by Pillow. Written with
+    :func:`atomic_write`; returns the path."""
+    from PIL import Image
+
+    images = [Image.fromarray((sample_grid(x)[0] * 255).round().to(torch.uint8).numpy(), mode="L") for x in frames]
+    durations = [GIF_FRAME_MS] * (len(images) - 1) + [GIF_LAST_FRAME_MS]
+    return atomic_write(path, lambda tmp: images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
+                                                         duration=durations, loop=0))

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
-from ddpm_lightning.errors import first_line
+from ddpm_lightning.errors import MNISTDataError, first_line
 
 __all__ = [
     "EXPECTED_FILES",
@@ -76,8 +76,6 @@ _ROOT_HINT = (
 _READER_ERRORS = (AssertionError, RuntimeError, TypeError, ValueError, KeyError, IndexError, OSError)
 
 
-class MNISTDataError(RuntimeError):
-    """The MNIST raw files are missing, truncated or corrupt (message is one line)."""
 
 
 def raw_dir(root: PathLike) -> Path:

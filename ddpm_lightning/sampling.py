@@ -215,7 +215,11 @@ def write_samples(out_dir: Path, drawn: Drawn, overwrite: bool = False) -> dict[
     arrays = [images.permute(0, 2, 3, 1).contiguous().numpy()]
     if drawn.labels is not None:
         arrays.append(drawn.labels.numpy())
-    samples = atomic_write(out_dir / SAMPLES_FILE, lambda f: np.savez(f, *arrays))
+    def write_npz(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # an open file: np.savez would append .npz to a path
+            np.savez(f, *arrays)
+
+    samples = atomic_write(out_dir / SAMPLES_FILE, write_npz)
     grid = save_png(sample_grid(to_model_range(images[:GRID_MAX])), out_dir / GRID_FILE)
     traj_png = traj_gif = None
     if drawn.frames:

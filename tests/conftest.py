@@ -45,11 +45,11 @@ TINY_TRAIN = [
 
 
 def compose_train(overrides: list[str]):
-    """Compose the real ``conf/train.yaml`` with ``overrides`` (as ``ddpm-train`` would, without running Hydra)."""
-    from hydra import compose, initialize_config_dir
+    """Compose the real ``conf/train.yaml`` with ``overrides`` as ``ddpm-train`` does (one-line errors for unknown
+    keys), without running Hydra."""
+    from ddpm_lightning.config import compose_config
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+    return compose_config("train", overrides)
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def tiny_train_overrides(fake_mnist_root: Path, tmp_path: Path) -> list[str]:
 
 
 def run_train_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python -m ddpm_lightning.train *args`` in ``cwd`` (as a user types ``ddpm-train``), output captured."""
+    """``python -m ddpm_lightning.cli.train *args`` in ``cwd`` (as a user types ``ddpm-train``), output captured."""
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "ddpm_lightning.train", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "ddpm_lightning.cli.train", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)

@@ -23,9 +23,9 @@ from conftest import CONF_DIR, TINY_TRAIN, compose_train, run_train_cli
 
 from ddpm_lightning.checkpoint import AtomicCheckpointIO, load_checkpoint
 from ddpm_lightning.config import check_group_choices
-from ddpm_lightning.data import MNISTDataError
+from ddpm_lightning.errors import MNISTDataError
 from ddpm_lightning.errors import ConfigError
-from ddpm_lightning.train import train
+from ddpm_lightning.training import train
 
 REPO = CONF_DIR.parent
 
@@ -62,8 +62,8 @@ TRAIN_BAD_INPUTS: list[tuple[list[str], str]] = [
     (["trainer.gradient_clip_val=inf"], "trainer.gradient_clip_val=inf is invalid: must be a finite number >= 0 or null"),
     (["lr_scheduler=onecycle", "trainer.max_steps=10", "lr_scheduler.max_lr=inf"], "lr_scheduler.max_lr=inf is invalid"),
     (["seed=-1"], "seed=-1 is invalid"),
-    (["label_dropout=1.5"], "label_dropout=1.5 is invalid"),
-    (["min_snr_gamma=0"], "min_snr_gamma=0 is invalid"),
+    (["diffusion.label_dropout=1.5"], "diffusion.label_dropout=1.5 is invalid"),
+    (["diffusion.min_snr_gamma=0"], "diffusion.min_snr_gamma=0 is invalid"),
     (["callbacks.ema.decay=1.0"], "callbacks.ema.decay=1.0 is invalid"),
     (["model.num_classes=0"], "model.num_classes=0 is invalid"),
     (["+model.patch_size=3"], "model.patch_size=3 is invalid"),
@@ -207,12 +207,10 @@ def test_a_checkpoint_that_would_run_code_is_refused(trained_run, tmp_path, entr
         if entry == "train":
             train(_resume(trained_run, tmp_path, f"ckpt_path={evil}"))
         else:
-            from ddpm_lightning.sample import sample
-            from hydra import compose, initialize_config_dir
+            from ddpm_lightning.cli.sample import sample
+            from ddpm_lightning.config import compose_config
 
-            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-                cfg = compose(config_name="sample", overrides=[f"ckpt_path={evil}", f"out_dir={tmp_path / 's'}"])
-            sample(cfg)
+            sample(compose_config("sample", [f"ckpt_path={evil}", f"out_dir={tmp_path / 's'}"]))
     text = _one_line(excinfo.value)
     assert f"ckpt_path='{evil}' is invalid: not a readable checkpoint (torch.load weights_only=True failed" in text
     assert not marker.exists()
@@ -279,7 +277,7 @@ def test_sigkill_during_save_leaves_the_previous_checkpoint(trained_run, tmp_pat
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert last.read_bytes() == before
     load_checkpoint(last)
-    from ddpm_lightning.train import newest_checkpoint
+    from ddpm_lightning.training import newest_checkpoint
 
     assert newest_checkpoint(tmp_path) == last  # the leftover hidden temp file is never picked for a resume
 
@@ -316,7 +314,7 @@ def test_two_runs_started_in_the_same_second_get_different_directories(fake_mnis
     args = [*TINY_TRAIN, f"data.root={fake_mnist_root}"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [
-        subprocess.Popen([sys.executable, "-m", "ddpm_lightning.train", *args], cwd=tmp_path, env=env,
+        subprocess.Popen([sys.executable, "-m", "ddpm_lightning.cli.train", *args], cwd=tmp_path, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(2)
     ]
@@ -336,7 +334,7 @@ def test_two_runs_started_in_the_same_second_get_different_directories(fake_mnis
 FUZZ_KEYS = [
     "schedule.beta_start", "schedule.beta_end", "schedule.timesteps", "schedule.kind", "sampler.steps",
     "sampler.eta", "data.batch_size", "data.subset_size", "data.val_size", "optimizer.lr", "seed",
-    "label_dropout", "callbacks.samples.num_samples", "callbacks.ema.decay",
+    "diffusion.label_dropout", "callbacks.samples.num_samples", "callbacks.ema.decay",
 ]
 _FUZZ_VALUES = st.one_of(
     st.integers(-5, 1200).map(str),
@@ -459,7 +457,7 @@ def test_a_second_ddpm_train_on_a_held_run_dir_is_refused_in_one_line_and_can_re
                 "ckpt_path=last"]
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen([sys.executable, "-m", "ddpm_lightning.train", *args(20)], cwd=tmp_path, env=env,
+    first = subprocess.Popen([sys.executable, "-m", "ddpm_lightning.cli.train", *args(20)], cwd=tmp_path, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120

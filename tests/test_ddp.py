@@ -18,7 +18,7 @@ from ddpm_lightning.module import derive_seed
 
 def _cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "ddpm_lightning.train", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "ddpm_lightning.cli.train", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -78,7 +78,7 @@ def test_killed_run_resumes_with_the_same_command_and_matches_an_uninterrupted_r
               f"data.root={fake_mnist_root}", "ckpt_path=last"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "ddpm_lightning.train", *common, f"run_dir={run}", f"hydra.run.dir={tmp_path / 'h1'}"]
+    cmd = [sys.executable, "-m", "ddpm_lightning.cli.train", *common, f"run_dir={run}", f"hydra.run.dir={tmp_path / 'h1'}"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = run / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
@@ -121,7 +121,7 @@ def test_a_run_killed_in_the_grid_or_in_the_final_evaluation_resumes_to_the_same
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def start(run: Path, hydra_dir: str) -> tuple[subprocess.Popen, list[str]]:
-        proc = subprocess.Popen([sys.executable, "-m", "ddpm_lightning.train", *common, f"run_dir={run}",
+        proc = subprocess.Popen([sys.executable, "-m", "ddpm_lightning.cli.train", *common, f"run_dir={run}",
                                  f"hydra.run.dir={tmp_path / hydra_dir}"], cwd=tmp_path, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines: list[str] = []
@@ -187,7 +187,7 @@ def _sigterm_rank_zero(fake_mnist_root: Path, tmp_path: Path, phase: str) -> tup
             "callbacks.samples.num_samples=16", "callbacks.samples.trajectory_samples=2", f"data.root={fake_mnist_root}",
             f"run_dir={run}", f"hydra.run.dir={tmp_path / 'hydra'}", "callbacks.samples.sampler=null",
             *(["data.subset_size=16"] if phase == "grid" else ["data.subset_size=64", "callbacks.samples.every_n_epochs=0"])]
-    proc = subprocess.Popen([sys.executable, "-m", "ddpm_lightning.train", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "ddpm_lightning.cli.train", *args], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
@@ -267,7 +267,7 @@ def test_a_rank_that_dies_ends_the_other_with_one_line_and_a_non_zero_exit(fake_
     run = tmp_path / "run"
     args = ["trainer=ddp_sim", *TINY_TRAIN, "data.subset_size=64", "trainer.max_epochs=50", "callbacks.samples.every_n_epochs=0",
             f"data.root={fake_mnist_root}", f"run_dir={run}", f"hydra.run.dir={tmp_path / 'hydra'}"]
-    proc = subprocess.Popen([sys.executable, "-m", "ddpm_lightning.train", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "ddpm_lightning.cli.train", *args], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()

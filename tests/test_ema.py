@@ -35,7 +35,7 @@ def test_bad_ema_settings(kwargs, key):
 def test_ema_run_keeps_schedule_buffers_and_tracks_the_weights(tiny_train_overrides):
     from conftest import compose_train
 
-    from ddpm_lightning.train import train
+    from ddpm_lightning.training import train
 
     result = train(compose_train([*tiny_train_overrides, "trainer.max_epochs=1", "callbacks.ema.decay=0.5",
                                   "callbacks.ema.warmup=false"]))
@@ -52,7 +52,7 @@ def test_ema_run_keeps_schedule_buffers_and_tracks_the_weights(tiny_train_overri
 def test_ema_off_switch(tiny_train_overrides):
     from conftest import compose_train
 
-    from ddpm_lightning.train import train
+    from ddpm_lightning.training import train
 
     result = train(compose_train([*tiny_train_overrides, "callbacks.ema=null"]))
     ckpt = torch.load(result["last_ckpt"], map_location="cpu", weights_only=True)

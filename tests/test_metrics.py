@@ -211,7 +211,7 @@ def test_fid_of_a_set_with_itself_is_zero(fake_clf):
 
 
 def test_evaluate_images_keys(fake_root, fake_clf):
-    from ddpm_lightning.data import load_mnist_split
+    from ddpm_lightning.mnist import load_mnist_split
 
     model, meta = M.load_classifier(fake_clf)
     train, _ = load_mnist_split(fake_root, train=True)
@@ -290,7 +290,7 @@ def test_a_missing_classifier_file_exits_2_with_a_hint_that_works(fake_root, sam
 
 
 def _evaluate(overrides: list[str]):
-    from ddpm_lightning.evaluate import evaluate
+    from ddpm_lightning.evaluation import evaluate
 
     return evaluate(_compose(overrides))
 
@@ -315,7 +315,7 @@ def test_evaluate_bad_inputs(overrides, match, fake_root, fake_clf, tmp_path):
 
 
 def test_evaluate_bad_data_and_samples(fake_clf, tmp_path, fake_root, samples_npz):
-    from ddpm_lightning.data import MNISTDataError
+    from ddpm_lightning.errors import MNISTDataError
 
     with pytest.raises(MNISTDataError, match="data.root"):
         _evaluate(["samples=real", f"data.root={tmp_path / 'empty'}", f"classifier_path={fake_clf}", f"out_dir={tmp_path}"])
@@ -363,7 +363,7 @@ def test_evaluate_from_checkpoint(fake_root, fake_clf, tmp_path):
     """ckpt_path mode: ddpm-sample's sample() into out_dir/samples, then the metrics."""
     from hydra import compose, initialize_config_dir
 
-    from ddpm_lightning.train import train
+    from ddpm_lightning.training import train
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(
@@ -403,7 +403,7 @@ def test_evaluate_from_checkpoint(fake_root, fake_clf, tmp_path):
 @pytest.mark.slow
 def test_real_mnist_classifier_and_floor(real_mnist_root, tmp_path):
     """The packaged reference classifier is >= 99% accurate on the real test images; the real floor is small."""
-    from ddpm_lightning.data import load_mnist_split
+    from ddpm_lightning.mnist import load_mnist_split
 
     model, meta = M.load_classifier()
     train, _ = load_mnist_split(real_mnist_root, train=True)

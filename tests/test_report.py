@@ -14,7 +14,8 @@ from conftest import CONF_DIR, TINY_TRAIN
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
-from ddpm_lightning.report import main, report
+from ddpm_lightning.cli.report import main
+from ddpm_lightning.report import report
 
 REPO = CONF_DIR.parent
 QUARTILES = [f"val/loss_q{q}" for q in range(4)]
@@ -215,7 +216,7 @@ def test_real_tiny_sweep_end_to_end(fake_mnist_root, tmp_path):
     tiny = [o for o in TINY_TRAIN if not o.startswith("callbacks.samples.sampler")]
     train = subprocess.run(
         [
-            sys.executable, "-m", "ddpm_lightning.train", "-m", "schedule.beta_end=0.02,0.2", *tiny,
+            sys.executable, "-m", "ddpm_lightning.cli.train", "-m", "schedule.beta_end=0.02,0.2", *tiny,
             "callbacks.samples.sampler={_target_: ddpm_lightning.samplers.DDIMSampler, steps: 2}",
             "data.subset_size=8", f"data.root={fake_mnist_root}", f"hydra.sweep.dir={sweep}",
         ],
@@ -223,7 +224,7 @@ def test_real_tiny_sweep_end_to_end(fake_mnist_root, tmp_path):
     )  # fmt: skip
     assert train.returncode == 0, train.stderr[-3000:]
     proc = subprocess.run(
-        [sys.executable, "-m", "ddpm_lightning.report", str(sweep)],
+        [sys.executable, "-m", "ddpm_lightning.cli.report", str(sweep)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -13,11 +13,12 @@ import torch
 from mnist_fixtures import write_fake_mnist
 from PIL import Image
 
-from ddpm_lightning import sample as sample_module
+from ddpm_lightning import sampling
+from ddpm_lightning.cli import sample as sample_module
 from ddpm_lightning.checkpoint import load_checkpoint, load_ddpm
 from ddpm_lightning.errors import ConfigError
 from ddpm_lightning.samplers import DDIMSampler
-from ddpm_lightning.train import train
+from ddpm_lightning.training import train
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 T = 50  #: schedule.timesteps of the test checkpoint: full DDPM sampling stays cheap and T is not the default
@@ -25,10 +26,9 @@ DDPM_SAMPLE = Path(sys.executable).with_name("ddpm-sample")
 
 
 def _compose(name: str, overrides: list[str]):
-    from hydra import compose, initialize_config_dir
+    from ddpm_lightning.config import compose_config
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
+    return compose_config(name, overrides)  # as the command composes (one-line errors for bad keys and types)
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +248,7 @@ def test_bad_inputs_fail_before_the_network_is_built(ckpt, tmp_path, monkeypatch
         out.mkdir()
         (out / "samples.npz").write_bytes(b"earlier samples")
         overrides = []
-    monkeypatch.setattr(sample_module, "ddpm_from_checkpoint", _not_called)  # validation comes first
+    monkeypatch.setattr(sampling, "ddpm_from_checkpoint", _not_called)  # validation comes first
     with pytest.raises(ConfigError) as excinfo:
         sample_module.sample(_sample_cfg(ckpt, out, "num_samples=2", *overrides))
     assert key in _one_line_error(excinfo)
@@ -369,6 +369,7 @@ def test_sampler_node_merges_keys_into_the_stored_sampler_or_refuses_unknown_one
     assert sampler_node({**marker, "steps": 10}, stored) == ({**stored, "steps": 10}, "the checkpoint's sampler, with steps=10")
     assert sampler_node({**marker, "steps": 100}, stored)[1] == "the checkpoint's sampler"  # the stored value: no change
     assert sampler_node(marker, None)[0] == DEFAULT_SAMPLER_NODE  # an old checkpoint that stored no sampler
-    with pytest.raises(ConfigError, match=r"^sampler.eta=0.5 is invalid: the checkpoint's sampler DDPMSampler has no "
-                                          r"such option; choose another sampler with sampler=ddim or sampler=ddpm$"):
+    with pytest.raises(ConfigError, match=r"^eta=0.5 is invalid: the checkpoint's sampler DDPMSampler has no "
+                                          r"such option; choose another sampler with sampler=ddim or sampler=ddpm$") as err:
         sampler_node({**marker, "eta": 0.5}, stored)
+    assert str(err.value.at("sampler")).startswith("sampler.eta=0.5 is invalid: the checkpoint's sampler")  # as printed

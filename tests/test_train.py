@@ -12,7 +12,7 @@ from conftest import CONF_DIR, TINY_TRAIN, compose_train, run_train_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ddpm_lightning.errors import ConfigError
-from ddpm_lightning.train import train
+from ddpm_lightning.training import train
 
 REPO = CONF_DIR.parent
 
@@ -298,7 +298,7 @@ def test_ckpt_path_last_prefers_a_newer_slurm_requeue_checkpoint(tmp_path):
     """On SIGUSR1 Lightning writes <run_dir>/hpc_ckpt_<n>.ckpt (possibly mid-epoch): resume from whichever is newer."""
     import os
 
-    from ddpm_lightning.train import newest_checkpoint, prepare_config
+    from ddpm_lightning.training import newest_checkpoint, prepare_config
 
     assert newest_checkpoint(tmp_path) is None
     (tmp_path / "checkpoints").mkdir()

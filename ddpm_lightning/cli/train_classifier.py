@@ -1,0 +1,42 @@
+"""``ddpm-train-classifier``: train an MNIST classifier with the reference classifier's recipe
+(:func:`ddpm_lightning.classifier.train_classifier`), save it and print its test accuracy and weights' sha256.
+
+Usage::
+
+    ddpm-train-classifier data.root=../shared/data                    # -> ~/.cache/ddpm_lightning/mnist_classifier.pt
+    ddpm-train-classifier data.root=../shared/data out=clf.pt epochs=3 seed=0
+
+Options: ``conf/train_classifier.yaml``. Use the result with ``classifier_path=<file>``. Bad input: one line on
+stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ddpm_lightning.classifier import REFERENCE_CLASSIFIER_SHA256, train_classifier
+from ddpm_lightning.config import TrainClassifierConfig, command, options
+
+
+def run(cfg: Any) -> dict[str, Any]:
+    opts = options(cfg, TrainClassifierConfig, "ddpm-train-classifier")
+    print(f"training the MNIST classifier on data.root={opts.data.root} ...", flush=True)
+    result = train_classifier(opts.data.root, opts.out, epochs=opts.epochs, seed=opts.seed, batch_size=opts.batch_size,
+                              lr=opts.lr, augment=opts.augment, max_steps=opts.max_steps, train_size=opts.train_size)
+    sha = result["sha256_of_weights"]
+    print("\n".join([
+        f"classifier saved: {result['path']}",
+        f"  test accuracy : {result['test_accuracy'] * 100:.2f}% ({result['test_images']} test images)",
+        f"  sha256        : {sha}" + (" (the reference classifier's)" if sha == REFERENCE_CLASSIFIER_SHA256 else
+                                      f" (the packaged reference is {REFERENCE_CLASSIFIER_SHA256[:16]}...)"),
+        f"  trained       : {result['epochs']} epoch(s), {result['steps']} steps on {result['train_images']} images, "
+        f"seed {result['seed']}, {result['seconds']:.1f} s",
+        f"  use it with   : ddpm-evaluate ... classifier_path={result['path']}",
+    ]), flush=True)
+    return result
+
+
+main = command("train_classifier")(run)
+
+if __name__ == "__main__":
+    main()
