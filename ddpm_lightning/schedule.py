@@ -68,27 +68,28 @@ def make_betas(
     """Validate the schedule parameters and return float64 betas of shape ``(timesteps,)`` in (0, 1).
 
     Raises:
-        ConfigError (a ValueError): one line naming the ``schedule.*`` key, its value and what is allowed.
+        ConfigError (a ValueError): one line naming the parameter (``beta_end``, ...), its value and
+            what is allowed.
     """
-    _check(kind in SCHEDULE_KINDS, "schedule.kind", kind, f"must be one of {list(SCHEDULE_KINDS)}")
+    _check(kind in SCHEDULE_KINDS, "kind", kind, f"must be one of {list(SCHEDULE_KINDS)}")
     _check(
         is_int(timesteps) and timesteps >= 1,
-        "schedule.timesteps",
+        "timesteps",
         timesteps,
         "must be an integer >= 1 (write 1000, not 1e3)",
     )
     if kind == "linear":
-        _check(is_number(beta_start) and 0 < beta_start < 1, "schedule.beta_start", beta_start, "must be in (0, 1)")
-        _check(is_number(beta_end) and 0 < beta_end < 1, "schedule.beta_end", beta_end, "must be in (0, 1)")
+        _check(is_number(beta_start) and 0 < beta_start < 1, "beta_start", beta_start, "must be in (0, 1)")
+        _check(is_number(beta_end) and 0 < beta_end < 1, "beta_end", beta_end, "must be in (0, 1)")
         _check(
             beta_start <= beta_end,
-            "schedule.beta_start",
+            "beta_start",
             beta_start,
-            f"must be <= schedule.beta_end={beta_end!r}",
+            f"must be <= beta_end={beta_end!r}",
         )
         return linear_betas(timesteps, beta_start, beta_end)
-    _check(is_number(cosine_s) and 0 < cosine_s < float("inf"), "schedule.cosine_s", cosine_s, "must be a number > 0")
-    _check(is_number(max_beta) and 0 < max_beta < 1, "schedule.max_beta", max_beta, "must be in (0, 1)")
+    _check(is_number(cosine_s) and 0 < cosine_s < float("inf"), "cosine_s", cosine_s, "must be a number > 0")
+    _check(is_number(max_beta) and 0 < max_beta < 1, "max_beta", max_beta, "must be in (0, 1)")
     return cosine_betas(timesteps, cosine_s, max_beta)
 
 
@@ -126,7 +127,8 @@ class NoiseSchedule(nn.Module):
         cosine_s, max_beta: offset and beta clip of the cosine schedule.
 
     Raises:
-        ConfigError (a ValueError): one line naming the ``schedule.*`` key, the value and what is allowed.
+        ConfigError (a ValueError): one line naming the parameter (``beta_end``, ...), the value and
+            what is allowed.
     """
 
     def __init__(

@@ -364,17 +364,17 @@ def test_extract_rank_follows_x(linear):
 @pytest.mark.parametrize(
     "kwargs, key, value",
     [
-        (dict(kind="quadratic"), "schedule.kind", "quadratic"),
-        (dict(timesteps=0), "schedule.timesteps", 0),
-        (dict(timesteps=1e3), "schedule.timesteps", 1e3),
-        (dict(timesteps=True), "schedule.timesteps", True),
-        (dict(beta_start=0), "schedule.beta_start", 0),
-        (dict(beta_start=-1), "schedule.beta_start", -1),
-        (dict(beta_end=1), "schedule.beta_end", 1),
-        (dict(beta_end=1.5), "schedule.beta_end", 1.5),
-        (dict(beta_start=0.03, beta_end=0.02), "schedule.beta_start", 0.03),
-        (dict(kind="cosine", cosine_s=0), "schedule.cosine_s", 0),
-        (dict(kind="cosine", max_beta=1), "schedule.max_beta", 1),
+        (dict(kind="quadratic"), "kind", "quadratic"),
+        (dict(timesteps=0), "timesteps", 0),
+        (dict(timesteps=1e3), "timesteps", 1e3),
+        (dict(timesteps=True), "timesteps", True),
+        (dict(beta_start=0), "beta_start", 0),
+        (dict(beta_start=-1), "beta_start", -1),
+        (dict(beta_end=1), "beta_end", 1),
+        (dict(beta_end=1.5), "beta_end", 1.5),
+        (dict(beta_start=0.03, beta_end=0.02), "beta_start", 0.03),
+        (dict(kind="cosine", cosine_s=0), "cosine_s", 0),
+        (dict(kind="cosine", max_beta=1), "max_beta", 1),
     ],
     ids=lambda v: repr(v) if not isinstance(v, dict) else ",".join(f"{k}={v[k]!r}" for k in v),
 )
@@ -386,6 +386,17 @@ def test_bad_schedule_inputs_raise_config_error_naming_key_and_value(factory, kw
     assert isinstance(info.value, ValueError)
     assert f"{key}={value!r}" in msg
     assert "\n" not in msg
+    # the component names its own parameter; the config boundary adds the ``schedule.`` path (ConfigError.at)
+    assert msg.startswith(f"{key}={value!r} is invalid: ")
+    assert info.value.key == key
+    assert "schedule." not in msg
+
+
+def test_beta_start_above_beta_end_names_the_sibling_key_bare():
+    with pytest.raises(ConfigError) as info:
+        NoiseSchedule(beta_start=0.03, beta_end=0.02)
+    assert str(info.value) == "beta_start=0.03 is invalid: must be <= beta_end=0.02"
+    assert str(info.value.at("schedule")) == "schedule.beta_start=0.03 is invalid: must be <= beta_end=0.02"
 
 
 def test_boundary_inputs_are_accepted():
