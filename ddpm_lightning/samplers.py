@@ -46,12 +46,12 @@ class SampleOutput(NamedTuple):
     trajectory: list[tuple[int, Tensor]]
 
 
-def _check_steps(steps: object, num_timesteps: int | None, key: str = "sampler.steps") -> int:
+def _check_steps(steps: object, num_timesteps: int | None) -> int:
     """``steps`` must be an integer in [1, T] (or >= 1 while T is not known yet)."""
     if not is_int(steps) or steps < 1:
-        raise invalid(key, steps, "must be a positive integer")
+        raise invalid("steps", steps, "must be a positive integer")
     if num_timesteps is not None and steps > num_timesteps:
-        raise invalid(key, steps, f"must be an integer in [1, schedule.timesteps={num_timesteps}]")
+        raise invalid("steps", steps, f"must be an integer in [1, {num_timesteps}] (the schedule's timesteps)")
     return steps
 
 
@@ -63,7 +63,7 @@ def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "leading") -> 
     (``round(linspace(0, T - 1, S))``). Returns S distinct int timesteps in [0, T-1].
 
     Raises:
-        ConfigError (a ValueError): ``sampler.steps`` not an integer in [1, T], or an unknown ``sampler.timestep_spacing``.
+        ConfigError (a ValueError): ``steps`` not an integer in [1, T], or an unknown ``timestep_spacing``.
     """
     _check_steps(steps, num_timesteps)
     if spacing == "leading":
@@ -74,7 +74,7 @@ def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "leading") -> 
     elif spacing == "linspace":
         ts = np.round(np.linspace(0, num_timesteps - 1, steps)).astype(np.int64)
     else:
-        raise invalid("sampler.timestep_spacing", spacing, f"must be one of {list(TIMESTEP_SPACINGS)}")
+        raise invalid("timestep_spacing", spacing, f"must be one of {list(TIMESTEP_SPACINGS)}")
     return sorted({int(t) for t in ts}, reverse=True)
 
 
@@ -83,7 +83,7 @@ def strided_timesteps(num_timesteps: int, steps: int | None) -> list[int]:
     spaced steps ``round(linspace(0, T - 1, S))`` that always include T-1 (pure noise) and 0.
 
     Raises:
-        ConfigError (a ValueError): ``sampler.steps`` not an integer in [1, T].
+        ConfigError (a ValueError): ``steps`` not an integer in [1, T].
     """
     if steps is None or steps == num_timesteps:
         return list(range(num_timesteps - 1, -1, -1))
@@ -176,12 +176,12 @@ class DDPMSampler(_Sampler):
         steps: None (all T steps) or S in [1, T] evenly strided steps with recomputed betas.
 
     Raises:
-        ConfigError (a ValueError): one line naming ``sampler.variance`` or ``sampler.steps`` and the allowed values.
+        ConfigError (a ValueError): one line naming ``variance`` or ``steps`` and the allowed values.
     """
 
     def __init__(self, variance: str = "fixed_small", clip_denoised: bool = True, steps: int | None = None):
         if variance not in VARIANCES:
-            raise invalid("sampler.variance", variance, f"must be one of {list(VARIANCES)}")
+            raise invalid("variance", variance, f"must be one of {list(VARIANCES)}")
         if steps is not None:
             _check_steps(steps, None)
         self.variance = variance
@@ -223,7 +223,7 @@ class DDIMSampler(_Sampler):
         clip_denoised: clip the predicted x0 to [-1, 1] and re-derive eps from the clipped x0.
 
     Raises:
-        ConfigError (a ValueError): one line naming ``sampler.steps``, ``sampler.eta`` or ``sampler.timestep_spacing``.
+        ConfigError (a ValueError): one line naming ``steps``, ``eta`` or ``timestep_spacing``.
     """
 
     def __init__(
@@ -235,9 +235,9 @@ class DDIMSampler(_Sampler):
     ):
         _check_steps(steps, None)
         if not is_number(eta) or not eta >= 0 or math.isinf(eta):
-            raise invalid("sampler.eta", eta, "must be a finite number >= 0")
+            raise invalid("eta", eta, "must be a finite number >= 0")
         if timestep_spacing not in TIMESTEP_SPACINGS:
-            raise invalid("sampler.timestep_spacing", timestep_spacing, f"must be one of {list(TIMESTEP_SPACINGS)}")
+            raise invalid("timestep_spacing", timestep_spacing, f"must be one of {list(TIMESTEP_SPACINGS)}")
         self.steps = steps
         self.eta = float(eta)
         self.timestep_spacing = timestep_spacing

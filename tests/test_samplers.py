@@ -566,17 +566,17 @@ def test_output_in_unit_range_and_finite_with_random_eps(schedules, schedule_nam
 @pytest.mark.parametrize(
     "build, key, value",
     [
-        (lambda: DDPMSampler(variance="big"), "sampler.variance", "big"),
-        (lambda: DDPMSampler(steps=0), "sampler.steps", 0),
-        (lambda: DDPMSampler(steps=2.5), "sampler.steps", 2.5),
-        (lambda: DDIMSampler(steps=0), "sampler.steps", 0),
-        (lambda: DDIMSampler(steps=True), "sampler.steps", True),
-        (lambda: DDIMSampler(eta=-0.1), "sampler.eta", -0.1),
-        (lambda: DDIMSampler(eta=float("nan")), "sampler.eta", float("nan")),
-        (lambda: DDIMSampler(timestep_spacing="uniform"), "sampler.timestep_spacing", "uniform"),
-        (lambda: ddim_timesteps(1000, 50, "uniform"), "sampler.timestep_spacing", "uniform"),
-        (lambda: ddim_timesteps(1000, 1001, "leading"), "sampler.steps", 1001),
-        (lambda: strided_timesteps(1000, 0), "sampler.steps", 0),
+        (lambda: DDPMSampler(variance="big"), "variance", "big"),
+        (lambda: DDPMSampler(steps=0), "steps", 0),
+        (lambda: DDPMSampler(steps=2.5), "steps", 2.5),
+        (lambda: DDIMSampler(steps=0), "steps", 0),
+        (lambda: DDIMSampler(steps=True), "steps", True),
+        (lambda: DDIMSampler(eta=-0.1), "eta", -0.1),
+        (lambda: DDIMSampler(eta=float("nan")), "eta", float("nan")),
+        (lambda: DDIMSampler(timestep_spacing="uniform"), "timestep_spacing", "uniform"),
+        (lambda: ddim_timesteps(1000, 50, "uniform"), "timestep_spacing", "uniform"),
+        (lambda: ddim_timesteps(1000, 1001, "leading"), "steps", 1001),
+        (lambda: strided_timesteps(1000, 0), "steps", 0),
     ],
     ids=lambda v: "" if callable(v) else repr(v),
 )
@@ -586,6 +586,9 @@ def test_bad_sampler_inputs_raise_config_error(build, key, value):
     msg = str(info.value)
     assert f"{key}={value!r}" in msg
     assert "\n" not in msg
+    # the sampler names its own parameter; the config boundary adds ``sampler.`` etc. (ConfigError.at)
+    assert msg.startswith(f"{key}={value!r} is invalid: ")
+    assert info.value.key == key
 
 
 @pytest.mark.parametrize("sampler", [DDIMSampler(steps=2000), DDPMSampler(steps=2000)], ids=repr)
@@ -593,7 +596,9 @@ def test_steps_above_T_fail_at_call_naming_key_and_T(linear, sampler):
     with pytest.raises(ConfigError) as info:
         sampler(smooth_eps(1000), linear, torch.randn(SHAPE, generator=gen(0)))
     msg = str(info.value)
-    assert "sampler.steps=2000" in msg and "1000" in msg
+    assert "steps=2000" in msg and "1000" in msg
+    assert msg == "steps=2000 is invalid: must be an integer in [1, 1000] (the schedule's timesteps)"
+    assert str(info.value.at("callbacks.fid.sampler")).startswith("callbacks.fid.sampler.steps=2000 is invalid: ")
 
 
 @pytest.mark.parametrize("every", [0, -3, 2.0])
