@@ -403,3 +403,101 @@ def test_boundary_inputs_are_accepted():
     assert NoiseSchedule("linear", 3, 0.02, 0.02).num_timesteps == 3  # beta_start == beta_end is fine
     assert NoiseSchedule("linear", 1).num_timesteps == 1
     assert NoiseSchedule("cosine", 2, cosine_s=1e-6, max_beta=1e-3).num_timesteps == 2
+
+
+# --------------------------------------------------------------------------------------------------------
+# respaced(timesteps): Nichol & Dhariwal 2021 Sec. 4, against an independent numpy float64 computation
+# --------------------------------------------------------------------------------------------------------
+
+
+def reference_respaced(kind: str, T: int, kept: list[int], **kw) -> dict[str, np.ndarray]:
+    """The respaced schedule from the papers' formulas alone: abar_i = abar_{t_i} (kept ascending),
+    alpha_i = abar_{t_i} / abar_{t_{i-1}}, beta_i = 1 - alpha_i (abar_{t_{-1}} = 1), then Eq. 4 and Eq. 7."""
+    abar = np.cumprod(1.0 - reference_betas(kind, T, **kw))[sorted(kept)]
+    abar_prev = np.concatenate([[1.0], abar[:-1]])
+    a = abar / abar_prev
+    b = 1.0 - a
+    post_var = b * (1.0 - abar_prev) / (1.0 - abar)
+    log_var = np.log(np.concatenate([post_var[1:2], post_var[1:]])) if len(kept) > 1 else np.log(b)
+    return dict(
+        betas=b,
+        alphas=a,
+        alphas_cumprod=abar,
+        alphas_cumprod_prev=abar_prev,
+        sqrt_alphas_cumprod=np.sqrt(abar),
+        sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - abar),
+        sqrt_recip_alphas_cumprod=1.0 / np.sqrt(abar),
+        sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / abar - 1.0),
+        posterior_variance=post_var,
+        posterior_log_variance_clipped=log_var,
+        posterior_mean_coef1=np.sqrt(abar_prev) * b / (1.0 - abar),
+        posterior_mean_coef2=np.sqrt(a) * (1.0 - abar_prev) / (1.0 - abar),
+    )
+
+
+RESPACINGS = {
+    "strided-7": [999, 832, 666, 500, 333, 166, 0],
+    "leading-50": list(range(980, -1, -20)),
+    "trailing-61": [int(v) - 1 for v in np.round(np.linspace(1000, 0, 61, endpoint=False))],
+    "one-step-999": [999],
+    "two-steps": [999, 0],
+    "irregular-ascending": [0, 1, 2, 10, 500, 998],
+}
+
+
+@pytest.mark.parametrize("kept_name", list(RESPACINGS))
+@pytest.mark.parametrize(
+    "kind, kw",
+    [("linear", dict(beta_start=1e-4, beta_end=0.02)), ("linear", dict(beta_start=1e-4, beta_end=0.2)), ("cosine", {})],
+    ids=["linear", "beta_end=0.2", "cosine"],
+)
+def test_respaced_buffers_match_independent_numpy_reference(kind, kw, kept_name):
+    kept = RESPACINGS[kept_name]
+    s = NoiseSchedule(kind, 1000, **kw)
+    r = s.respaced(kept)
+    ref = reference_respaced(kind, 1000, kept, **kw)
+    assert isinstance(r, NoiseSchedule) and r.num_timesteps == len(kept)
+    for name in BUFFER_NAMES:
+        b = getattr(r, name)
+        assert b.dtype == torch.float64 and tuple(b.shape) == (len(kept),), name
+        np.testing.assert_allclose(buf(r, name), ref[name], rtol=1e-9, atol=0, err_msg=name)
+    # abar of the kept steps is the full schedule's, bit for bit; Eq. 7 at index 0 is x0 with no noise
+    np.testing.assert_array_equal(buf(r, "alphas_cumprod"), buf(s, "alphas_cumprod")[sorted(kept)])
+    assert buf(r, "alphas_cumprod_prev")[0] == 1.0 and buf(r, "posterior_variance")[0] == 0.0
+    assert buf(r, "posterior_mean_coef2")[0] == 0.0
+    # the coefficients the samplers use stay finite (and nonzero past index 0) in float32
+    for name in ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1", "posterior_variance"):
+        v32 = getattr(r, name).float()
+        assert bool(torch.isfinite(v32).all()), name
+        assert bool((v32[1:].abs() >= FLOAT32_TINY).all()), name
+
+
+def test_respaced_betas_literal_and_alphas_keep_the_ratio(steep, linear):
+    r = linear.respaced([999, 0])
+    abar = reference_schedule("linear", 1000)["alphas_cumprod"]
+    assert buf(r, "betas")[0] == pytest.approx(1e-4, rel=1e-12)  # abar_0 / 1
+    assert buf(r, "betas")[1] == pytest.approx(1.0 - abar[999] / abar[0], rel=1e-12)
+    assert buf(r, "betas")[1] > 10 * 0.02  # a stride's beta, not the schedule's beta_999
+    # beta_end = 0.2, stride 832 -> 999: abar ratio ~5e-16; 1 - beta would keep few of its digits
+    abar_steep = reference_schedule("linear", 1000, beta_end=0.2)["alphas_cumprod"]
+    ratio = abar_steep[999] / abar_steep[832]
+    assert ratio < 1e-14
+    rs = steep.respaced([999, 832, 666, 500, 333, 166, 0])
+    assert buf(rs, "alphas")[-1] == pytest.approx(ratio, rel=1e-12)
+    assert abs((1.0 - buf(rs, "betas")[-1]) / ratio - 1.0) > 1e-6  # what 1 - beta would have given
+
+
+def test_respaced_all_steps_is_the_schedule_itself_and_order_does_not_matter(linear):
+    assert linear.respaced(range(1000)) is linear
+    assert linear.respaced(list(range(999, -1, -1))) is linear
+    a, b = linear.respaced([0, 500, 999]), linear.respaced([999, 0, 500])
+    for name in BUFFER_NAMES:
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    # a respaced schedule keeps float64 under dtype casts like the full one
+    assert a.half().posterior_variance.dtype == torch.float64
+
+
+@pytest.mark.parametrize("kept", [[], [5, 5], [-1, 3], [1000], [2.0, 3]], ids=repr)
+def test_respaced_rejects_bad_timesteps(linear, kept):
+    with pytest.raises(ValueError, match=r"distinct integers in \[0, 999\]"):
+        linear.respaced(kept)
