@@ -51,7 +51,11 @@ def reference_betas(kind: str, T: int, beta_start=1e-4, beta_end=0.02, s=0.008, 
 def reference_schedule(kind: str = "linear", T: int = 1000, **kw) -> dict[str, np.ndarray]:
     b = reference_betas(kind, T, **kw)
     a = 1.0 - b
-    abar = np.cumprod(a)
+    return reference_buffers(b, a, np.cumprod(a))
+
+
+def reference_buffers(b: np.ndarray, a: np.ndarray, abar: np.ndarray) -> dict[str, np.ndarray]:
+    """Every buffer from betas, alphas and abar by the papers' formulas (Eq. 4, Eq. 7), in numpy float64."""
     abar_prev = np.concatenate([[1.0], abar[:-1]])
     post_var = b * (1.0 - abar_prev) / (1.0 - abar)  # Eq. 7, beta-tilde
     return dict(
@@ -64,7 +68,7 @@ def reference_schedule(kind: str = "linear", T: int = 1000, **kw) -> dict[str, n
         sqrt_recip_alphas_cumprod=1.0 / np.sqrt(abar),
         sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / abar - 1.0),
         posterior_variance=post_var,
-        posterior_log_variance_clipped=np.log(np.concatenate([post_var[1:2], post_var[1:]])),
+        posterior_log_variance_clipped=np.log(np.concatenate([post_var[1:2], post_var[1:]]) if len(b) > 1 else b),
         posterior_mean_coef1=np.sqrt(abar_prev) * b / (1.0 - abar),  # Eq. 7, coefficient of x0
         posterior_mean_coef2=np.sqrt(a) * (1.0 - abar_prev) / (1.0 - abar),  # Eq. 7, coefficient of x_t
     )
@@ -414,25 +418,8 @@ def reference_respaced(kind: str, T: int, kept: list[int], **kw) -> dict[str, np
     """The respaced schedule from the papers' formulas alone: abar_i = abar_{t_i} (kept ascending),
     alpha_i = abar_{t_i} / abar_{t_{i-1}}, beta_i = 1 - alpha_i (abar_{t_{-1}} = 1), then Eq. 4 and Eq. 7."""
     abar = np.cumprod(1.0 - reference_betas(kind, T, **kw))[sorted(kept)]
-    abar_prev = np.concatenate([[1.0], abar[:-1]])
-    a = abar / abar_prev
-    b = 1.0 - a
-    post_var = b * (1.0 - abar_prev) / (1.0 - abar)
-    log_var = np.log(np.concatenate([post_var[1:2], post_var[1:]])) if len(kept) > 1 else np.log(b)
-    return dict(
-        betas=b,
-        alphas=a,
-        alphas_cumprod=abar,
-        alphas_cumprod_prev=abar_prev,
-        sqrt_alphas_cumprod=np.sqrt(abar),
-        sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - abar),
-        sqrt_recip_alphas_cumprod=1.0 / np.sqrt(abar),
-        sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / abar - 1.0),
-        posterior_variance=post_var,
-        posterior_log_variance_clipped=log_var,
-        posterior_mean_coef1=np.sqrt(abar_prev) * b / (1.0 - abar),
-        posterior_mean_coef2=np.sqrt(a) * (1.0 - abar_prev) / (1.0 - abar),
-    )
+    a = abar / np.concatenate([[1.0], abar[:-1]])
+    return reference_buffers(1.0 - a, a, abar)
 
 
 RESPACINGS = {
