@@ -21,7 +21,7 @@ This module does not import Lightning or Hydra.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -57,39 +57,61 @@ def _check(ok: bool, key: str, value: object, allowed: str) -> None:
         raise invalid(key, value, allowed)
 
 
-def make_betas(
-    kind: str = "linear",
-    timesteps: int = 1000,
-    beta_start: float = 1e-4,
-    beta_end: float = 0.02,
-    cosine_s: float = 0.008,
-    max_beta: float = 0.999,
-) -> Tensor:
-    """Validate the schedule parameters and return float64 betas of shape ``(timesteps,)`` in (0, 1).
-
-    Raises:
-        ConfigError (a ValueError): one line naming the ``schedule.*`` key, its value and what is allowed.
-    """
-    _check(kind in SCHEDULE_KINDS, "schedule.kind", kind, f"must be one of {list(SCHEDULE_KINDS)}")
+def _checked_betas(kind: str, timesteps: int, beta_start: float, beta_end: float, cosine_s: float, max_beta: float):
+    """Validate the parameters of :class:`NoiseSchedule` (which holds their defaults) and return its betas."""
+    _check(kind in SCHEDULE_KINDS, "kind", kind, f"must be one of {list(SCHEDULE_KINDS)}")
     _check(
         is_int(timesteps) and timesteps >= 1,
-        "schedule.timesteps",
+        "timesteps",
         timesteps,
         "must be an integer >= 1 (write 1000, not 1e3)",
     )
     if kind == "linear":
-        _check(is_number(beta_start) and 0 < beta_start < 1, "schedule.beta_start", beta_start, "must be in (0, 1)")
-        _check(is_number(beta_end) and 0 < beta_end < 1, "schedule.beta_end", beta_end, "must be in (0, 1)")
-        _check(
-            beta_start <= beta_end,
-            "schedule.beta_start",
-            beta_start,
-            f"must be <= schedule.beta_end={beta_end!r}",
-        )
+        _check(is_number(beta_start) and 0 < beta_start < 1, "beta_start", beta_start, "must be in (0, 1)")
+        _check(is_number(beta_end) and 0 < beta_end < 1, "beta_end", beta_end, "must be in (0, 1)")
+        _check(beta_start <= beta_end, "beta_start", beta_start, f"must be <= beta_end={beta_end!r}")
         return linear_betas(timesteps, beta_start, beta_end)
-    _check(is_number(cosine_s) and 0 < cosine_s < float("inf"), "schedule.cosine_s", cosine_s, "must be a number > 0")
-    _check(is_number(max_beta) and 0 < max_beta < 1, "schedule.max_beta", max_beta, "must be in (0, 1)")
+    _check(is_number(cosine_s) and 0 < cosine_s < float("inf"), "cosine_s", cosine_s, "must be a number > 0")
+    _check(is_number(max_beta) and 0 < max_beta < 1, "max_beta", max_beta, "must be in (0, 1)")
     return cosine_betas(timesteps, cosine_s, max_beta)
+
+
+def make_betas(*args, **kwargs) -> Tensor:
+    """Validate :class:`NoiseSchedule`'s parameters (same names, order and defaults) and return its float64
+    betas of shape ``(timesteps,)`` in (0, 1).
+
+    Raises:
+        ConfigError (a ValueError): one line naming the parameter (``beta_end``, ...), its value and
+            what is allowed.
+    """
+    return NoiseSchedule(*args, **kwargs).betas
+
+
+def _derived_buffers(betas: Tensor, alphas: Tensor, alphas_cumprod: Tensor) -> dict[str, Tensor]:
+    """Every :class:`NoiseSchedule` buffer from float64 ``(T,)`` betas, alphas and abar, in one place, for the
+    full schedule and for respaced ones alike: Eq. 4's coefficients and the posterior of Ho et al. Eq. 7,
+    ``mu~_t = coef1_t x0 + coef2_t x_t`` with ``coef1_t = sqrt(abar_{t-1}) beta_t / (1 - abar_t)``,
+    ``coef2_t = sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t)`` and
+    ``beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t`` (abar_{-1} = 1)."""
+    alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64, device=betas.device), alphas_cumprod[:-1]])
+    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+    log_var = torch.log(
+        torch.cat([posterior_variance[1:2], posterior_variance[1:]]) if betas.shape[0] > 1 else betas.clone()
+    )
+    return dict(
+        betas=betas,
+        alphas=alphas,
+        alphas_cumprod=alphas_cumprod,
+        alphas_cumprod_prev=alphas_cumprod_prev,
+        sqrt_alphas_cumprod=alphas_cumprod.sqrt(),
+        sqrt_one_minus_alphas_cumprod=(1.0 - alphas_cumprod).sqrt(),
+        sqrt_recip_alphas_cumprod=alphas_cumprod.rsqrt(),
+        sqrt_recipm1_alphas_cumprod=(1.0 / alphas_cumprod - 1.0).sqrt(),
+        posterior_variance=posterior_variance,
+        posterior_log_variance_clipped=log_var,
+        posterior_mean_coef1=betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
+        posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
+    )
 
 
 def extract(coef: Tensor, t: Tensor, x: Tensor) -> Tensor:
@@ -111,8 +133,9 @@ class NoiseSchedule(nn.Module):
     """DDPM variance schedule and forward process, held as float64 buffers of shape ``(T,)``.
 
     Buffers (index t in [0, T-1]):
-        ``betas``, ``alphas`` (= 1 - betas), ``alphas_cumprod`` (abar_t), ``alphas_cumprod_prev``
-        (abar_{t-1}, with abar_{-1} = 1), ``sqrt_alphas_cumprod``, ``sqrt_one_minus_alphas_cumprod``,
+        ``betas``, ``alphas`` (1 - beta_t; see :meth:`respaced`), ``alphas_cumprod`` (abar_t),
+        ``alphas_cumprod_prev`` (abar_{t-1}, with abar_{-1} = 1), ``sqrt_alphas_cumprod``,
+        ``sqrt_one_minus_alphas_cumprod``,
         ``sqrt_recip_alphas_cumprod``, ``sqrt_recipm1_alphas_cumprod``,
         ``posterior_variance`` (beta-tilde_t, Ho et al. Eq. 7; 0 at t = 0),
         ``posterior_log_variance_clipped`` (log beta-tilde with the t = 0 entry replaced by t = 1),
@@ -126,7 +149,8 @@ class NoiseSchedule(nn.Module):
         cosine_s, max_beta: offset and beta clip of the cosine schedule.
 
     Raises:
-        ConfigError (a ValueError): one line naming the ``schedule.*`` key, the value and what is allowed.
+        ConfigError (a ValueError): one line naming the parameter (``beta_end``, ...), the value and
+            what is allowed.
     """
 
     def __init__(
@@ -139,7 +163,7 @@ class NoiseSchedule(nn.Module):
         max_beta: float = 0.999,
     ) -> None:
         super().__init__()
-        betas = make_betas(kind, timesteps, beta_start, beta_end, cosine_s, max_beta)
+        betas = _checked_betas(kind, timesteps, beta_start, beta_end, cosine_s, max_beta)
         self.kind = kind
         self.config = dict(
             kind=kind,
@@ -150,28 +174,9 @@ class NoiseSchedule(nn.Module):
             max_beta=float(max_beta),
         )
         alphas = 1.0 - betas
-        alphas_cumprod = torch.cumprod(alphas, dim=0)
-        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-        log_var = torch.log(
-            torch.cat([posterior_variance[1:2], posterior_variance[1:]])
-            if timesteps > 1
-            else betas.clone()
-        )
-        buffers = dict(
-            betas=betas,
-            alphas=alphas,
-            alphas_cumprod=alphas_cumprod,
-            alphas_cumprod_prev=alphas_cumprod_prev,
-            sqrt_alphas_cumprod=alphas_cumprod.sqrt(),
-            sqrt_one_minus_alphas_cumprod=(1.0 - alphas_cumprod).sqrt(),
-            sqrt_recip_alphas_cumprod=alphas_cumprod.rsqrt(),
-            sqrt_recipm1_alphas_cumprod=(1.0 / alphas_cumprod - 1.0).sqrt(),
-            posterior_variance=posterior_variance,
-            posterior_log_variance_clipped=log_var,
-            posterior_mean_coef1=betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
-            posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
-        )
+        self._register(_derived_buffers(betas, alphas, torch.cumprod(alphas, dim=0)))
+
+    def _register(self, buffers: dict[str, Tensor]) -> None:
         for name, value in buffers.items():
             self.register_buffer(name, value)
 
@@ -200,6 +205,41 @@ class NoiseSchedule(nn.Module):
                 moved = fn(buf)
                 self._buffers[name] = moved if moved.dtype == buf.dtype else buf.to(moved.device)
         return self
+
+    def respaced(self, timesteps: Sequence[int]) -> "NoiseSchedule":
+        """The schedule restricted to the kept ``timesteps`` (Nichol & Dhariwal 2021, Sec. 4, "respacing").
+
+        With the kept steps sorted ascending, ``t_0 < t_1 < ... < t_{S-1}``, index i of the result has
+        ``alphas_cumprod[i] = abar_{t_i}`` (this schedule's value, unchanged) and its own step
+        ``alphas[i] = abar_{t_i} / abar_{t_{i-1}}``, ``betas[i] = 1 - alphas[i]`` (abar_{t_{-1}} = 1); every
+        other buffer (Eq. 4's coefficients, Eq. 7's posterior) is derived from these by the code that derives
+        the full schedule's. ``alphas`` is the ratio itself, not ``1 - betas``: a ratio ~1e-15 (a long stride
+        with ``beta_end = 0.2``) would lose its digits in ``1 - (1 - ratio)``.
+
+        Args:
+            timesteps: distinct 0-based timesteps in [0, T-1], in any order (the samplers pass them descending).
+
+        Returns:
+            A :class:`NoiseSchedule` of S steps on this schedule's device whose index i is ``t_i``; this
+            schedule itself when ``timesteps`` are all T steps.
+
+        Raises:
+            ValueError: ``timesteps`` empty, repeated, not integers or outside [0, T-1].
+        """
+        kept = sorted({int(t) for t in timesteps if is_int(t)})
+        T = self.num_timesteps
+        if not kept or len(kept) != len(timesteps) or kept[0] < 0 or kept[-1] >= T:
+            raise ValueError(f"respaced timesteps must be distinct integers in [0, {T - 1}], got {list(timesteps)!r}")
+        if len(kept) == T:
+            return self
+        abar = self.alphas_cumprod[torch.tensor(kept, device=self.alphas_cumprod.device)]
+        alphas = abar / torch.cat([torch.ones(1, dtype=torch.float64, device=abar.device), abar[:-1]])
+        schedule = NoiseSchedule.__new__(NoiseSchedule)
+        nn.Module.__init__(schedule)
+        schedule.kind = self.kind
+        schedule.config = dict(self.config, respaced_steps=len(kept))
+        schedule._register(_derived_buffers(1.0 - alphas, alphas, abar))
+        return schedule
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """Sample the forward process, Ho et al. Eq. 4: ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``.

@@ -6,6 +6,7 @@ update rules that share nothing with the code under test except ``torch.randn`` 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -17,6 +18,7 @@ from ddpm_lightning.samplers import (
     DDIMSampler,
     DDPMSampler,
     SampleOutput,
+    Sampler,
     ddim_timesteps,
     strided_timesteps,
 )
@@ -490,6 +492,123 @@ def test_respaced_ddpm_matches_reference_with_recomputed_betas(variance, clip, s
 
 
 # --------------------------------------------------------------------------------------------------------
+# The samplers use the schedule's own (golden-tested) posterior buffers
+# --------------------------------------------------------------------------------------------------------
+
+
+def first_step(sampler, schedule, eps_fn, noise, seed):
+    """x after the sampler's first step (float32 frame) and the generator's first draw, as float64."""
+    out = sampler(eps_fn, schedule, noise, generator=gen(seed), trajectory_every=1)
+    z = torch.randn(noise.shape, generator=gen(seed), dtype=noise.dtype)
+    return out, out.trajectory[1][1].double(), z
+
+
+@pytest.mark.parametrize("steps, index", [(None, 999), (7, 6), (50, 49)])
+def test_ddpm_first_step_is_the_schedules_q_posterior(linear, steps, index):
+    """One DDPM step (clip, fixed_small) is q_posterior_mean_variance of the (respaced) schedule at x0_hat =
+    predict_x0_from_eps clipped, plus sqrt(variance) z: the methods the schedule's golden tests pin."""
+    eps_fn = smooth_eps(1000)
+    noise = torch.randn(SHAPE, generator=gen(41), dtype=torch.float64)
+    ts = strided_timesteps(1000, steps)
+    schedule = linear if steps is None else linear.respaced(ts)
+    assert schedule.num_timesteps == len(ts) and ts[0] == 999
+    i = torch.full((SHAPE[0],), index, dtype=torch.long)
+    x0_hat = schedule.predict_x0_from_eps(noise, i, eps_fn(noise, torch.full_like(i, 999))).clamp(-1, 1)
+    _, frame, z = first_step(DDPMSampler("fixed_small", clip_denoised=True, steps=steps), linear, eps_fn, noise, 42)
+    mean, var = schedule.q_posterior_mean_variance(x0_hat, noise, i)
+    torch.testing.assert_close(frame, (mean + var.sqrt() * z).float().double(), rtol=0, atol=1e-6)
+
+
+# Each perturbation scales one buffer of a copy of the schedule at every t > 0 (index 0 is the noise-free last
+# step); the sampler run on the copy must follow it exactly.
+PERTURBATIONS = {
+    "posterior_variance": 4.0,
+    "posterior_mean_coef1": 0.5,
+    "posterior_mean_coef2": 0.9,
+}
+
+
+@pytest.mark.parametrize("name", list(PERTURBATIONS))
+def test_ddpm_follows_a_perturbed_posterior_buffer(name):
+    """Fails if DDPM re-derives Eq. 7 from abar instead of reading the schedule's posterior buffers."""
+    base = NoiseSchedule("linear", 10, 0.01, 0.3)
+    bent = copy.deepcopy(base)
+    getattr(bent, name)[1:] *= PERTURBATIONS[name]
+    eps_fn = smooth_eps(10)
+    noise = torch.randn(SHAPE, generator=gen(51), dtype=torch.float64)
+    sampler = DDPMSampler("fixed_small", clip_denoised=True)
+    out_base, frame_base, _ = first_step(sampler, base, eps_fn, noise, 52)
+    out_bent, frame_bent, z = first_step(sampler, bent, eps_fn, noise, 52)
+    # the first step is Eq. 7 with the bent buffers, from the bent schedule's own q_posterior_mean_variance
+    t = torch.full((SHAPE[0],), 9, dtype=torch.long)
+    x0_hat = bent.predict_x0_from_eps(noise, t, eps_fn(noise, t)).clamp(-1, 1)
+    mean, var = bent.q_posterior_mean_variance(x0_hat, noise, t)
+    torch.testing.assert_close(frame_bent, (mean + var.sqrt() * z).float().double(), rtol=0, atol=1e-6)
+    assert (frame_bent - frame_base).abs().max().item() > 1e-2
+    assert (out_bent.x0 - out_base.x0).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("name, eta", [("posterior_variance", 1.0), ("alphas_cumprod_prev", 0.0)])
+def test_ddim_follows_perturbed_schedule_buffers(name, eta):
+    """DDIM over all steps reads abar_prev and Eq. 16's sigma (eta * sqrt(posterior_variance)) from the schedule."""
+    base = NoiseSchedule("linear", 10, 0.01, 0.3)
+    bent = copy.deepcopy(base)
+    getattr(bent, name)[1:] *= 0.5
+    eps_fn = smooth_eps(10)
+    noise = torch.randn(SHAPE, generator=gen(61), dtype=torch.float64)
+    sampler = DDIMSampler(steps=10, eta=eta, clip_denoised=False)
+    _, frame_base, _ = first_step(sampler, base, eps_fn, noise, 62)
+    _, frame_bent, z = first_step(sampler, bent, eps_fn, noise, 62)
+    # Song et al. Eq. 12 at t = 9 with the bent schedule's values
+    c = {k: float(getattr(bent, k)[9]) for k in ("alphas_cumprod", "alphas_cumprod_prev", "posterior_variance")}
+    eps = eps_fn(noise, torch.full((SHAPE[0],), 9))
+    x0_hat = (noise - math.sqrt(1 - c["alphas_cumprod"]) * eps) / math.sqrt(c["alphas_cumprod"])
+    sigma = eta * math.sqrt(c["posterior_variance"])
+    expected = math.sqrt(c["alphas_cumprod_prev"]) * x0_hat + math.sqrt(1 - c["alphas_cumprod_prev"] - sigma**2) * eps
+    if eta > 0:
+        expected = expected + sigma * z
+    torch.testing.assert_close(frame_bent, expected.float().double(), rtol=0, atol=1e-5)
+    assert (frame_bent - frame_base).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+@pytest.mark.parametrize("clip", [False, True])
+def test_strided_ddpm_is_full_ddpm_on_the_respaced_schedule(linear, variance, clip):
+    """DDPM with steps=S is exactly DDPM over every step of schedule.respaced(visited steps), the model seeing
+    the original timesteps: respacing has one definition."""
+    ts = strided_timesteps(1000, 7)
+    respaced = linear.respaced(ts)
+    eps_fn = smooth_eps(1000)
+    ascending = torch.tensor(sorted(ts))
+
+    def eps_on_respaced(x, i):
+        return eps_fn(x, ascending[i])
+
+    noise = torch.randn(SHAPE, generator=gen(71), dtype=torch.float64)
+    a = DDPMSampler(variance, clip_denoised=clip, steps=7)(eps_fn, linear, noise, generator=gen(72))
+    b = DDPMSampler(variance, clip_denoised=clip)(eps_on_respaced, respaced, noise, generator=gen(72))
+    assert torch.equal(a.x0, b.x0)
+
+
+def test_sampler_is_the_public_base_and_check_validates_steps_against_T():
+    assert issubclass(DDPMSampler, Sampler) and issubclass(DDIMSampler, Sampler)
+    assert DDIMSampler(steps=50).check(1000) is None
+    assert DDIMSampler(steps=10).check(10) is None
+    assert DDPMSampler().check(1) is None  # every step of any schedule
+    assert DDPMSampler(steps=7).check(7) is None
+    for sampler in (DDIMSampler(steps=50), DDPMSampler(steps=50)):
+        with pytest.raises(ConfigError) as info:
+            sampler.check(10)
+        assert str(info.value) == "steps=50 is invalid: must be an integer in [1, 10] (the schedule's timesteps)"
+        assert info.value.key == "steps" and info.value.value == 50
+        assert str(info.value.at("sampler")).startswith("sampler.steps=50 is invalid: ")
+    # timesteps(T) still returns the visited steps (and raises the same error)
+    assert DDIMSampler(steps=5).timesteps(10) == [8, 6, 4, 2, 0]
+    with pytest.raises(ConfigError, match=r"^steps=50 is invalid"):
+        DDIMSampler(steps=50).timesteps(10)
+
+
+# --------------------------------------------------------------------------------------------------------
 # Trajectory
 # --------------------------------------------------------------------------------------------------------
 
@@ -566,17 +685,17 @@ def test_output_in_unit_range_and_finite_with_random_eps(schedules, schedule_nam
 @pytest.mark.parametrize(
     "build, key, value",
     [
-        (lambda: DDPMSampler(variance="big"), "sampler.variance", "big"),
-        (lambda: DDPMSampler(steps=0), "sampler.steps", 0),
-        (lambda: DDPMSampler(steps=2.5), "sampler.steps", 2.5),
-        (lambda: DDIMSampler(steps=0), "sampler.steps", 0),
-        (lambda: DDIMSampler(steps=True), "sampler.steps", True),
-        (lambda: DDIMSampler(eta=-0.1), "sampler.eta", -0.1),
-        (lambda: DDIMSampler(eta=float("nan")), "sampler.eta", float("nan")),
-        (lambda: DDIMSampler(timestep_spacing="uniform"), "sampler.timestep_spacing", "uniform"),
-        (lambda: ddim_timesteps(1000, 50, "uniform"), "sampler.timestep_spacing", "uniform"),
-        (lambda: ddim_timesteps(1000, 1001, "leading"), "sampler.steps", 1001),
-        (lambda: strided_timesteps(1000, 0), "sampler.steps", 0),
+        (lambda: DDPMSampler(variance="big"), "variance", "big"),
+        (lambda: DDPMSampler(steps=0), "steps", 0),
+        (lambda: DDPMSampler(steps=2.5), "steps", 2.5),
+        (lambda: DDIMSampler(steps=0), "steps", 0),
+        (lambda: DDIMSampler(steps=True), "steps", True),
+        (lambda: DDIMSampler(eta=-0.1), "eta", -0.1),
+        (lambda: DDIMSampler(eta=float("nan")), "eta", float("nan")),
+        (lambda: DDIMSampler(timestep_spacing="uniform"), "timestep_spacing", "uniform"),
+        (lambda: ddim_timesteps(1000, 50, "uniform"), "timestep_spacing", "uniform"),
+        (lambda: ddim_timesteps(1000, 1001, "leading"), "steps", 1001),
+        (lambda: strided_timesteps(1000, 0), "steps", 0),
     ],
     ids=lambda v: "" if callable(v) else repr(v),
 )
@@ -586,6 +705,9 @@ def test_bad_sampler_inputs_raise_config_error(build, key, value):
     msg = str(info.value)
     assert f"{key}={value!r}" in msg
     assert "\n" not in msg
+    # the sampler names its own parameter; the config boundary adds ``sampler.`` etc. (ConfigError.at)
+    assert msg.startswith(f"{key}={value!r} is invalid: ")
+    assert info.value.key == key
 
 
 @pytest.mark.parametrize("sampler", [DDIMSampler(steps=2000), DDPMSampler(steps=2000)], ids=repr)
@@ -593,7 +715,9 @@ def test_steps_above_T_fail_at_call_naming_key_and_T(linear, sampler):
     with pytest.raises(ConfigError) as info:
         sampler(smooth_eps(1000), linear, torch.randn(SHAPE, generator=gen(0)))
     msg = str(info.value)
-    assert "sampler.steps=2000" in msg and "1000" in msg
+    assert "steps=2000" in msg and "1000" in msg
+    assert msg == "steps=2000 is invalid: must be an integer in [1, 1000] (the schedule's timesteps)"
+    assert str(info.value.at("callbacks.fid.sampler")).startswith("callbacks.fid.sampler.steps=2000 is invalid: ")
 
 
 @pytest.mark.parametrize("every", [0, -3, 2.0])

@@ -51,7 +51,11 @@ def reference_betas(kind: str, T: int, beta_start=1e-4, beta_end=0.02, s=0.008, 
 def reference_schedule(kind: str = "linear", T: int = 1000, **kw) -> dict[str, np.ndarray]:
     b = reference_betas(kind, T, **kw)
     a = 1.0 - b
-    abar = np.cumprod(a)
+    return reference_buffers(b, a, np.cumprod(a))
+
+
+def reference_buffers(b: np.ndarray, a: np.ndarray, abar: np.ndarray) -> dict[str, np.ndarray]:
+    """Every buffer from betas, alphas and abar by the papers' formulas (Eq. 4, Eq. 7), in numpy float64."""
     abar_prev = np.concatenate([[1.0], abar[:-1]])
     post_var = b * (1.0 - abar_prev) / (1.0 - abar)  # Eq. 7, beta-tilde
     return dict(
@@ -64,7 +68,7 @@ def reference_schedule(kind: str = "linear", T: int = 1000, **kw) -> dict[str, n
         sqrt_recip_alphas_cumprod=1.0 / np.sqrt(abar),
         sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / abar - 1.0),
         posterior_variance=post_var,
-        posterior_log_variance_clipped=np.log(np.concatenate([post_var[1:2], post_var[1:]])),
+        posterior_log_variance_clipped=np.log(np.concatenate([post_var[1:2], post_var[1:]]) if len(b) > 1 else b),
         posterior_mean_coef1=np.sqrt(abar_prev) * b / (1.0 - abar),  # Eq. 7, coefficient of x0
         posterior_mean_coef2=np.sqrt(a) * (1.0 - abar_prev) / (1.0 - abar),  # Eq. 7, coefficient of x_t
     )
@@ -364,17 +368,17 @@ def test_extract_rank_follows_x(linear):
 @pytest.mark.parametrize(
     "kwargs, key, value",
     [
-        (dict(kind="quadratic"), "schedule.kind", "quadratic"),
-        (dict(timesteps=0), "schedule.timesteps", 0),
-        (dict(timesteps=1e3), "schedule.timesteps", 1e3),
-        (dict(timesteps=True), "schedule.timesteps", True),
-        (dict(beta_start=0), "schedule.beta_start", 0),
-        (dict(beta_start=-1), "schedule.beta_start", -1),
-        (dict(beta_end=1), "schedule.beta_end", 1),
-        (dict(beta_end=1.5), "schedule.beta_end", 1.5),
-        (dict(beta_start=0.03, beta_end=0.02), "schedule.beta_start", 0.03),
-        (dict(kind="cosine", cosine_s=0), "schedule.cosine_s", 0),
-        (dict(kind="cosine", max_beta=1), "schedule.max_beta", 1),
+        (dict(kind="quadratic"), "kind", "quadratic"),
+        (dict(timesteps=0), "timesteps", 0),
+        (dict(timesteps=1e3), "timesteps", 1e3),
+        (dict(timesteps=True), "timesteps", True),
+        (dict(beta_start=0), "beta_start", 0),
+        (dict(beta_start=-1), "beta_start", -1),
+        (dict(beta_end=1), "beta_end", 1),
+        (dict(beta_end=1.5), "beta_end", 1.5),
+        (dict(beta_start=0.03, beta_end=0.02), "beta_start", 0.03),
+        (dict(kind="cosine", cosine_s=0), "cosine_s", 0),
+        (dict(kind="cosine", max_beta=1), "max_beta", 1),
     ],
     ids=lambda v: repr(v) if not isinstance(v, dict) else ",".join(f"{k}={v[k]!r}" for k in v),
 )
@@ -386,9 +390,101 @@ def test_bad_schedule_inputs_raise_config_error_naming_key_and_value(factory, kw
     assert isinstance(info.value, ValueError)
     assert f"{key}={value!r}" in msg
     assert "\n" not in msg
+    # the component names its own parameter; the config boundary adds the ``schedule.`` path (ConfigError.at)
+    assert msg.startswith(f"{key}={value!r} is invalid: ")
+    assert info.value.key == key
+    assert "schedule." not in msg
+
+
+def test_beta_start_above_beta_end_names_the_sibling_key_bare():
+    with pytest.raises(ConfigError) as info:
+        NoiseSchedule(beta_start=0.03, beta_end=0.02)
+    assert str(info.value) == "beta_start=0.03 is invalid: must be <= beta_end=0.02"
+    assert str(info.value.at("schedule")) == "schedule.beta_start=0.03 is invalid: must be <= beta_end=0.02"
 
 
 def test_boundary_inputs_are_accepted():
     assert NoiseSchedule("linear", 3, 0.02, 0.02).num_timesteps == 3  # beta_start == beta_end is fine
     assert NoiseSchedule("linear", 1).num_timesteps == 1
     assert NoiseSchedule("cosine", 2, cosine_s=1e-6, max_beta=1e-3).num_timesteps == 2
+
+
+# --------------------------------------------------------------------------------------------------------
+# respaced(timesteps): Nichol & Dhariwal 2021 Sec. 4, against an independent numpy float64 computation
+# --------------------------------------------------------------------------------------------------------
+
+
+def reference_respaced(kind: str, T: int, kept: list[int], **kw) -> dict[str, np.ndarray]:
+    """The respaced schedule from the papers' formulas alone: abar_i = abar_{t_i} (kept ascending),
+    alpha_i = abar_{t_i} / abar_{t_{i-1}}, beta_i = 1 - alpha_i (abar_{t_{-1}} = 1), then Eq. 4 and Eq. 7."""
+    abar = np.cumprod(1.0 - reference_betas(kind, T, **kw))[sorted(kept)]
+    a = abar / np.concatenate([[1.0], abar[:-1]])
+    return reference_buffers(1.0 - a, a, abar)
+
+
+RESPACINGS = {
+    "strided-7": [999, 832, 666, 500, 333, 166, 0],
+    "leading-50": list(range(980, -1, -20)),
+    "trailing-61": [int(v) - 1 for v in np.round(np.linspace(1000, 0, 61, endpoint=False))],
+    "one-step-999": [999],
+    "two-steps": [999, 0],
+    "irregular-ascending": [0, 1, 2, 10, 500, 998],
+}
+
+
+@pytest.mark.parametrize("kept_name", list(RESPACINGS))
+@pytest.mark.parametrize(
+    "kind, kw",
+    [("linear", dict(beta_start=1e-4, beta_end=0.02)), ("linear", dict(beta_start=1e-4, beta_end=0.2)), ("cosine", {})],
+    ids=["linear", "beta_end=0.2", "cosine"],
+)
+def test_respaced_buffers_match_independent_numpy_reference(kind, kw, kept_name):
+    kept = RESPACINGS[kept_name]
+    s = NoiseSchedule(kind, 1000, **kw)
+    r = s.respaced(kept)
+    ref = reference_respaced(kind, 1000, kept, **kw)
+    assert isinstance(r, NoiseSchedule) and r.num_timesteps == len(kept)
+    for name in BUFFER_NAMES:
+        b = getattr(r, name)
+        assert b.dtype == torch.float64 and tuple(b.shape) == (len(kept),), name
+        np.testing.assert_allclose(buf(r, name), ref[name], rtol=1e-9, atol=0, err_msg=name)
+    # abar of the kept steps is the full schedule's, bit for bit; Eq. 7 at index 0 is x0 with no noise
+    np.testing.assert_array_equal(buf(r, "alphas_cumprod"), buf(s, "alphas_cumprod")[sorted(kept)])
+    assert buf(r, "alphas_cumprod_prev")[0] == 1.0 and buf(r, "posterior_variance")[0] == 0.0
+    assert buf(r, "posterior_mean_coef2")[0] == 0.0
+    # the coefficients the samplers use stay finite (and nonzero past index 0) in float32
+    for name in ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1", "posterior_variance"):
+        v32 = getattr(r, name).float()
+        assert bool(torch.isfinite(v32).all()), name
+        assert bool((v32[1:].abs() >= FLOAT32_TINY).all()), name
+
+
+def test_respaced_betas_literal_and_alphas_keep_the_ratio(steep, linear):
+    r = linear.respaced([999, 0])
+    abar = reference_schedule("linear", 1000)["alphas_cumprod"]
+    assert buf(r, "betas")[0] == pytest.approx(1e-4, rel=1e-12)  # abar_0 / 1
+    assert buf(r, "betas")[1] == pytest.approx(1.0 - abar[999] / abar[0], rel=1e-12)
+    assert buf(r, "betas")[1] > 10 * 0.02  # a stride's beta, not the schedule's beta_999
+    # beta_end = 0.2, stride 832 -> 999: abar ratio ~5e-16; 1 - beta would keep few of its digits
+    abar_steep = reference_schedule("linear", 1000, beta_end=0.2)["alphas_cumprod"]
+    ratio = abar_steep[999] / abar_steep[832]
+    assert ratio < 1e-14
+    rs = steep.respaced([999, 832, 666, 500, 333, 166, 0])
+    assert buf(rs, "alphas")[-1] == pytest.approx(ratio, rel=1e-12)
+    assert abs((1.0 - buf(rs, "betas")[-1]) / ratio - 1.0) > 1e-6  # what 1 - beta would have given
+
+
+def test_respaced_all_steps_is_the_schedule_itself_and_order_does_not_matter(linear):
+    assert linear.respaced(range(1000)) is linear
+    assert linear.respaced(list(range(999, -1, -1))) is linear
+    a, b = linear.respaced([0, 500, 999]), linear.respaced([999, 0, 500])
+    for name in BUFFER_NAMES:
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    # a respaced schedule keeps float64 under dtype casts like the full one
+    assert a.half().posterior_variance.dtype == torch.float64
+
+
+@pytest.mark.parametrize("kept", [[], [5, 5], [-1, 3], [1000], [2.0, 3]], ids=repr)
+def test_respaced_rejects_bad_timesteps(linear, kept):
+    with pytest.raises(ValueError, match=r"distinct integers in \[0, 999\]"):
+        linear.respaced(kept)
