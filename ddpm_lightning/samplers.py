@@ -189,7 +189,6 @@ class Sampler:
         return x0.clamp(-1.0, 1.0) if self.clip_denoised else x0
 
 
-_Sampler = Sampler  # the old private name, until module.py and callbacks.py import Sampler; remove at merge
 
 
 class DDPMSampler(Sampler):

@@ -47,6 +47,10 @@ TRAIN_BAD_INPUTS: list[tuple[list[str], str]] = [
     (["sampler=ddim", "sampler.timestep_spacing=even"], "sampler.timestep_spacing='even' is invalid"),
     (["callbacks.samples.sampler.steps=2000"], "callbacks.samples.sampler.steps=2000 is invalid"),
     (["callbacks.samples.num_samples=0"], "callbacks.samples.num_samples=0 is invalid"),
+    (["+callbacks.fid.sampler.eta=-1"], "callbacks.fid.sampler.eta=-1 is invalid: must be a finite number >= 0"),
+    (["callbacks.fid.sampler.steps=0"], "callbacks.fid.sampler.steps=0 is invalid: must be a positive integer"),
+    (["callbacks.fid.sampler.steps=2000"], "callbacks.fid.sampler.steps=2000 is invalid: must be an integer in [1, 1000]"),
+    (["callbacks.ema.update_every_n_steps=0"], "callbacks.ema.update_every_n_steps=0 is invalid"),
     (["data.subset_size=0"], "data.subset_size=0 is invalid"),
     (["data.subset_size=-5"], "data.subset_size=-5 is invalid"),
     (["data.subset_size=100"], "data.subset_size=100 is invalid"),  # the fake MNIST has 64 training images
@@ -124,6 +128,62 @@ def test_the_checkpoint_sampler_is_offered_to_ddpm_sample_but_refused_by_ddpm_tr
         check_group_choices(["sampler=dim"], CONF_DIR)
     with pytest.raises(ConfigError, match=r"^sampler='checkpoint' is invalid: only ddpm-sample and ddpm-evaluate"):
         train(compose_train([*tiny_train_overrides, "sampler=checkpoint"]))
+
+
+#: (command, overrides, the whole one-line message): typo'd keys name the nearest valid key, bad types say the type.
+TYPO_INPUTS = [
+    ("train", ["schedule.beta_ed=0.1"], "schedule.beta_ed=0.1 is invalid: no such key; did you mean schedule.beta_end=0.1?"),
+    ("train", ["trainer.max_step=3"], "trainer.max_step=3 is invalid: no such key; did you mean trainer.max_steps=3?"),
+    ("train", ["label_dropout=0.5"], "label_dropout=0.5 is invalid: no such key; did you mean diffusion.label_dropout=0.5?"),
+    ("train", ["-m", "schedule.beta_ends=0.1,0.2"],
+     "schedule.beta_ends='0.1,0.2' is invalid: no such key; did you mean schedule.beta_end=0.1,0.2?"),
+    ("sample", ["ckpt_path=x", "num_sample=5"], "num_sample=5 is invalid: no such key; did you mean num_samples=5?"),
+    ("sample", ["ckpt_path=x", "num_samples=1.5"], "num_samples=1.5 is invalid: must be an integer"),
+    ("sample", ["ckpt_path=x", "use_ema=maybe"], "use_ema='maybe' is invalid: must be true or false"),
+    ("sample", ["ckpt_path=x", "sampler.stepz=3"], "sampler.stepz=3 is invalid: no such key; did you mean sampler.steps=3?"),
+    ("evaluate", ["data.rot=x"], "data.rot='x' is invalid: no such key; did you mean data.root=x?"),
+    ("evaluate", ["inception_fid=1"], "inception_fid=1 is invalid: must be true or false"),
+    ("train_classifier", ["epoch=2"], "epoch=2 is invalid: no such key; did you mean epochs=2?"),
+]
+
+
+@pytest.mark.parametrize("command, overrides, message", TYPO_INPUTS, ids=[" ".join(o) for _, o, _ in TYPO_INPUTS])
+def test_a_typod_key_or_a_value_of_the_wrong_type_is_one_line_naming_the_nearest_key(command, overrides, message):
+    from ddpm_lightning.config import compose_config
+
+    with pytest.raises(ConfigError) as excinfo:
+        compose_config(command, overrides)
+    assert _one_line(excinfo.value) == message
+
+
+def test_the_suggested_key_works_in_the_command_that_printed_it():
+    from ddpm_lightning.config import compose_config
+
+    with pytest.raises(ConfigError, match=r"did you mean (\S+)\?$") as excinfo:
+        compose_config("train", ["min_snr_gamma=5"])
+    suggestion = str(excinfo.value).rsplit("did you mean ", 1)[1].rstrip("?")
+    assert compose_config("train", [suggestion]).diffusion.min_snr_gamma == 5
+
+
+def test_cli_typod_key_exits_2_with_one_line_before_hydra(tmp_path):
+    proc = run_train_cli(["trainer.max_step=3"], cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: trainer.max_step=3 is invalid: no such key; did you mean trainer.max_steps=3?"
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_build_gives_nested_nodes_their_key_path():
+    from ddpm_lightning.config import build
+
+    node = {"_target_": "ddpm_lightning.callbacks.FIDCallback", "every_n_epochs": 0,
+            "sampler": {"_target_": "ddpm_lightning.samplers.DDIMSampler", "steps": 5, "eta": -1}}
+    with pytest.raises(ConfigError) as excinfo:
+        build(node, key="callbacks.fid")
+    assert str(excinfo.value) == "callbacks.fid.sampler.eta=-1 is invalid: must be a finite number >= 0"
+    with pytest.raises(ConfigError, match=r"^callbacks\.fid\.num_samples=1 is invalid"):
+        build({**node, "num_samples": 1, "sampler": None}, key="callbacks.fid")
+    fid = build({**node, "sampler": {**node["sampler"], "eta": 0.5}}, key="callbacks.fid")
+    assert type(fid.sampler).__name__ == "DDIMSampler" and fid.sampler.eta == 0.5
 
 
 def test_known_group_options_and_other_overrides_pass_the_group_check():

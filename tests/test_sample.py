@@ -236,7 +236,7 @@ def _not_called(*args, **kwargs):
         (["trajectory_frames=1"], "trajectory_frames=1 is invalid"),
         (["device=tpu"], "device='tpu' is invalid"),
         (["ckpt_path=/nonexistent/x.ckpt"], "ckpt_path='/nonexistent/x.ckpt' is invalid: no such checkpoint file"),
-        ([f"sampler.steps={T + 1}"], f"sampler.steps={T + 1} is invalid: must be an integer in [1, schedule.timesteps={T}]"),
+        ([f"sampler.steps={T + 1}"], f"sampler.steps={T + 1} is invalid: must be an integer in [1, {T}] (the schedule's timesteps)"),
         (["sampler=ddpm", f"sampler.steps={T + 1}"], f"sampler.steps={T + 1} is invalid"),
         (["sampler.eta=-1"], "sampler.eta=-1 is invalid"),
         (["existing"], "is invalid: already holds samples.npz; set overwrite=true"),
