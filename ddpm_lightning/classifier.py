@@ -44,7 +44,7 @@ __all__ = [
     "weights_sha256",
     "as_model_input",
     "train_classifier",
-    "missing_classifier_message",
+    "missing_classifier_error",
     "load_classifier",
 ]
 
@@ -270,12 +270,15 @@ def train_classifier(
     return {**meta, "path": out}
 
 
-def missing_classifier_message(path: Path, root: str = "<dir containing MNIST/raw>") -> str:
+def missing_classifier_error(path: Path, root: str = "<dir containing MNIST/raw>") -> ConfigError:
     """The one-line error for a ``classifier_path`` that does not exist; both hints work in every command.
-    ``root``: the ``data.root`` to put in the suggested ``ddpm-train-classifier`` command, when the caller knows it."""
-    return (
-        f"classifier_path={str(path)!r} is invalid: no such file; train one there with ddpm-train-classifier "
-        f"data.root={root} out={path}, or leave it unset (null) for the packaged reference classifier"
+    ``root``: the ``data.root`` to put in the suggested ``ddpm-train-classifier`` command, when the caller knows it.
+    Keyed ``classifier_path``: ``.at("callbacks.fid")`` names the config node it was set in."""
+    return invalid(
+        "classifier_path",
+        str(path),
+        f"no such file; train one there with ddpm-train-classifier data.root={root} out={path}, or leave it unset "
+        "(null) for the packaged reference classifier",
     )
 
 
@@ -299,7 +302,7 @@ def load_classifier(path: Optional[PathLike] = None) -> tuple[MNISTClassifier, d
     if not p.is_file():
         if p == reference:
             raise ConfigError(f"the packaged reference classifier {p} is missing: reinstall ddpm-lightning")
-        raise ConfigError(missing_classifier_message(p))
+        raise missing_classifier_error(p)
     try:
         blob = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file

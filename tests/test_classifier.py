@@ -72,6 +72,22 @@ def test_load_classifier_errors(tmp_path, fake_clf):
         C.load_classifier(tmp_path / "junk.pt")
 
 
+def test_missing_classifier_error_names_the_key_and_rekeys_under_a_config_node(tmp_path):
+    missing = tmp_path / "mine" / "clf.pt"
+    hint = (
+        f"no such file; train one there with ddpm-train-classifier data.root=../data out={missing}, or leave it unset "
+        "(null) for the packaged reference classifier"
+    )
+    err = C.missing_classifier_error(missing, root="../data")
+    assert isinstance(err, ConfigError) and str(err) == f"classifier_path={str(missing)!r} is invalid: {hint}"
+    assert (err.key, err.value, err.allowed) == ("classifier_path", str(missing), hint)
+    assert str(err.at("callbacks.fid")) == f"callbacks.fid.classifier_path={str(missing)!r} is invalid: {hint}"
+    assert "data.root=<dir containing MNIST/raw> out=" in str(C.missing_classifier_error(missing))
+    with pytest.raises(ConfigError) as info:  # load_classifier raises the same error, without a data.root to suggest
+        C.load_classifier(missing)
+    assert str(info.value) == str(C.missing_classifier_error(missing)) and info.value.key == "classifier_path"
+
+
 def test_trained_classifier_path_respects_env(monkeypatch, tmp_path):
     monkeypatch.setenv("DDPM_LIGHTNING_CACHE", str(tmp_path))
     assert C.trained_classifier_path() == tmp_path / "mnist_classifier.pt"
