@@ -118,15 +118,20 @@ def weights_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def _images_nchw_uint8(images: torch.Tensor) -> torch.Tensor:
+    """``images`` as a tensor, ``(N, 32, 32, 1)`` permuted to ``(N, 1, 32, 32)``; other shapes and dtypes unchanged."""
+    x = torch.as_tensor(images)
+    if x.dim() == 4 and x.shape[1] != 1 and x.shape[-1] == 1:
+        x = x.permute(0, 3, 1, 2)
+    return x
+
+
 def as_model_input(images: torch.Tensor) -> torch.Tensor:
     """uint8 ``(N, 1, 32, 32)`` or ``(N, 32, 32, 1)`` (0..255), or float ``(N, 1, 32, 32)`` in ``[-1, 1]`` ->
     float32 ``(N, 1, 32, 32)`` in ``[-1, 1]``."""
-    if not isinstance(images, torch.Tensor):
-        images = torch.as_tensor(images)
+    images = _images_nchw_uint8(images)
     if images.dim() != 4:
         raise ValueError(f"images must be 4-D (N, 1, 32, 32) or (N, 32, 32, 1), got shape {tuple(images.shape)}")
-    if images.shape[1] != 1 and images.shape[-1] == 1:
-        images = images.permute(0, 3, 1, 2)
     if tuple(images.shape[1:]) != (1, 32, 32):
         raise ValueError(f"images must be (N, 1, 32, 32) or (N, 32, 32, 1), got shape {tuple(images.shape)}")
     if images.dtype == torch.uint8:
@@ -134,13 +139,6 @@ def as_model_input(images: torch.Tensor) -> torch.Tensor:
     if not images.is_floating_point():
         raise ValueError(f"images must be uint8 (0..255) or float in [-1, 1], got {images.dtype}")
     return images.to(torch.float32)
-
-
-def _images_nchw_uint8(images: torch.Tensor) -> torch.Tensor:
-    x = torch.as_tensor(images)
-    if x.dim() == 4 and x.shape[1] != 1 and x.shape[-1] == 1:
-        x = x.permute(0, 3, 1, 2)
-    return x
 
 
 def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -195,12 +193,11 @@ def train_classifier(
     for key, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("seed", seed, 0)):
         if not is_int(value) or value < low:
             raise invalid(key, value, f"must be an integer >= {low}")
-    if max_steps is not None and (not is_int(max_steps) or max_steps < 1):
-        raise invalid("max_steps", max_steps, "must be null or a positive integer")
-    if train_size is not None and (not is_int(train_size) or train_size < 1):
-        raise invalid("train_size", train_size, "must be null or a positive integer")
+    for key, value in (("max_steps", max_steps), ("train_size", train_size)):
+        if value is not None and (not is_int(value) or value < 1):
+            raise invalid(key, value, "must be null or a positive integer")
     out = Path(out_path).expanduser() if out_path is not None else trained_classifier_path()
-    if out.exists() and out.is_dir():
+    if out.is_dir():
         raise invalid("out", str(out), "is a folder; give a file path such as mnist_classifier.pt")
     if out.resolve() == reference_classifier_path():
         raise invalid("out", str(out), "is the packaged reference classifier; write a retrained one elsewhere")
@@ -299,35 +296,40 @@ def load_classifier(path: Optional[PathLike] = None) -> tuple[MNISTClassifier, d
     """
     reference = reference_classifier_path()
     p = Path(path).expanduser() if path is not None else reference
+    is_reference = p.resolve() == reference
+
+    def bad_file(allowed: str) -> ConfigError:
+        return invalid("classifier_path", str(p), allowed)
+
     if not p.is_file():
-        if p == reference:
+        if is_reference:
             raise ConfigError(f"the packaged reference classifier {p} is missing: reinstall ddpm-lightning")
         raise missing_classifier_error(p)
     try:
         blob = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise invalid("classifier_path", str(p), f"not a readable classifier file ({type(err).__name__})") from None
+        raise bad_file(f"not a readable classifier file ({type(err).__name__})") from None
     if not isinstance(blob, dict) or "state_dict" not in blob or "meta" not in blob:
-        raise invalid("classifier_path", str(p), "not a ddpm-train-classifier file (no state_dict/meta)")
+        raise bad_file("not a ddpm-train-classifier file (no state_dict/meta)")
     meta = dict(blob["meta"])
     if meta.get("version") != CLASSIFIER_VERSION:
-        raise invalid(
-            "classifier_path", str(p), f"classifier format version {meta.get('version')!r}, expected "
-            f"{CLASSIFIER_VERSION}; retrain with ddpm-train-classifier"
+        raise bad_file(
+            f"classifier format version {meta.get('version')!r}, expected {CLASSIFIER_VERSION}; retrain with "
+            "ddpm-train-classifier"
         )
     model = MNISTClassifier()
     try:
         model.load_state_dict(blob["state_dict"])
     except RuntimeError:
-        raise invalid("classifier_path", str(p), "weights do not fit MNISTClassifier; retrain it") from None
+        raise bad_file("weights do not fit MNISTClassifier; retrain it") from None
     model.eval()
     sha = weights_sha256(model)
-    if p.resolve() == reference and sha != REFERENCE_CLASSIFIER_SHA256:
+    if is_reference and sha != REFERENCE_CLASSIFIER_SHA256:
         raise ConfigError(
             f"the packaged reference classifier {p} has weights sha256 {sha[:16]}..., not the pinned "
             f"{REFERENCE_CLASSIFIER_SHA256[:16]}... (a corrupt install): reinstall ddpm-lightning"
         )
     if sha != meta.get("sha256_of_weights"):
-        raise invalid("classifier_path", str(p), "weights do not match their recorded sha256 (corrupt file)")
+        raise bad_file("weights do not match their recorded sha256 (corrupt file)")
     meta["reference"] = sha == REFERENCE_CLASSIFIER_SHA256
     return model, meta

@@ -17,6 +17,7 @@ from ddpm_lightning import metrics as M
 from ddpm_lightning.errors import ConfigError
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
 
 
 def padded(n: int, seed: int) -> torch.Tensor:
@@ -86,6 +87,67 @@ def test_missing_classifier_error_names_the_key_and_rekeys_under_a_config_node(t
     with pytest.raises(ConfigError) as info:  # load_classifier raises the same error, without a data.root to suggest
         C.load_classifier(missing)
     assert str(info.value) == str(C.missing_classifier_error(missing)) and info.value.key == "classifier_path"
+
+
+def test_train_classifier_checks_its_own_parameters_before_reading_data(tmp_path):
+    for kwargs, message in [
+        ({"epochs": 0}, "epochs=0 is invalid: must be an integer >= 1"),
+        ({"batch_size": 2.0}, "batch_size=2.0 is invalid: must be an integer >= 1"),
+        ({"seed": -1}, "seed=-1 is invalid: must be an integer >= 0"),
+        ({"max_steps": 0}, "max_steps=0 is invalid: must be null or a positive integer"),
+        ({"train_size": True}, "train_size=True is invalid: must be null or a positive integer"),
+        ({"out_path": tmp_path}, f"out={str(tmp_path)!r} is invalid: is a folder; give a file path such as mnist_classifier.pt"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            C.train_classifier(tmp_path / "no-data", **{"out_path": tmp_path / "c.pt", **kwargs})
+        assert str(info.value) == message and info.value.key == message.split("=")[0]
+
+
+def test_load_classifier_rejects_other_files_naming_classifier_path(tmp_path, fake_clf):
+    blob = torch.load(fake_clf, weights_only=True)
+    cases = {
+        "list.pt": ([1, 2], "not a ddpm-train-classifier file (no state_dict/meta)"),
+        "v2.pt": ({**blob, "meta": {**blob["meta"], "version": 2}},
+                  "classifier format version 2, expected 1; retrain with ddpm-train-classifier"),
+        "small.pt": ({**blob, "state_dict": {"head.bias": torch.zeros(10)}}, "weights do not fit MNISTClassifier; retrain it"),
+    }
+    for name, (content, allowed) in cases.items():
+        torch.save(content, tmp_path / name)
+        with pytest.raises(ConfigError) as info:
+            C.load_classifier(tmp_path / name)
+        assert str(info.value) == f"classifier_path={str(tmp_path / name)!r} is invalid: {allowed}"
+        assert str(info.value.at("evaluate")).startswith("evaluate.classifier_path=")
+
+
+def test_a_missing_packaged_reference_asks_for_a_reinstall(tmp_path, monkeypatch):
+    gone = tmp_path / "assets" / "mnist_classifier.pt"
+    monkeypatch.setattr(C, "reference_classifier_path", lambda: gone)
+    for path in (None, gone):  # the default, or the same file named explicitly: training one there is refused
+        with pytest.raises(ConfigError, match=r"^the packaged reference classifier .* is missing: reinstall"):
+            C.load_classifier(path)
+
+
+def test_as_model_input_layouts_and_errors():
+    u8 = padded(3, 2)
+    x = C.as_model_input(u8)
+    assert x.dtype == torch.float32 and x.shape == (3, 1, 32, 32) and x.min() >= -1 and x.max() <= 1
+    assert torch.equal(C.as_model_input(u8.permute(0, 2, 3, 1)), x) and torch.equal(C.as_model_input(x), x)
+    assert torch.equal(C.as_model_input(u8.numpy()), x)
+    with pytest.raises(ValueError, match=r"must be 4-D .* got shape \(1, 32, 32\)"):
+        C.as_model_input(u8[0])
+    with pytest.raises(ValueError, match=r"got shape \(3, 1, 28, 28\)"):
+        C.as_model_input(u8[..., :28, :28])
+    with pytest.raises(ValueError, match="must be uint8 .* got torch.int32"):
+        C.as_model_input(u8.int())
+
+
+def test_neither_module_imports_hydra_or_lightning():
+    code = (
+        "import sys, ddpm_lightning.classifier, ddpm_lightning.metrics; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'hydra', 'lightning', 'pytorch_lightning', 'omegaconf'}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
 
 
 def test_trained_classifier_path_respects_env(monkeypatch, tmp_path):
