@@ -1,4 +1,4 @@
-"""Sample-quality metrics (ddpm_lightning/metrics.py), ddpm-evaluate and ddpm-train-classifier."""
+"""Sample-quality metrics (ddpm_lightning/metrics.py) and ddpm-evaluate."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from mnist_fixtures import make_fake_digits, write_fake_mnist
+from test_classifier import BIN, fake_clf, fake_root, padded, run_console  # noqa: F401 - fixtures used by name
 
+from ddpm_lightning import classifier as C
 from ddpm_lightning import metrics as M
 from ddpm_lightning.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-BIN = Path(sys.executable).parent
 METRIC_KEYS = {
     "n",
     "fid",
@@ -41,12 +41,6 @@ def _compose(overrides: list[str]):
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="evaluate", overrides=overrides)
-
-
-def _padded(n: int, seed: int) -> torch.Tensor:
-    """n fake digits as uint8 (n, 1, 32, 32), zero-padded like load_mnist_split."""
-    x = torch.from_numpy(make_fake_digits(n, seed)).unsqueeze(1)
-    return torch.nn.functional.pad(x, (2, 2, 2, 2))
 
 
 # ------------------------------------------------------------------------------------------ Frechet distance
@@ -125,98 +119,23 @@ def test_class_histogram_entropy_and_confidence():
 
 
 # ------------------------------------------------------------------------------------------ classifier
-@pytest.fixture(scope="module")
-def fake_root(tmp_path_factory) -> Path:
-    return write_fake_mnist(tmp_path_factory.mktemp("data"), n_train=64, n_test=32)
-
-
-@pytest.fixture(scope="module")
-def fake_clf(fake_root, tmp_path_factory) -> Path:
-    """A classifier trained for 3 steps on the fake MNIST (only the plumbing is tested with it)."""
-    path = tmp_path_factory.mktemp("clf") / "clf.pt"
-    result = M.train_classifier(fake_root, path, max_steps=3, batch_size=32, verbose=False)
-    assert result["steps"] == 3 and result["path"] == path
-    return path
-
-
-def test_classifier_shapes_and_roundtrip(fake_clf):
-    model, meta = M.load_classifier(fake_clf)
-    x = M.as_model_input(_padded(5, 0))
-    assert model.features(x).shape == (5, M.FEATURE_DIM) and model(x).shape == (5, 10)
-    assert set(meta) >= {"test_accuracy", "epochs", "seed", "sha256_of_weights", "created", "version"}
-    assert meta["sha256_of_weights"] == M.weights_sha256(model) and len(meta["sha256_of_weights"]) == 64
-    blob = torch.load(fake_clf, weights_only=True)  # plain tensors and builtins only
-    assert set(blob) == {"state_dict", "meta"}
-    # same uint8 images in either layout -> the same features
-    u8 = _padded(4, 1)
-    f1, p1 = M.classifier_outputs(u8, model)
-    f2, p2 = M.classifier_outputs(u8.permute(0, 2, 3, 1), model)
-    assert torch.equal(f1, f2) and torch.allclose(p1.sum(1), torch.ones(4, dtype=torch.float64))
-
-
-def test_training_is_seeded(fake_root, fake_clf, tmp_path):
-    again = M.train_classifier(fake_root, tmp_path / "again.pt", max_steps=3, batch_size=32, verbose=False)
-    assert again["sha256_of_weights"] == M.load_classifier(fake_clf)[1]["sha256_of_weights"]
-
-
-def test_load_classifier_errors(tmp_path, fake_clf):
-    with pytest.raises(ConfigError, match=r"classifier_path=.*no such file; train one there with ddpm-train-classifier data.root="):
-        M.load_classifier(tmp_path / "missing.pt")
-    blob = torch.load(fake_clf, weights_only=True)
-    blob["state_dict"]["head.bias"] = blob["state_dict"]["head.bias"] + 1
-    torch.save(blob, tmp_path / "tampered.pt")
-    with pytest.raises(ConfigError, match="sha256"):
-        M.load_classifier(tmp_path / "tampered.pt")
-    (tmp_path / "junk.pt").write_bytes(b"not a file")
-    with pytest.raises(ConfigError, match="not a readable classifier file"):
-        M.load_classifier(tmp_path / "junk.pt")
-
-
-def test_trained_classifier_path_respects_env(monkeypatch, tmp_path):
-    monkeypatch.setenv("DDPM_LIGHTNING_CACHE", str(tmp_path))
-    assert M.trained_classifier_path() == tmp_path / "mnist_classifier.pt"
-    monkeypatch.delenv("DDPM_LIGHTNING_CACHE")
-    assert M.trained_classifier_path() == Path.home() / ".cache" / "ddpm_lightning" / "mnist_classifier.pt"
-    with pytest.raises(ConfigError, match="is the packaged reference classifier"):
-        M.train_classifier("unused", M.reference_classifier_path())
-
-
-def test_the_packaged_reference_classifier_is_the_default_and_its_sha256_is_pinned(tmp_path, monkeypatch):
-    path = M.reference_classifier_path()
-    assert path.is_file() and path.stat().st_size < 1_000_000
-    model, meta = M.load_classifier()  # the default: no file of the user's needed
-    assert meta["sha256_of_weights"] == M.REFERENCE_CLASSIFIER_SHA256 == M.weights_sha256(model)
-    assert meta["reference"] is True and meta["test_accuracy"] >= 0.99
-    assert sum(p.numel() for p in model.parameters()) < 200_000
-    # weights that no longer match the pinned sha256 (an edited or corrupt install): one line, not a silent yardstick
-    blob = torch.load(path, weights_only=True)
-    blob["state_dict"]["head.bias"] = blob["state_dict"]["head.bias"] + 1e-3
-    blob["meta"]["sha256_of_weights"] = "0" * 64
-    forged = tmp_path / "assets" / "mnist_classifier.pt"
-    forged.parent.mkdir()
-    torch.save(blob, forged)
-    monkeypatch.setattr(M, "reference_classifier_path", lambda: forged)
-    with pytest.raises(ConfigError, match=r"^the packaged reference classifier .* not the pinned 86e9968c") as info:
-        M.load_classifier()
-    assert "\n" not in str(info.value)
-
-
+# ------------------------------------------------------------------------------------------ classifier features
 def test_fid_of_a_set_with_itself_is_zero(fake_clf):
-    model, _ = M.load_classifier(fake_clf)
-    imgs = _padded(40, 3)
+    model, _ = C.load_classifier(fake_clf)
+    imgs = padded(40, 3)
     fa, _ = M.classifier_outputs(imgs, model)
     scale = float(M.gaussian_stats(fa)[1].trace())
     assert M.classifier_fid(imgs, imgs, model) <= 1e-6 * scale
-    assert M.classifier_fid(imgs, _padded(40, 4), model) > 0
+    assert M.classifier_fid(imgs, padded(40, 4), model) > 0
 
 
 def test_evaluate_images_keys(fake_root, fake_clf):
     from ddpm_lightning.mnist import load_mnist_split
 
-    model, meta = M.load_classifier(fake_clf)
+    model, meta = C.load_classifier(fake_clf)
     train, _ = load_mnist_split(fake_root, train=True)
     test, _ = load_mnist_split(fake_root, train=False)
-    out = M.evaluate_images(_padded(10, 5).permute(0, 2, 3, 1), model, test, train, meta=meta)
+    out = M.evaluate_images(padded(10, 5).permute(0, 2, 3, 1), model, test, train, meta=meta)
     assert out["n"] == 10 and out["floor_n"] == 10 and out["n_test"] == 32
     assert sum(out["class_histogram"]) == 10 and len(out["class_histogram"]) == 10
     assert 0 <= out["normalised_entropy"] <= 1 and 1 <= out["inception_score"] <= 10
@@ -229,22 +148,13 @@ def test_evaluate_images_keys(fake_root, fake_clf):
 @pytest.fixture(scope="module")
 def samples_npz(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("samples") / "samples.npz"
-    np.savez(path, _padded(16, 7).permute(0, 2, 3, 1).numpy())  # ddpm-sample's layout (N, 32, 32, 1) uint8
+    np.savez(path, padded(16, 7).permute(0, 2, 3, 1).numpy())  # ddpm-sample's layout (N, 32, 32, 1) uint8
     return path
-
-
-def _run(cmd: str, *args: str, env_cache: Path | None = None) -> subprocess.CompletedProcess:
-    import os
-
-    env = dict(os.environ)
-    if env_cache is not None:
-        env["DDPM_LIGHTNING_CACHE"] = str(env_cache)
-    return subprocess.run([str(BIN / cmd), *args], capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_evaluate_cli_writes_metrics(fake_root, fake_clf, samples_npz, tmp_path):
     out = tmp_path / "eval"
-    proc = _run(
+    proc = run_console(
         "ddpm-evaluate",
         f"samples={samples_npz}",
         f"data.root={fake_root}",
@@ -256,7 +166,7 @@ def test_evaluate_cli_writes_metrics(fake_root, fake_clf, samples_npz, tmp_path)
     assert METRIC_KEYS <= set(data) and data["n"] == 16 and data["mode"] == "samples"
     assert "FID vs 32 test images" in proc.stdout and "Inception Score" in proc.stdout
     # the same out_dir again: refused (one line, exit 2) unless overwrite=true
-    again = _run("ddpm-evaluate", f"samples={samples_npz}", f"data.root={fake_root}", f"classifier_path={fake_clf}", f"out_dir={out}")
+    again = run_console("ddpm-evaluate", f"samples={samples_npz}", f"data.root={fake_root}", f"classifier_path={fake_clf}", f"out_dir={out}")
     assert again.returncode == 2 and again.stderr.strip().count("\n") == 0 and "overwrite=true" in again.stderr
     assert "Traceback" not in again.stderr
 
@@ -271,22 +181,22 @@ def test_evaluate_needs_no_classifier_of_the_users(fake_root, samples_npz, tmp_p
                            f"out_dir={tmp_path / 'e'}"], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     data = json.loads((tmp_path / "e" / "metrics.json").read_text())
-    assert data["classifier_sha256"] == M.REFERENCE_CLASSIFIER_SHA256 and data["classifier_reference"] is True
-    assert f"the reference classifier {M.REFERENCE_CLASSIFIER_SHA256[:16]}" in proc.stdout
+    assert data["classifier_sha256"] == C.REFERENCE_CLASSIFIER_SHA256 and data["classifier_reference"] is True
+    assert f"the reference classifier {C.REFERENCE_CLASSIFIER_SHA256[:16]}" in proc.stdout
 
 
 def test_a_missing_classifier_file_exits_2_with_a_hint_that_works(fake_root, samples_npz, tmp_path):
     missing = tmp_path / "mine" / "clf.pt"
     args = [f"samples={samples_npz}", f"data.root={fake_root}", f"out_dir={tmp_path / 'e'}", f"classifier_path={missing}"]
-    proc = _run("ddpm-evaluate", *args)
+    proc = run_console("ddpm-evaluate", *args)
     assert proc.returncode == 2
     line = proc.stderr.strip()
     assert "\n" not in line and f"ddpm-train-classifier data.root={fake_root} out={missing}," in line
     assert "leave it unset (null) for the packaged reference classifier" in line
     hint = line.split("train one there with ", 1)[1].split(",", 1)[0].split()  # the suggested command, as printed
-    assert _run(*hint).returncode == 0 and missing.is_file()
-    assert _run("ddpm-evaluate", *args).returncode == 0
-    assert _run("ddpm-evaluate", *args[:-1], "classifier_path=null", "overwrite=true").returncode == 0
+    assert run_console(*hint).returncode == 0 and missing.is_file()
+    assert run_console("ddpm-evaluate", *args).returncode == 0
+    assert run_console("ddpm-evaluate", *args[:-1], "classifier_path=null", "overwrite=true").returncode == 0
 
 
 def _evaluate(overrides: list[str]):
@@ -348,16 +258,6 @@ def test_evaluate_real_mode_and_training_if_missing(fake_root, tmp_path, monkeyp
     assert METRIC_KEYS <= set(json.loads((tmp_path / "e" / "metrics.json").read_text()))
 
 
-def test_train_classifier_cli(fake_root, tmp_path):
-    out = tmp_path / "c.pt"
-    proc = _run("ddpm-train-classifier", f"data.root={fake_root}", f"out={out}", "max_steps=2", "batch_size=16")
-    assert proc.returncode == 0, proc.stderr
-    assert "test accuracy" in proc.stdout and M.load_classifier(out)[1]["sha256_of_weights"] in proc.stdout
-    bad = _run("ddpm-train-classifier", f"data.root={fake_root}", "epochs=zero")
-    assert bad.returncode == 2 and bad.stderr.strip() == "error: epochs='zero' is invalid: must be an integer"
-    missing = _run("ddpm-train-classifier", f"data.root={tmp_path / 'none'}", f"out={out}")
-    assert missing.returncode == 2 and "\n" not in missing.stderr.strip() and "data.root" in missing.stderr
-
 
 def test_evaluate_from_checkpoint(fake_root, fake_clf, tmp_path):
     """ckpt_path mode: ddpm-sample's sample() into out_dir/samples, then the metrics."""
@@ -405,7 +305,7 @@ def test_real_mnist_classifier_and_floor(real_mnist_root, tmp_path):
     """The packaged reference classifier is >= 99% accurate on the real test images; the real floor is small."""
     from ddpm_lightning.mnist import load_mnist_split
 
-    model, meta = M.load_classifier()
+    model, meta = C.load_classifier()
     train, _ = load_mnist_split(real_mnist_root, train=True)
     test, test_labels = load_mnist_split(real_mnist_root, train=False)
     _, probs = M.classifier_outputs(test, model)
