@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ddpm_lightning.errors import ConfigError, invalid, is_int
+from ddpm_lightning.images import as_model_input, atomic_write
 
 __all__ = [
     "CLASSIFIER_VERSION",
@@ -42,7 +43,6 @@ __all__ = [
     "reference_classifier_path",
     "trained_classifier_path",
     "weights_sha256",
-    "as_model_input",
     "train_classifier",
     "missing_classifier_error",
     "load_classifier",
@@ -118,29 +118,6 @@ def weights_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _images_nchw_uint8(images: torch.Tensor) -> torch.Tensor:
-    """``images`` as a tensor, ``(N, 32, 32, 1)`` permuted to ``(N, 1, 32, 32)``; other shapes and dtypes unchanged."""
-    x = torch.as_tensor(images)
-    if x.dim() == 4 and x.shape[1] != 1 and x.shape[-1] == 1:
-        x = x.permute(0, 3, 1, 2)
-    return x
-
-
-def as_model_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 ``(N, 1, 32, 32)`` or ``(N, 32, 32, 1)`` (0..255), or float ``(N, 1, 32, 32)`` in ``[-1, 1]`` ->
-    float32 ``(N, 1, 32, 32)`` in ``[-1, 1]``."""
-    images = _images_nchw_uint8(images)
-    if images.dim() != 4:
-        raise ValueError(f"images must be 4-D (N, 1, 32, 32) or (N, 32, 32, 1), got shape {tuple(images.shape)}")
-    if tuple(images.shape[1:]) != (1, 32, 32):
-        raise ValueError(f"images must be (N, 1, 32, 32) or (N, 32, 32, 1), got shape {tuple(images.shape)}")
-    if images.dtype == torch.uint8:
-        return images.to(torch.float32) / 255 * 2 - 1
-    if not images.is_floating_point():
-        raise ValueError(f"images must be uint8 (0..255) or float in [-1, 1], got {images.dtype}")
-    return images.to(torch.float32)
-
-
 def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random affine per image: rotation +-10 degrees, scale 0.9..1.1, translation +-2 pixels (background -1)."""
     n = x.shape[0]
@@ -188,7 +165,7 @@ def train_classifier(
     Returns:
         the meta dict plus ``path`` (the file written).
     """
-    from ddpm_lightning.data import load_mnist_split  # lazy: data.py imports Lightning
+    from ddpm_lightning.mnist import load_mnist_split
 
     for key, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("seed", seed, 0)):
         if not is_int(value) or value < low:
@@ -261,9 +238,7 @@ def train_classifier(
         "seconds": float(seconds),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
-    os.replace(tmp, out)
+    atomic_write(out, lambda tmp: torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp))
     return {**meta, "path": out}
 
 

@@ -257,9 +257,10 @@ def _paths(node: Any, prefix: str = "") -> list[str]:
     return out
 
 
-def unknown_key_error(key: str, value: Any, known: Iterable[str], parent: str = "") -> ConfigError:
+def unknown_key_error(key: str, value: Any, known: Iterable[str], parent: str = "", add: str = "") -> ConfigError:
     """``<key>=<value> is invalid: no such key; did you mean <nearest>?`` (one line), the nearest valid key chosen
-    among ``known`` by its last part first (``label_dropout`` -> ``diffusion.label_dropout``), then by spelling."""
+    among ``known`` by its last part first (``label_dropout`` -> ``diffusion.label_dropout``), then by spelling.
+    ``add``: the override prefix the suggestion needs (``++`` below a node that may be null)."""
     known = sorted(set(known))
     leaf = key.rsplit(".", 1)[-1]
     same_leaf = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
@@ -267,7 +268,7 @@ def unknown_key_error(key: str, value: Any, known: Iterable[str], parent: str = 
     nearest = same_leaf[:1] or difflib.get_close_matches(key, siblings or known, n=1, cutoff=0.5) or difflib.get_close_matches(
         key, known, n=1, cutoff=0.5)
     if nearest:
-        return invalid(key, value, f"no such key; did you mean {nearest[0]}={_text(value)}?")
+        return invalid(key, value, f"no such key; did you mean {add}{nearest[0]}={_text(value)}?")
     names = ", ".join(k.rsplit(".", 1)[-1] for k in siblings[:12]) or "none"
     return invalid(key, value, f"no such key; the keys{f' of {parent}' if parent else ''} are: {names}")
 
@@ -358,9 +359,12 @@ def compose_config(config_name: str, overrides: list[str] = (), exclude: Mapping
     for prefix, key, value in parsed:
         if prefix or key.startswith("hydra") or (Path(CONFIG_DIR) / key).is_dir() or key in known:
             continue
-        parent, node = key.rsplit(".", 1)[0] if "." in key else "", base
-        if parent and parent in known and not isinstance(OmegaConf.select(base, parent, throw_on_missing=False), DictConfig):
-            continue  # below a null or list node: Hydra decides
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        above = OmegaConf.select(base, parent, throw_on_missing=False) if parent in known else {}
+        if above is None:  # a null node (evaluate: null): its keys are added, not overridden
+            raise invalid(key, _typed(value), f"{parent} is null in this config; add the key with ++{key}={value}")
+        if parent and parent in known and not isinstance(above, DictConfig):
+            continue  # below a list or a value: Hydra decides
         raise unknown_key_error(key, _typed(value), known, parent)
     plain = [f"{p}{k}={v}" for p, k, v in parsed if not _is_sweep(v)]
     try:

@@ -33,7 +33,10 @@ __all__ = [
     "sample_grid",
     "trajectory_grid",
     "save_png",
+    "as_model_input",
+    "as_nchw",
     "atomic_write",
+    "save_gif",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -78,6 +81,34 @@ def nhwc_to_nchw(x: Tensor) -> Tensor:
     if x.dim() != 4:
         raise ValueError(f"nhwc_to_nchw expects a 4-d (N, H, W, C) tensor, got shape {tuple(x.shape)}")
     return x.permute(0, 3, 1, 2).contiguous()
+
+
+def as_nchw(images: Tensor) -> Tensor:
+    """``images`` as a tensor, ``(N, 32, 32, 1)`` permuted to ``(N, 1, 32, 32)``; other shapes and dtypes unchanged."""
+    x = torch.as_tensor(images)
+    if x.dim() == 4 and x.shape[1] != 1 and x.shape[-1] == 1:
+        x = x.permute(0, 3, 1, 2)
+    return x
+
+
+def as_model_input(images: Tensor) -> Tensor:
+    """uint8 ``(N, 1, 32, 32)`` or ``(N, 32, 32, 1)`` (0..255), or float ``(N, 1, 32, 32)`` in ``[-1, 1]`` ->
+    float32 ``(N, 1, 32, 32)`` in ``[-1, 1]`` (the classifier's input).
+
+    Raises:
+        ValueError: another rank, shape or dtype.
+    """
+    images = as_nchw(images)
+    if images.dim() != 4:
+        raise ValueError(f"images must be 4-D (N, 1, 32, 32) or (N, 32, 32, 1), got shape {tuple(images.shape)}")
+    if tuple(images.shape[1:]) != (1, 32, 32):
+        raise ValueError(f"images must be (N, 1, 32, 32) or (N, 32, 32, 1), got shape {tuple(images.shape)}")
+    if images.dtype == torch.uint8:
+        return to_model_range(images)
+    if not images.is_floating_point():
+        raise ValueError(f"images must be uint8 (0..255) or float in [-1, 1], got {images.dtype}")
+    return images.to(torch.float32)
+
 
 
 # ----------------------------------------------------------------------------- pictures

@@ -22,8 +22,9 @@ from typing import Any, Optional
 
 import torch
 
-from ddpm_lightning.classifier import FORWARD_BATCH, NUM_CLASSES, MNISTClassifier, _images_nchw_uint8, as_model_input
+from ddpm_lightning.classifier import FORWARD_BATCH, NUM_CLASSES, MNISTClassifier
 from ddpm_lightning.errors import is_int
+from ddpm_lightning.images import as_model_input, as_nchw
 
 __all__ = [
     "classifier_outputs",
@@ -177,13 +178,13 @@ def evaluate_images(
         ``normalised_entropy``, ``confident_fraction``, ``classifier_sha256``, ``classifier_test_accuracy``,
         ``classifier_reference`` (True for the packaged reference classifier).
     """
-    images = _images_nchw_uint8(images)
+    images = as_nchw(images)
     n = int(images.shape[0])
     if n < 2:
         raise ValueError(f"need at least 2 images for FID, got {n}")
     feats, probs = classifier_outputs(images, classifier)
     test_feats, test_probs = classifier_outputs(real_test, classifier)
-    floor_imgs = _images_nchw_uint8(real_train)[floor_offset : floor_offset + n]
+    floor_imgs = as_nchw(real_train)[floor_offset : floor_offset + n]
     floor_feats, _ = classifier_outputs(floor_imgs, classifier)
     test_stats = gaussian_stats(test_feats)
     hist = class_histogram(probs)

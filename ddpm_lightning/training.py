@@ -24,7 +24,7 @@ from ddpm_lightning import evaluation, signals
 from ddpm_lightning.callbacks import HParamsSession
 from ddpm_lightning.checkpoint import load_checkpoint, resume_mismatch
 from ddpm_lightning.config import (FROM_CHECKPOINT, EvaluateConfig, EvaluateOptions, at_key, build, compose_config,
-                                   one_line_omegaconf, options)
+                                   one_line_omegaconf, options, unknown_key_error)
 from ddpm_lightning.errors import ConfigError, PeerRankFailed, StoppedBySignal, first_line, invalid, is_int, is_number
 from ddpm_lightning.hparams import final_metrics, run_hparams
 from ddpm_lightning.module import DDPM
@@ -243,6 +243,10 @@ def end_of_run_options(cfg: DictConfig, ckpt_path: str | Path, out_dir: str | Pa
     step, so nothing is overwritten)."""
     node = cfg.get("evaluate")
     node = OmegaConf.create(OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node))
+    allowed = [f"evaluate.{name}" for name in EvaluateOptions.__dataclass_fields__]
+    for key, value in node.items():
+        if f"evaluate.{key}" not in allowed:  # ++: the suggestion works whether or not evaluate is null
+            raise unknown_key_error(f"evaluate.{key}", value, allowed, "evaluate", add="++")
     with one_line_omegaconf(node, "evaluate."):
         OmegaConf.merge(OmegaConf.structured(EvaluateOptions), node)
     base = compose_config("evaluate")

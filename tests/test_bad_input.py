@@ -142,7 +142,9 @@ TYPO_INPUTS = [
     ("sample", ["ckpt_path=x", "use_ema=maybe"], "use_ema='maybe' is invalid: must be true or false"),
     ("sample", ["ckpt_path=x", "sampler.stepz=3"], "sampler.stepz=3 is invalid: no such key; did you mean sampler.steps=3?"),
     ("evaluate", ["data.rot=x"], "data.rot='x' is invalid: no such key; did you mean data.root=x?"),
-    ("evaluate", ["inception_fid=1"], "inception_fid=1 is invalid: must be true or false"),
+    ("evaluate", ["inception_fid=maybe"], "inception_fid='maybe' is invalid: must be true or false"),
+    ("train", ["evaluate.num_samples=6"], "evaluate.num_samples=6 is invalid: evaluate is null in this config; add the key "
+                                          "with ++evaluate.num_samples=6"),
     ("train_classifier", ["epoch=2"], "epoch=2 is invalid: no such key; did you mean epochs=2?"),
 ]
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from mnist_fixtures import make_fake_digits, write_fake_mnist
 
+from ddpm_lightning.images import as_model_input
 from ddpm_lightning import classifier as C
 from ddpm_lightning import metrics as M
 from ddpm_lightning.errors import ConfigError
@@ -42,7 +43,7 @@ def fake_clf(fake_root, tmp_path_factory) -> Path:
 
 def test_classifier_shapes_and_roundtrip(fake_clf):
     model, meta = C.load_classifier(fake_clf)
-    x = C.as_model_input(padded(5, 0))
+    x = as_model_input(padded(5, 0))
     assert model.features(x).shape == (5, C.FEATURE_DIM) and model(x).shape == (5, 10)
     assert set(meta) >= {"test_accuracy", "epochs", "seed", "sha256_of_weights", "created", "version"}
     assert meta["sha256_of_weights"] == C.weights_sha256(model) and len(meta["sha256_of_weights"]) == 64
@@ -129,16 +130,16 @@ def test_a_missing_packaged_reference_asks_for_a_reinstall(tmp_path, monkeypatch
 
 def test_as_model_input_layouts_and_errors():
     u8 = padded(3, 2)
-    x = C.as_model_input(u8)
+    x = as_model_input(u8)
     assert x.dtype == torch.float32 and x.shape == (3, 1, 32, 32) and x.min() >= -1 and x.max() <= 1
-    assert torch.equal(C.as_model_input(u8.permute(0, 2, 3, 1)), x) and torch.equal(C.as_model_input(x), x)
-    assert torch.equal(C.as_model_input(u8.numpy()), x)
+    assert torch.equal(as_model_input(u8.permute(0, 2, 3, 1)), x) and torch.equal(as_model_input(x), x)
+    assert torch.equal(as_model_input(u8.numpy()), x)
     with pytest.raises(ValueError, match=r"must be 4-D .* got shape \(1, 32, 32\)"):
-        C.as_model_input(u8[0])
+        as_model_input(u8[0])
     with pytest.raises(ValueError, match=r"got shape \(3, 1, 28, 28\)"):
-        C.as_model_input(u8[..., :28, :28])
+        as_model_input(u8[..., :28, :28])
     with pytest.raises(ValueError, match="must be uint8 .* got torch.int32"):
-        C.as_model_input(u8.int())
+        as_model_input(u8.int())
 
 
 def test_neither_module_imports_hydra_or_lightning():

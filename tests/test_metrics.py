@@ -37,10 +37,9 @@ METRIC_KEYS = {
 
 
 def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
+    from ddpm_lightning.config import compose_config
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="evaluate", overrides=overrides)
+    return compose_config("evaluate", overrides)  # as ddpm-evaluate composes (one line for bad keys and types)
 
 
 # ------------------------------------------------------------------------------------------ Frechet distance
@@ -261,27 +260,25 @@ def test_evaluate_real_mode_and_training_if_missing(fake_root, tmp_path, monkeyp
 
 def test_evaluate_from_checkpoint(fake_root, fake_clf, tmp_path):
     """ckpt_path mode: ddpm-sample's sample() into out_dir/samples, then the metrics."""
-    from hydra import compose, initialize_config_dir
-
+    from ddpm_lightning.config import compose_config
     from ddpm_lightning.training import train
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            config_name="train",
-            overrides=[
-                "model=adm_tiny",
-                f"data.root={fake_root}",
-                "data.batch_size=8",
-                "data.subset_size=8",
-                "data.val_size=8",
-                "schedule.timesteps=20",
-                "trainer.max_epochs=1",
-                "trainer.enable_progress_bar=false",
-                "callbacks.samples.num_samples=1",
-                "callbacks.samples.trajectory_samples=0",
-                f"run_dir={tmp_path / 'run'}",
-            ],
-        )
+    cfg = compose_config(
+        "train",
+        [
+            "model=adm_tiny",
+            f"data.root={fake_root}",
+            "data.batch_size=8",
+            "data.subset_size=8",
+            "data.val_size=8",
+            "schedule.timesteps=20",
+            "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false",
+            "callbacks.samples.num_samples=1",
+            "callbacks.samples.trajectory_samples=0",
+            f"run_dir={tmp_path / 'run'}",
+        ],
+    )
     ckpt = train(cfg)["last_ckpt"]
     out = _evaluate(
         [

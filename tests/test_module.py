@@ -207,7 +207,7 @@ def test_conditional_labels_out_of_range_are_refused():
 
 
 def test_diffunet_refuses_num_classes():
-    with pytest.raises(ConfigError, match="model.num_classes=10"):
+    with pytest.raises(ConfigError, match="^num_classes=10 is invalid"):
         DiffUNetEps(num_classes=10)
 
 
@@ -240,7 +240,7 @@ def test_patch_size_2_network_trains_end_to_end():
 
 @pytest.mark.parametrize("patch_size", [0, 3, 2.5, "two"])
 def test_bad_patch_size_is_one_line(patch_size):
-    with pytest.raises(ConfigError, match=rf"^model.patch_size={patch_size!r} is invalid: must be a positive integer dividing"):
+    with pytest.raises(ConfigError, match=rf"^patch_size={patch_size!r} is invalid: must be a positive integer dividing"):
         tiny_net(patch_size=patch_size)
 
 

@@ -48,7 +48,7 @@ def _run_installed(site: Path, script: str, args: list[str], cwd: Path, home: Pa
 
 @pytest.mark.slow
 def test_the_wheel_holds_every_config_and_the_reference_classifier(wheel):
-    from ddpm_lightning.metrics import REFERENCE_CLASSIFIER_SHA256
+    from ddpm_lightning.classifier import REFERENCE_CLASSIFIER_SHA256
 
     names = set(zipfile.ZipFile(wheel).namelist())
     configs = {f"ddpm_lightning/conf/{p.relative_to(CONF_DIR).as_posix()}" for p in CONF_DIR.rglob("*.yaml")}

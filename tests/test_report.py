@@ -151,7 +151,7 @@ def test_fid_from_metrics_json_ranks_and_is_plotted(fake_sweep):
 
 def test_the_end_of_run_evaluation_is_read_and_its_classifier_named(fake_sweep):
     """ddpm-train writes <job>/evaluate/step_<N>/metrics.json: the newest step is reported, with its classifier."""
-    from ddpm_lightning.metrics import REFERENCE_CLASSIFIER_SHA256 as REF
+    from ddpm_lightning.classifier import REFERENCE_CLASSIFIER_SHA256 as REF
 
     for job, step, fid in [("0", 10, 50.0), ("0", 100, 9.5), ("1", 100, 20.0)]:
         path = fake_sweep / job / "evaluate" / f"step_{step:06d}" / "metrics.json"
@@ -202,7 +202,9 @@ def test_not_a_sweep_is_one_line_and_exit_2(tmp_path, capsys, layout):
         (path / ".hydra" / "overrides.yaml").write_text("- trainer.max_epochs=1\n")
     if layout == "numeric_without_hydra":
         (path / "0").mkdir()
-    assert main([str(path)]) == 2
+    with pytest.raises(SystemExit) as exited:  # the one command wrapper (config.run_command) exits with the status
+        main([str(path)])
+    assert exited.value.code == 2
     err = capsys.readouterr().err
     assert err == (
         f"error: {path} is not a Hydra multirun directory (expected {path}/0/.hydra/overrides.yaml)\n"

@@ -264,7 +264,7 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_
 
 def test_val_fid_is_logged_and_can_pick_the_best_checkpoint(tiny_train_overrides, tmp_path, fake_mnist_root, monkeypatch):
     """callbacks.fid.every_n_epochs=1 logs val/fid from a classifier; a missing classifier stops before training."""
-    from ddpm_lightning.metrics import train_classifier
+    from ddpm_lightning.classifier import train_classifier
 
     mine = tmp_path / "cache" / "mnist_classifier.pt"
     fid_overrides = [*tiny_train_overrides, "callbacks.fid.every_n_epochs=1", "callbacks.fid.num_samples=8",
@@ -319,15 +319,17 @@ def test_end_of_run_evaluation_writes_metrics_beside_the_checkpoints(tiny_train_
     last.ckpt is sampled and scored into <run_dir>/evaluate/step_<N>/metrics.json."""
     import json
 
-    from ddpm_lightning.metrics import train_classifier
+    from ddpm_lightning.classifier import train_classifier
 
     clf = tmp_path / "clf.pt"
     overrides = [*tiny_train_overrides, f"evaluate={{num_samples: 6, batch_size: 4, sampler: {{steps: 2}}, "
                                          f"classifier_path: {clf}}}"]
     with pytest.raises(ConfigError, match=r"^evaluate.classifier_path="):
         train(compose_train(overrides))
-    with pytest.raises(ConfigError, match=r"^evaluate.num_sample=6 is invalid: unknown key"):
+    with pytest.raises(ConfigError, match=r"^evaluate.num_sample=6 is invalid: no such key; did you mean "
+                                          r"\+\+evaluate.num_samples=6\?$"):
         train(compose_train([*tiny_train_overrides, "evaluate={num_sample: 6}"]))
+    assert compose_train([*tiny_train_overrides, "++evaluate.num_samples=6"]).evaluate.num_samples == 6  # it works
     train_classifier(tiny_train_overrides[-2].split("=", 1)[1], clf, epochs=1, max_steps=2, verbose=False)
     with pytest.raises(ConfigError, match=r"^evaluate.sampler.steps=5000 is invalid"):
         train(compose_train([*tiny_train_overrides, f"evaluate={{sampler: {{steps: 5000}}, classifier_path: {clf}}}"]))
