@@ -253,7 +253,9 @@ def test_sample_across_ranks_is_the_single_process_sample_with_one_rank():
     model = DDPM(net=ADMUNetEps(model_channels=32, channel_mult=(1,), num_blocks=1, attn_resolutions=()),
                  schedule=NoiseSchedule(timesteps=20))
     sampler = DDIMSampler(steps=4)
-    x0, frames = sample_across_ranks(SimpleNamespace(world_size=1, global_rank=0), model, 5, 11, sampler, 2)
+    # 4 DDIM steps, 3 frames: x_t every 4 // (3 - 1) = 2 steps, for all 5 samples
+    x0, frames = sample_across_ranks(SimpleNamespace(world_size=1, global_rank=0), model, 5, 11, sampler,
+                                     trajectory_frames=3, trajectory_rows=5)
     out = model.sample(5, generator=torch.Generator().manual_seed(11), sampler=sampler, trajectory_every=2)
     torch.testing.assert_close(x0, out.x0)
     assert len(frames) == len(out.trajectory) and all(torch.equal(a, b) for a, (_, b) in zip(frames, out.trajectory))
