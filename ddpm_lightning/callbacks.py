@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from ddpm_lightning.errors import invalid, is_int, is_number
+from ddpm_lightning.errors import check_int, invalid, is_number
 from ddpm_lightning.classifier import load_classifier, missing_classifier_error
 from ddpm_lightning.hparams import HP_METRICS, log_final_metrics, write_session_start
 from ddpm_lightning.images import save_png, sample_grid, trajectory_grid
@@ -52,8 +52,7 @@ class EMA(WeightAveraging):
     def __init__(self, decay: float = 0.9999, warmup: bool = True, update_every_n_steps: int = 1) -> None:
         if not is_number(decay) or not 0.0 <= decay < 1.0:
             raise invalid("decay", decay, "must be a number in [0, 1)")
-        if not is_int(update_every_n_steps) or update_every_n_steps < 1:
-            raise invalid("update_every_n_steps", update_every_n_steps, "must be an integer >= 1")
+        check_int("update_every_n_steps", update_every_n_steps, 1)
         self.decay = float(decay)
         self.warmup = bool(warmup)
         self.update_every_n_steps = update_every_n_steps
@@ -157,8 +156,7 @@ class SampleCallback(L.Callback):
             ("trajectory_samples", trajectory_samples, 0),
             ("trajectory_frames", trajectory_frames, 2),
         ]:
-            if not is_int(value) or value < low:
-                raise invalid(key, value, f"must be an integer >= {low}")
+            check_int(key, value, low)
         self.dirpath = Path(dirpath)
         self.every_n_epochs = every_n_epochs
         self.num_samples = num_samples
@@ -239,8 +237,7 @@ class FIDCallback(L.Callback):
         seed: int = 4321,
     ) -> None:
         for key, value, low in [("every_n_epochs", every_n_epochs, 0), ("num_samples", num_samples, 2)]:
-            if not is_int(value) or value < low:
-                raise invalid(key, value, f"must be an integer >= {low}")
+            check_int(key, value, low)
         if every_n_epochs and classifier_path is not None and not Path(classifier_path).expanduser().is_file():
             raise missing_classifier_error(Path(classifier_path).expanduser())
         self.every_n_epochs = every_n_epochs

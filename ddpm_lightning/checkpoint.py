@@ -33,6 +33,18 @@ log = logging.getLogger(__name__)
 RAW_KEY = "current_model_state"  #: Lightning's WeightAveraging keeps the raw weights here; state_dict is the EMA
 
 
+def checkpoint_file(path: str | os.PathLike[str]) -> Path:
+    """``path`` (``~`` expanded) when it is an existing file.
+
+    Raises:
+        ConfigError: ``ckpt_path=<path> is invalid: no such checkpoint file``.
+    """
+    p = Path(os.fspath(path)).expanduser()
+    if not p.is_file():
+        raise invalid("ckpt_path", str(path), "no such checkpoint file")
+    return p
+
+
 def load_checkpoint(path: str | os.PathLike[str], mmap: bool = False) -> dict[str, Any]:
     """Read a ``ddpm-train`` checkpoint onto the CPU with ``torch.load(weights_only=True)``.
 
@@ -46,9 +58,7 @@ def load_checkpoint(path: str | os.PathLike[str], mmap: bool = False) -> dict[st
             weights-only checkpoint (truncated, garbage, or pickled custom objects), or was not written by
             ``ddpm-train`` (no ``hyper_parameters.config``).
     """
-    p = Path(os.fspath(path)).expanduser()
-    if not p.is_file():
-        raise invalid("ckpt_path", str(path), "no such checkpoint file")
+    p = checkpoint_file(path)
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # UnpicklingError, RuntimeError (bad zip), EOFError, ... : all mean "unreadable"

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ddpm_lightning.errors import ConfigError, invalid, is_int
+from ddpm_lightning.errors import ConfigError, check_int, invalid, is_number
 from ddpm_lightning.images import as_model_input, atomic_write
 
 __all__ = [
@@ -168,11 +168,11 @@ def train_classifier(
     from ddpm_lightning.mnist import load_mnist_split
 
     for key, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("seed", seed, 0)):
-        if not is_int(value) or value < low:
-            raise invalid(key, value, f"must be an integer >= {low}")
+        check_int(key, value, low)
     for key, value in (("max_steps", max_steps), ("train_size", train_size)):
-        if value is not None and (not is_int(value) or value < 1):
-            raise invalid(key, value, "must be null or a positive integer")
+        check_int(key, value, 1, "must be null or a positive integer", nullable=True)
+    if not is_number(lr) or not 0 < lr < math.inf:
+        raise invalid("lr", lr, "must be a finite number > 0")
     out = Path(out_path).expanduser() if out_path is not None else trained_classifier_path()
     if out.is_dir():
         raise invalid("out", str(out), "is a folder; give a file path such as mnist_classifier.pt")

@@ -97,22 +97,28 @@ def build(node: Any, key: str | None = None, **kwargs: Any) -> Any:
 
 # --------------------------------------------------------------------------------------------------- schemas
 @dataclass
-class SampleConfig:
-    """``ddpm-sample``'s options: their types (this schema) and their values and meaning (``conf/sample.yaml``)."""
+class SamplingOptions:
+    """The options of drawing samples from a checkpoint, shared by ``ddpm-sample`` and ``ddpm-evaluate``."""
 
-    ckpt_path: str = MISSING
     num_samples: int = MISSING
     batch_size: int = MISSING
     seed: int = MISSING
     device: str = MISSING
     use_ema: bool = MISSING
+    guidance_scale: float = MISSING
+    sampler: Any = MISSING
+    overwrite: bool = MISSING
+
+
+@dataclass
+class SampleConfig(SamplingOptions):
+    """``ddpm-sample``'s options: their types (this schema) and their values and meaning (``conf/sample.yaml``)."""
+
+    ckpt_path: str = MISSING
     trajectory: bool = MISSING
     trajectory_frames: int = MISSING
     class_label: Optional[int] = MISSING
-    guidance_scale: float = MISSING
-    sampler: Any = MISSING
     out_dir: Any = MISSING
-    overwrite: bool = MISSING
     task_name: str = MISSING
 
 
@@ -124,23 +130,15 @@ class EvaluationData:
 
 
 @dataclass
-class EvaluateOptions:
+class EvaluateOptions(SamplingOptions):
     """The keys of ``ddpm-train``'s ``evaluate:`` node (an end-of-run ``ddpm-evaluate`` of ``last.ckpt``): their
     types; their values and meaning are in ``conf/evaluate.yaml``."""
 
-    num_samples: int = MISSING
-    batch_size: int = MISSING
-    seed: int = MISSING
-    device: str = MISSING
-    use_ema: bool = MISSING
-    guidance_scale: float = MISSING
     n: Optional[int] = MISSING
     classifier_path: Optional[str] = MISSING
     train_classifier_if_missing: bool = MISSING
     classifier_epochs: int = MISSING
     inception_fid: bool = MISSING
-    sampler: Any = MISSING
-    overwrite: bool = MISSING
 
 
 @dataclass
@@ -200,6 +198,19 @@ def options(cfg: Any, schema: type, command: str) -> Any:
     if hasattr(opts, "out_dir") and opts.out_dir is not None:
         opts.out_dir = Path(opts.out_dir)
     return opts
+
+
+def check_out_dir(out_dir: Path, holds: str, overwrite: bool) -> None:
+    """``out_dir`` must be a folder (or not exist yet) and, unless ``overwrite``, not already hold ``holds`` (a
+    file name relative to it): nothing already written is replaced by accident.
+
+    Raises:
+        ConfigError: naming ``out_dir``.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise invalid("out_dir", str(out_dir), "exists and is not a folder")
+    if (out_dir / holds).exists() and not overwrite:
+        raise invalid("out_dir", str(out_dir), f"already holds {holds}; set overwrite=true to replace it, or choose another out_dir")
 
 
 def out_dir_path(cfg: Any, command: str) -> Path:

@@ -23,7 +23,7 @@ import lightning
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from ddpm_lightning.errors import invalid, is_int
+from ddpm_lightning.errors import check_int, invalid, is_int
 from ddpm_lightning.images import to_model_range
 from ddpm_lightning.mnist import MNIST_NUM_TEST, check_mnist_files, download_mnist, load_mnist_split, raw_dir
 
@@ -147,20 +147,14 @@ class MNISTDataModule(lightning.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if not is_int(batch_size) or batch_size <= 0:
-            raise invalid("batch_size", batch_size, "must be a positive integer")
-        if subset_size is not None and (not is_int(subset_size) or subset_size <= 0):
-            raise invalid(
-                "subset_size", subset_size, "must be a positive integer, or null for all images"
-            )
-        if not is_int(val_size) or val_size <= 0:
-            raise invalid("val_size", val_size, "must be a positive integer")
+        check_int("batch_size", batch_size, 1, "must be a positive integer")
+        check_int("subset_size", subset_size, 1, "must be a positive integer, or null for all images", nullable=True)
+        check_int("val_size", val_size, 1, "must be a positive integer")
         if val_size > MNIST_NUM_TEST:
             raise invalid(
                 "val_size", val_size, f"must be at most {MNIST_NUM_TEST} (the MNIST test set size)"
             )
-        if not is_int(num_workers) or num_workers < 0:
-            raise invalid("num_workers", num_workers, "must be a non-negative integer")
+        check_int("num_workers", num_workers, 0, "must be a non-negative integer")
         if not is_int(seed):
             raise invalid("seed", seed, "must be an integer")
         for key, flag in (("download", download), ("pin_memory", pin_memory)):

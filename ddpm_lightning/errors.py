@@ -85,6 +85,15 @@ class NonFiniteWeightsError(NonFiniteError):
     the global step and the first bad tensor."""
 
 
+def check_int(key: str, value: object, low: int, allowed: str | None = None, nullable: bool = False) -> None:
+    """``value`` must be an integer >= ``low`` (or None when ``nullable``); else the one-line
+    ``<key>=<value> is invalid: <allowed>`` (default ``must be an integer >= <low>``)."""
+    if value is None and nullable:
+        return
+    if not is_int(value) or value < low:
+        raise invalid(key, value, allowed or f"must be an integer >= {low}" + (" or null" if nullable else ""))
+
+
 def first_line(err: BaseException, limit: int = 300) -> str:
     """``ClassName: first line of the message`` (shortened to ``limit`` characters), for one-line errors."""
     lines = str(err).strip().splitlines()

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from ddpm_lightning.classifier import load_classifier, missing_classifier_error, reference_classifier_path, train_classifier
-from ddpm_lightning.config import EvaluateConfig, at_key, build, options, sampler_node
-from ddpm_lightning.errors import ConfigError, invalid
+from ddpm_lightning.checkpoint import checkpoint_file
+from ddpm_lightning.config import EvaluateConfig, at_key, build, check_out_dir, options, sampler_node
+from ddpm_lightning.errors import ConfigError, check_int, invalid
 from ddpm_lightning.images import atomic_write, nhwc_to_nchw, to_uint8
 from ddpm_lightning.metrics import evaluate_images
 from ddpm_lightning.mnist import check_mnist_files, load_mnist_split
@@ -83,23 +84,13 @@ def check(opts: EvaluateConfig, ckpt_must_exist: bool = True) -> Path:
     if mode(opts) == "samples" and not Path(opts.samples).expanduser().is_file():
         raise invalid("samples", str(opts.samples), "no such file; give a samples.npz from ddpm-sample, or real")
     if mode(opts) == "checkpoint":
-        if ckpt_must_exist and not Path(opts.ckpt_path).expanduser().is_file():
-            raise invalid("ckpt_path", str(opts.ckpt_path), "no such checkpoint file")
-        if opts.num_samples < 2:
-            raise invalid("num_samples", opts.num_samples, "must be an integer >= 2 (FID needs at least 2 images)")
-        if (opts.out_dir / "samples" / SAMPLES_FILE).exists() and not opts.overwrite:
-            raise invalid("out_dir", str(opts.out_dir), f"already holds samples/{SAMPLES_FILE}; set overwrite=true "
-                          "to replace it, or choose another out_dir")
-    if opts.n is not None and opts.n < 2:
-        raise invalid("n", opts.n, "must be null (all images) or an integer >= 2")
-    if opts.classifier_epochs < 1:
-        raise invalid("classifier_epochs", opts.classifier_epochs, "must be a positive integer")
-    out_dir = opts.out_dir
-    if out_dir.exists() and not out_dir.is_dir():
-        raise invalid("out_dir", str(out_dir), "exists and is not a folder")
-    if (out_dir / METRICS_FILE).exists() and not opts.overwrite:
-        raise invalid("out_dir", str(out_dir),
-                      f"already holds {METRICS_FILE}; set overwrite=true to replace it, or choose another out_dir")
+        if ckpt_must_exist:
+            checkpoint_file(opts.ckpt_path)
+        check_int("num_samples", opts.num_samples, 2, "must be an integer >= 2 (FID needs at least 2 images)")
+        check_out_dir(opts.out_dir, f"samples/{SAMPLES_FILE}", opts.overwrite)
+    check_int("n", opts.n, 2, "must be null (all images) or an integer >= 2", nullable=True)
+    check_int("classifier_epochs", opts.classifier_epochs, 1, "must be a positive integer")
+    check_out_dir(opts.out_dir, METRICS_FILE, opts.overwrite)
     root = opts.data.root
     if root is None or str(root) == "":
         raise invalid("data.root", root, "must be the directory containing MNIST/raw (e.g. data.root=../shared/data)")

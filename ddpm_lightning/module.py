@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from ddpm_lightning.errors import NonFiniteLossError, NonFiniteWeightsError, invalid, is_int, is_number
+from ddpm_lightning.errors import NonFiniteLossError, NonFiniteWeightsError, check_int, invalid, is_number
 from ddpm_lightning.networks import as_eps_network
 from ddpm_lightning.samplers import DDPMSampler, SampleOutput, Sampler
 from ddpm_lightning.schedule import NoiseSchedule
@@ -288,8 +288,7 @@ class DDPM(L.LightningModule):
             ConfigError: ``num_samples`` not a positive integer; labels or guidance for an unconditional network;
                 labels out of range.
         """
-        if not is_int(num_samples) or num_samples < 1:
-            raise invalid("num_samples", num_samples, "must be a positive integer")
+        check_int("num_samples", num_samples, 1, "must be a positive integer")
         eps_fn = self._guided_eps_fn(num_samples, class_labels, guidance_scale)
         if noise is None:
             noise = torch.randn((num_samples, *self.image_shape), generator=generator, device=self.device)
@@ -308,21 +307,16 @@ class DDPM(L.LightningModule):
         self, num_samples: int, class_labels: Tensor | None, guidance_scale: float
     ) -> Callable[[Tensor, Tensor], Tensor]:
         """The eps function the sampler calls: plain, conditional, or classifier-free guided."""
-        if not is_number(guidance_scale) or not math.isfinite(guidance_scale):
-            raise invalid("guidance_scale", guidance_scale, "must be a finite number")
+        check_conditioning(self.num_classes, class_labels, guidance_scale)
         if self.num_classes is None:
-            if class_labels is not None:
-                raise invalid("class_label", _label_repr(class_labels), "the model is unconditional (model.num_classes=null)")
-            if guidance_scale != 1.0:
-                raise invalid("guidance_scale", guidance_scale, "the model is unconditional (model.num_classes=null); use 1.0")
             return lambda x, t: self.net(x, t)
         if class_labels is None:
             class_labels = torch.arange(num_samples) % self.num_classes
         y = torch.as_tensor(class_labels, dtype=torch.long, device=self.device).reshape(-1)
         if y.numel() == 1:
             y = y.expand(num_samples)
-        if y.shape != (num_samples,) or bool(((y < 0) | (y >= self.num_classes)).any()):
-            raise invalid("class_label", _label_repr(class_labels), f"must be integers in [0, {self.num_classes - 1}], one per sample")
+        if y.shape != (num_samples,):
+            raise invalid("class_label", _label_repr(class_labels), f"must be one label or {num_samples} (one per sample)")
         if guidance_scale == 1.0:
             return lambda x, t: self.net(x, t, y)
         null = torch.full_like(y, -1)
@@ -336,3 +330,27 @@ class DDPM(L.LightningModule):
 
 def _label_repr(labels: Any) -> Any:
     return labels.tolist() if isinstance(labels, Tensor) else labels
+
+
+def check_conditioning(num_classes: int | None, class_labels: Any, guidance_scale: float) -> None:
+    """Class labels and the guidance scale against a network's ``num_classes`` (None = unconditional).
+
+    Args:
+        num_classes: the network's class count, or None.
+        class_labels: None, an int, or int64 labels (any shape), each in [0, num_classes-1].
+        guidance_scale: a finite number; must be 1 for an unconditional network.
+
+    Raises:
+        ConfigError: naming ``class_label`` or ``guidance_scale``.
+    """
+    if not is_number(guidance_scale) or not math.isfinite(guidance_scale):
+        raise invalid("guidance_scale", guidance_scale, "must be a finite number (1 = no guidance)")
+    if num_classes is None:
+        if class_labels is not None:
+            raise invalid("class_label", _label_repr(class_labels), "the model is unconditional (model.num_classes=null)")
+        if guidance_scale != 1.0:
+            raise invalid("guidance_scale", guidance_scale, "the model is unconditional (model.num_classes=null); use 1.0")
+    elif class_labels is not None:
+        y = torch.as_tensor(class_labels)
+        if y.is_floating_point() or bool(((y < 0) | (y >= num_classes)).any()):
+            raise invalid("class_label", _label_repr(class_labels), f"must be in [0, {num_classes - 1}] (one integer per sample)")

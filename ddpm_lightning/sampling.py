@@ -21,6 +21,7 @@ from torch import Tensor
 from ddpm_lightning.checkpoint import ddpm_from_checkpoint, has_ema, load_checkpoint
 from ddpm_lightning.config import at_key, build, sampler_node
 from ddpm_lightning.errors import invalid
+from ddpm_lightning.module import check_conditioning
 from ddpm_lightning.images import atomic_write, sample_grid, save_gif, save_png, to_model_range, to_uint8, trajectory_grid
 from ddpm_lightning.samplers import Sampler
 
@@ -132,26 +133,6 @@ def draw_samples(
     frames = [torch.cat([batch[f] for batch in traj_chunks]) for f in range(len(traj_chunks[0]))] if traj_chunks else []
     return Drawn(torch.cat(chunks), torch.cat(label_chunks) if label_chunks else None, frames, num_steps,
                  time.perf_counter() - start)
-
-
-def check_conditioning(num_classes: int | None, class_label: int | None, guidance_scale: float) -> None:
-    """``class_label`` / ``guidance_scale`` against a checkpoint's model, before the network is built.
-
-    Raises:
-        ConfigError: a label or guidance for an unconditional model, a label out of range, or a negative label.
-    """
-    if class_label is not None and class_label < 0:
-        raise invalid("class_label", class_label, "must be null or an integer class index >= 0")
-    if not math.isfinite(guidance_scale):
-        raise invalid("guidance_scale", guidance_scale, "must be a finite number (1 = no guidance)")
-    if num_classes is None:
-        if class_label is not None:
-            raise invalid("class_label", class_label, "the checkpoint's model is unconditional (model.num_classes=null)")
-        if guidance_scale != 1.0:
-            raise invalid("guidance_scale", guidance_scale,
-                          "the checkpoint's model is unconditional (model.num_classes=null); use 1.0")
-    elif class_label is not None and class_label >= num_classes:
-        raise invalid("class_label", class_label, f"must be in [0, {num_classes - 1}] for this checkpoint")
 
 
 @dataclass

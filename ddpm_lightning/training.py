@@ -22,10 +22,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ddpm_lightning import evaluation, signals
 from ddpm_lightning.callbacks import HParamsSession
-from ddpm_lightning.checkpoint import load_checkpoint, resume_mismatch
+from ddpm_lightning.checkpoint import checkpoint_file, load_checkpoint, resume_mismatch
 from ddpm_lightning.config import (FROM_CHECKPOINT, EvaluateConfig, EvaluateOptions, at_key, build, compose_config,
                                    one_line_omegaconf, options, unknown_key_error)
-from ddpm_lightning.errors import ConfigError, PeerRankFailed, StoppedBySignal, first_line, invalid, is_int, is_number
+from ddpm_lightning.errors import ConfigError, check_int, PeerRankFailed, StoppedBySignal, first_line, invalid, is_int, is_number
 from ddpm_lightning.hparams import final_metrics, run_hparams
 from ddpm_lightning.module import DDPM
 from ddpm_lightning.runlock import RunDirLock
@@ -90,9 +90,7 @@ def prepare_config(cfg: DictConfig, context: RunContext | None = None) -> DictCo
             cfg.ckpt_path = str(newest) if newest else None
             log.info("ckpt_path=last: %s", f"resuming from {newest}" if newest else "no checkpoint yet, fresh start")
         if cfg.get("ckpt_path"):
-            ckpt = Path(str(cfg.ckpt_path)).expanduser()
-            if not ckpt.is_file():
-                raise invalid("ckpt_path", str(cfg.ckpt_path), "no such checkpoint file")
+            ckpt = checkpoint_file(str(cfg.ckpt_path))
             cfg.ckpt_path = str(ckpt.resolve())
             _check_resume(cfg)
             run = ckpt.resolve().parent.parent
@@ -108,9 +106,7 @@ def prepare_config(cfg: DictConfig, context: RunContext | None = None) -> DictCo
                     "choose another run_dir, or set overwrite=true",
                 )
         _check_rates(cfg)
-        seed = cfg.get("seed")
-        if not is_int(seed) or seed < 0:
-            raise invalid("seed", seed, "must be an integer >= 0")
+        check_int("seed", cfg.get("seed"), 0)
         cfg.trainer.precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
     return cfg
 

@@ -13,22 +13,16 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from ddpm_lightning.config import SampleConfig, command, options
-from ddpm_lightning.errors import ConfigError, invalid
+from ddpm_lightning.config import SampleConfig, check_out_dir, command, options
+from ddpm_lightning.errors import ConfigError, check_int
 from ddpm_lightning.sampling import SAMPLES_FILE, open_checkpoint, resolve_device, sample_checkpoint, write_samples
 
 
 def check_options(opts: SampleConfig) -> None:
     """The ranges of ``ddpm-sample``'s options (their types are the schema's), before anything is read."""
     for key, low in (("num_samples", 1), ("batch_size", 1), ("seed", 0), ("trajectory_frames", 2)):
-        if getattr(opts, key) < low:
-            raise invalid(key, getattr(opts, key), "must be a positive integer" if low == 1 else f"must be an integer >= {low}")
-    out_dir = opts.out_dir
-    if out_dir.exists() and not out_dir.is_dir():
-        raise invalid("out_dir", str(out_dir), "exists and is not a folder")
-    if (out_dir / SAMPLES_FILE).exists() and not opts.overwrite:
-        raise invalid("out_dir", str(out_dir),
-                      f"already holds {SAMPLES_FILE}; set overwrite=true to replace it, or choose another out_dir")
+        check_int(key, getattr(opts, key), low, "must be a positive integer" if low == 1 else None)
+    check_out_dir(opts.out_dir, SAMPLES_FILE, opts.overwrite)
 
 
 def sample(cfg: Any) -> dict[str, Any]:
