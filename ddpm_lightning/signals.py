@@ -11,14 +11,23 @@ rank gets the signal (from SLURM, or forwarded by rank zero) and leaves; a rank 
 rank that has left gets an error from the process group and leaves too. Checkpoints are written atomically
 (:class:`~ddpm_lightning.checkpoint.AtomicCheckpointIO`), so the newest complete ``last.ckpt`` stays as it was.
 Lightning's SLURM requeue checkpoint (``hpc_ckpt_*.ckpt`` on SIGUSR1, ``#SBATCH --signal=SIGUSR1@90``) is untouched.
+
+A DDP child that dies (OOM killer, SIGKILL) is noticed by Lightning's child-process observer in rank zero, which
+polls every 5 seconds and then SIGKILLs the children and rank zero itself: rank zero would end with status -9 and
+no word, unless its own collective failed first. :class:`PeerWatch` does the same clean-up but first prints the
+one-line ``error:`` and ends rank zero with status 1, whichever notices first.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from types import FrameType
 from typing import Any
 
+from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+from lightning.pytorch.strategies.launchers import subprocess_script
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -39,6 +48,29 @@ class SafeSignalConnector(_SignalConnector):
         raise SIGTERMException()
 
 
+#: The one line rank zero prints when a DDP peer has gone (the same as training's PeerRankFailed).
+PEER_GONE = "this DDP rank stops because another rank ended ({why}); that rank's own message says why"
+
+
+class PeerWatch(_ChildProcessObserver):
+    """Lightning's child-process observer, ending rank zero with the one-line error and exit status 1 (after
+    killing the other local ranks, as Lightning does) instead of SIGKILLing it silently."""
+
+    def _terminate_all(self) -> None:
+        codes = ", ".join(str(p.returncode) for p in self._child_processes if p.returncode)
+        for p in self._child_processes:
+            p.send_signal(self._termination_signal)
+        print("error: " + PEER_GONE.format(why=f"a local DDP child exited with status {codes}"), file=sys.stderr,
+              flush=True)
+        os._exit(1)
+
+
+def _launch_peer_watch(child_processes: list[Any]) -> None:
+    PeerWatch(child_processes=child_processes, main_pid=os.getpid()).start()
+
+
 def install(trainer: Any) -> None:
-    """Give ``trainer`` the :class:`SafeSignalConnector` (before ``trainer.fit``, which registers its handlers)."""
+    """Give ``trainer`` the :class:`SafeSignalConnector` (before ``trainer.fit``, which registers its handlers) and
+    make Lightning's DDP launcher watch its children with :class:`PeerWatch`."""
     trainer._signal_connector = SafeSignalConnector(trainer)
+    subprocess_script._launch_process_observer = _launch_peer_watch

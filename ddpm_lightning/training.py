@@ -224,8 +224,7 @@ def train(cfg: DictConfig, context: RunContext | None = None) -> dict[str, Any]:
     except RuntimeError as err:
         if not _peer_failed(err):
             raise
-        raise PeerRankFailed(f"this DDP rank stops because another rank ended ({first_line(err, 200)}); that rank's "
-                             "own message says why") from None
+        raise PeerRankFailed(signals.PEER_GONE.format(why=first_line(err, 200))) from None
     finally:
         if lock is not None:
             lock.release()

@@ -285,3 +285,24 @@ def test_a_rank_that_dies_ends_the_other_with_one_line_and_a_non_zero_exit(fake_
     errors = [line.strip() for line in lines if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: this DDP rank stops because another rank ended (")
     assert not any(line.startswith("Traceback") for line in lines), "".join(lines)[-3000:]
+
+
+_OBSERVER_WINS = """
+import os, subprocess, sys
+from ddpm_lightning.signals import PeerWatch
+child = subprocess.Popen([sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"])
+child.wait()
+PeerWatch(main_pid=os.getpid(), child_processes=[child])._run()  # as Lightning's observer thread does every 5 s
+print("not reached")
+"""
+
+
+def test_when_lightnings_child_observer_notices_a_dead_rank_first_rank_zero_still_ends_with_one_line_and_1():
+    """The race the test above can lose under load: Lightning's observer (5 s polls) sees the dead child before rank
+    zero's collective fails. It used to SIGKILL rank zero (status -9, no word); PeerWatch ends it with the line and 1."""
+    proc = subprocess.run([sys.executable, "-c", _OBSERVER_WINS], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == ("error: this DDP rank stops because another rank ended (a local DDP "
+                                                    "child exited with status -9); that rank's own message says why")
+    assert "not reached" not in proc.stdout
