@@ -13,8 +13,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from ddpm_lightning.errors import check_int, invalid, is_number
 from ddpm_lightning.classifier import load_classifier, missing_classifier_error
+from ddpm_lightning.errors import check_int, invalid, is_number
 from ddpm_lightning.hparams import HP_METRICS, log_final_metrics, write_session_start
 from ddpm_lightning.images import save_png, sample_grid, trajectory_grid
 from ddpm_lightning.mnist import load_mnist_split

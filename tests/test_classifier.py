@@ -12,10 +12,10 @@ import pytest
 import torch
 from mnist_fixtures import make_fake_digits, write_fake_mnist
 
-from ddpm_lightning.images import as_model_input
 from ddpm_lightning import classifier as C
 from ddpm_lightning import metrics as M
 from ddpm_lightning.errors import ConfigError
+from ddpm_lightning.images import as_model_input
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]

@@ -12,10 +12,18 @@ Options: ``conf/evaluate.yaml``; what is measured: :mod:`ddpm_lightning.evaluati
 
 from __future__ import annotations
 
+from typing import Any
+
 from ddpm_lightning.config import command
 from ddpm_lightning.evaluation import evaluate
 
-main = command("evaluate")(evaluate)
+
+def run(cfg: Any) -> dict[str, Any]:
+    """Evaluate as ``conf/evaluate.yaml`` (with the command line) says; returns the metrics."""
+    return evaluate(cfg)
+
+
+main = command("evaluate")(run)  # Hydra's job name (evaluate.log) comes from this module
 
 if __name__ == "__main__":
     main()
