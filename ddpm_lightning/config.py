@@ -244,7 +244,7 @@ def one_line_omegaconf(node: Any, prefix: str, given: Mapping[str, Any] | None =
             parent = key[: -len(leaf)].rstrip(".") if key.endswith(leaf) else ""
             raise unknown_key_error(key, (given or {}).get(key, _select(node, key)), _paths(node), parent) from None
         words = next((w for name, w in _TYPE_WORDS.items() if f"to {name}" in text or f"valid {name}" in text), text)
-        value = (given or {}).get(key, getattr(err, "value", None) if getattr(err, "value", None) is not None else _select(node, key))
+        value = (given or {}).get(key, _select(node, key) if getattr(err, "value", None) is None else err.value)
         raise invalid(key, value, words) from None
 
 
@@ -276,8 +276,8 @@ def unknown_key_error(key: str, value: Any, known: Iterable[str], parent: str = 
     leaf = key.rsplit(".", 1)[-1]
     same_leaf = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
     siblings = [k for k in known if (k.rsplit(".", 1)[0] if "." in k else "") == parent]
-    nearest = same_leaf[:1] or difflib.get_close_matches(key, siblings or known, n=1, cutoff=0.5) or difflib.get_close_matches(
-        key, known, n=1, cutoff=0.5)
+    nearest = (same_leaf[:1] or difflib.get_close_matches(key, siblings or known, n=1, cutoff=0.5)
+               or difflib.get_close_matches(key, known, n=1, cutoff=0.5))
     if nearest:
         return invalid(key, value, f"no such key; did you mean {add}{nearest[0]}={_text(value)}?")
     names = ", ".join(k.rsplit(".", 1)[-1] for k in siblings[:12]) or "none"

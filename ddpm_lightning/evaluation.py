@@ -53,7 +53,9 @@ def load_samples(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise invalid("samples", str(path), f"not a readable .npz file ({type(err).__name__})") from None
     if arr.dtype != np.uint8:
         raise invalid("samples", str(path), f"arr_0 must be uint8 0..255, got {arr.dtype}")
-    images = nhwc_to_nchw(torch.from_numpy(np.ascontiguousarray(arr))) if arr.ndim == 4 and arr.shape[1:] == (32, 32, 1) else torch.from_numpy(arr)
+    images = torch.from_numpy(np.ascontiguousarray(arr))
+    if arr.ndim == 4 and arr.shape[1:] == (32, 32, 1):
+        images = nhwc_to_nchw(images)
     if images.ndim != 4 or tuple(images.shape[1:]) != (1, 32, 32):
         raise invalid("samples", str(path), f"arr_0 must be (N, 32, 32, 1) or (N, 1, 32, 32), got {arr.shape}")
     if images.shape[0] < 2:

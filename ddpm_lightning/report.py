@@ -1,4 +1,5 @@
-"""Summarising a Hydra multirun sweep of ``ddpm-train`` (the body of ``ddpm-report``, :mod:`ddpm_lightning.cli.report`): summarise a Hydra multirun sweep of ``ddpm-train`` in a table and one plot per metric.
+"""Summarising a Hydra multirun sweep of ``ddpm-train`` in a table and one plot per metric (the body of
+``ddpm-report``, :mod:`ddpm_lightning.cli.report`).
 
 Usage::
 

@@ -76,7 +76,7 @@ def resolve_device(device: object) -> torch.device:
 
 
 def draw_samples(
-    model: Any,
+    ddpm: Any,
     num_samples: int,
     sampler: Sampler | None = None,
     batch_size: int = 256,
@@ -90,7 +90,7 @@ def draw_samples(
     """Draw ``num_samples`` images from a :class:`~ddpm_lightning.module.DDPM` in batches (eval mode, no grad).
 
     Args:
-        model: the DDPM (its device is used; its sampler when ``sampler`` is None).
+        ddpm: the :class:`~ddpm_lightning.module.DDPM` (its device is used; its sampler when ``sampler`` is None).
         num_samples: N >= 1.
         sampler: the reverse process, or None for the model's own.
         batch_size: images per forward pass; batch i is seeded with ``seed + i``.
@@ -107,29 +107,30 @@ def draw_samples(
     """
     from tqdm.auto import tqdm
 
-    sampler = sampler or model.sampler
-    num_steps = len(sampler.timesteps(model.schedule.num_timesteps))
+    sampler = sampler or ddpm.sampler
+    num_steps = len(sampler.timesteps(ddpm.schedule.num_timesteps))
     every = max(1, num_steps // (trajectory_frames - 1)) if trajectory_frames else None
-    num_classes = getattr(model, "num_classes", None)
+    num_classes = getattr(ddpm, "num_classes", None)
     chunks, label_chunks, traj_chunks, rows = [], [], [], 0
     batches = range(math.ceil(num_samples / batch_size))
     start = time.perf_counter()
     for i in tqdm(batches, desc="batches", unit="batch", dynamic_ncols=True, disable=not progress):
         size = min(batch_size, num_samples - i * batch_size)
-        generator = torch.Generator(device=model.device).manual_seed(seed + i)
+        generator = torch.Generator(device=ddpm.device).manual_seed(seed + i)
         labels = None
         if num_classes is not None:
-            labels = torch.full((size,), class_label) if class_label is not None else torch.arange(i * batch_size, i * batch_size + size) % num_classes
+            first = i * batch_size
+            labels = torch.full((size,), class_label) if class_label is not None else torch.arange(first, first + size) % num_classes
             label_chunks.append(labels)
         want = min(trajectory_rows - rows, size) if every is not None else 0
-        out = model.sample(size, generator=generator, sampler=sampler, trajectory_every=every if want > 0 else None,
+        out = ddpm.sample(size, generator=generator, sampler=sampler, trajectory_every=every if want > 0 else None,
                            progress=progress, class_labels=labels, guidance_scale=guidance_scale)
         chunks.append(out.x0.float().cpu())
         if want > 0:
             traj_chunks.append([x[:want] for _, x in out.trajectory])
             rows += want
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
+    if ddpm.device.type == "cuda":
+        torch.cuda.synchronize(ddpm.device)
     frames = [torch.cat([batch[f] for batch in traj_chunks]) for f in range(len(traj_chunks[0]))] if traj_chunks else []
     return Drawn(torch.cat(chunks), torch.cat(label_chunks) if label_chunks else None, frames, num_steps,
                  time.perf_counter() - start)
@@ -177,9 +178,9 @@ def sample_checkpoint(opened: CheckpointSampler, num_samples: int, device: torch
     Returns:
         ``(drawn, used_ema)``.
     """
-    model = ddpm_from_checkpoint(opened.ckpt, map_location=device, use_ema=use_ema, path=str(opened.path))
-    opened.ckpt = {}  # the weights now live in the model
-    return draw_samples(model, num_samples, sampler=opened.sampler, **draw), use_ema and opened.used_ema
+    ddpm = ddpm_from_checkpoint(opened.ckpt, map_location=device, use_ema=use_ema, path=str(opened.path))
+    opened.ckpt = {}  # the weights now live in the module
+    return draw_samples(ddpm, num_samples, sampler=opened.sampler, **draw), use_ema and opened.used_ema
 
 
 def write_samples(out_dir: Path, drawn: Drawn, overwrite: bool = False) -> dict[str, Path | None]:

@@ -273,7 +273,7 @@ def _fit_and_evaluate(cfg: DictConfig, context: RunContext) -> dict[str, Any]:
     optimizer = build(cfg.optimizer, key="optimizer")
     lr_scheduler = _build_lr_scheduler(cfg)
     with at_key("diffusion"):  # the DDPM's own options: conf/diffusion/
-        model = DDPM(
+        ddpm = DDPM(
             net=net,
             schedule=schedule,
             optimizer=optimizer,
@@ -292,13 +292,13 @@ def _fit_and_evaluate(cfg: DictConfig, context: RunContext) -> dict[str, Any]:
                                              OmegaConf.to_container(cfg.sampler, resolve=True))
     named = {k: build(c, key=f"callbacks.{k}") for k, c in cfg.get("callbacks", {}).items() if c is not None}
     _check_callback_samplers(named, schedule.num_timesteps)
-    hparams_session = HParamsSession(run_hparams(model.hparams["config"], context.choices, context.overrides))
+    hparams_session = HParamsSession(run_hparams(ddpm.hparams["config"], context.choices, context.overrides))
     callbacks = [*named.values(), hparams_session]
     logger = build(cfg.logger, key="logger") if cfg.get("logger") else False
     trainer: L.Trainer = build(cfg.trainer, key="trainer", callbacks=callbacks, logger=logger)
     signals.install(trainer)  # a SIGTERM ends every DDP rank within seconds (no collective in the handler)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(ddpm, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
     ckpt_dir = run_dir / "checkpoints"
     best = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor), "")

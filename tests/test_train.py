@@ -386,3 +386,24 @@ def test_the_preset_with_a_step_budget_off_the_validation_interval_still_saves_a
     assert torch.load(result["last_ckpt"], map_location="cpu", weights_only=True)["global_step"] == 2
     metrics = json.loads((tmp_path / "run" / "evaluate" / "step_000002" / "metrics.json").read_text())
     assert metrics["n"] == 8 and metrics["classifier_reference"] is True
+
+
+def test_a_checkpoint_from_before_the_diffusion_node_still_samples_and_resumes(tiny_train_overrides, tmp_path):
+    """Checkpoints written before conf/diffusion/ store label_dropout and min_snr_gamma at the top of their config and
+    no diffusion node: they load and sample as before, and a run resumes from them."""
+    from ddpm_lightning.checkpoint import load_ddpm
+
+    first = train(compose_train(tiny_train_overrides))
+    ckpt = torch.load(first["last_ckpt"], map_location="cpu", weights_only=True)
+    config = ckpt["hyper_parameters"]["config"]
+    config.update(config.pop("diffusion"))  # the old layout
+    assert "diffusion" not in config and config["label_dropout"] == 0.1 and config["min_snr_gamma"] is None
+    old = tmp_path / "old" / "checkpoints" / "last.ckpt"
+    old.parent.mkdir(parents=True)
+    torch.save(ckpt, old)
+    model = load_ddpm(old)
+    x0 = model.sample(2, generator=torch.Generator().manual_seed(0)).x0
+    assert x0.shape == (2, 1, 32, 32) and torch.isfinite(x0).all()
+    resumed = train(compose_train([*tiny_train_overrides, f"run_dir={tmp_path / 'resumed'}", f"ckpt_path={old}",
+                                   "trainer.max_epochs=2"]))
+    assert resumed["trainer"].current_epoch == 2 and resumed["trainer"].global_step == 2 * first["trainer"].global_step
