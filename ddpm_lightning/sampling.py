@@ -145,10 +145,6 @@ class CheckpointSampler:
     sampler: Sampler
     sampler_source: str
 
-    @property
-    def used_ema(self) -> bool:
-        return has_ema(self.ckpt)
-
 
 def open_checkpoint(path: str | Path, sampler: Any, class_label: int | None = None,
                     guidance_scale: float = 1.0) -> CheckpointSampler:
@@ -178,9 +174,10 @@ def sample_checkpoint(opened: CheckpointSampler, num_samples: int, device: torch
     Returns:
         ``(drawn, used_ema)``.
     """
+    used_ema = use_ema and has_ema(opened.ckpt)
     ddpm = ddpm_from_checkpoint(opened.ckpt, map_location=device, use_ema=use_ema, path=str(opened.path))
     opened.ckpt = {}  # the weights now live in the module
-    return draw_samples(ddpm, num_samples, sampler=opened.sampler, **draw), use_ema and opened.used_ema
+    return draw_samples(ddpm, num_samples, sampler=opened.sampler, **draw), used_ema
 
 
 def write_samples(out_dir: Path, drawn: Drawn, overwrite: bool = False) -> dict[str, Path | None]:

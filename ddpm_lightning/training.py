@@ -31,7 +31,6 @@ from ddpm_lightning.module import DDPM
 from ddpm_lightning.runlock import RunDirLock
 
 log = logging.getLogger(__name__)
-TRAIN_EXCLUDED_SAMPLER = "checkpoint"  #: conf/sampler/checkpoint.yaml is for ddpm-sample / ddpm-evaluate only
 
 
 @dataclass
@@ -264,7 +263,7 @@ def _fit_and_evaluate(cfg: DictConfig, context: RunContext) -> dict[str, Any]:
     _check_val_check_interval(cfg, math.ceil(datamodule.num_train / datamodule.batch_size))
     schedule = build(cfg.schedule, key="schedule")
     if cfg.get("sampler") is not None and cfg.sampler.get(FROM_CHECKPOINT):
-        raise invalid("sampler", TRAIN_EXCLUDED_SAMPLER, "only ddpm-sample and ddpm-evaluate take the sampler from a "
+        raise invalid("sampler", "checkpoint", "only ddpm-sample and ddpm-evaluate take the sampler from a "
                       "checkpoint; ddpm-train needs sampler=ddim or sampler=ddpm")
     sampler = build(cfg.sampler, key="sampler")
     with at_key("sampler"):

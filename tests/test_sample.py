@@ -104,6 +104,10 @@ def test_use_ema_loads_ema_weights_or_warns(ckpt, tmp_path, caplog):
         fallback = load_ddpm(no_ema, use_ema=True).state_dict()
     assert all(torch.equal(fallback[k], raw_state[k]) for k in raw_state if k.startswith("net."))
     assert "without EMA" in caplog.text and "raw" in caplog.text
+    for ckpt_path, use_ema, used in [(path, "true", True), (path, "false", False), (no_ema, "true", False)]:
+        result = sample_module.sample(_sample_cfg(ckpt_path, tmp_path / f"out_{used}_{use_ema}_{ckpt_path.stem}",
+                                                  "num_samples=1", f"use_ema={use_ema}"))
+        assert result["used_ema"] is used, (ckpt_path.name, use_ema)  # what the output line says: EMA or raw weights
 
 
 _UNPICKLED = []

@@ -15,11 +15,12 @@ from __future__ import annotations
 from typing import Any
 
 from ddpm_lightning.config import command
-from ddpm_lightning.evaluation import evaluate
 
 
 def run(cfg: Any) -> dict[str, Any]:
     """Evaluate as ``conf/evaluate.yaml`` (with the command line) says; returns the metrics."""
+    from ddpm_lightning.evaluation import evaluate  # torch, Lightning: imported after the command line is checked
+
     return evaluate(cfg)
 
 

@@ -15,11 +15,12 @@ from omegaconf import OmegaConf
 
 from ddpm_lightning.config import SampleConfig, check_out_dir, command, options
 from ddpm_lightning.errors import ConfigError, check_int
-from ddpm_lightning.sampling import SAMPLES_FILE, open_checkpoint, resolve_device, sample_checkpoint, write_samples
 
 
 def check_options(opts: SampleConfig) -> None:
     """The ranges of ``ddpm-sample``'s options (their types are the schema's), before anything is read."""
+    from ddpm_lightning.sampling import SAMPLES_FILE
+
     for key, low in (("num_samples", 1), ("batch_size", 1), ("seed", 0), ("trajectory_frames", 2)):
         check_int(key, getattr(opts, key), low, "must be a positive integer" if low == 1 else None)
     check_out_dir(opts.out_dir, SAMPLES_FILE, opts.overwrite)
@@ -37,6 +38,8 @@ def sample(cfg: Any) -> dict[str, Any]:
     Raises:
         ConfigError: one line naming the key, e.g. ``num_samples=0 is invalid: must be a positive integer``.
     """
+    from ddpm_lightning.sampling import open_checkpoint, resolve_device, sample_checkpoint, write_samples  # torch, Lightning
+
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         raise ConfigError("ckpt_path is required: ddpm-sample ckpt_path=<run>/checkpoints/last.ckpt")
     opts = options(cfg, SampleConfig, "ddpm-sample")

@@ -16,7 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddpm_lightning.config import command
 from ddpm_lightning.errors import invalid
-from ddpm_lightning.training import TRAIN_EXCLUDED_SAMPLER, RunContext, train
+
+#: conf/sampler/checkpoint.yaml is for ddpm-sample / ddpm-evaluate only (ddpm-train refuses it in one line)
+TRAIN_EXCLUDED_SAMPLER = "checkpoint"
 
 
 def refuse_local_multirun_ddp(cfg: DictConfig) -> None:
@@ -37,6 +39,8 @@ def refuse_local_multirun_ddp(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> float | None:
     """Train as configured; returns ``val/loss`` (what Hydra sweepers optimise)."""
+    from ddpm_lightning.training import RunContext, train  # Lightning: imported after the command line is checked
+
     refuse_local_multirun_ddp(cfg)
     context = RunContext()
     if HydraConfig.initialized():
