@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-from ddpm_lightning.errors import ConfigError, ProjectError, first_line, invalid
+from ddpm_lightning.errors import ConfigError, ProjectError, first_line, invalid, print_error
 
 
 def _config_dir() -> Path:
@@ -404,7 +404,7 @@ def run_command(fn: Callable[[Any], Any], cfg: Any) -> Any:
     try:
         return fn(cfg)
     except ProjectError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print_error(err)
         sys.exit(err.exit_status)
 
 
@@ -430,7 +430,7 @@ def command(config_name: str, exclude: Mapping[str, Iterable[str]] | None = None
                 try:
                     compose_config(config_name, args, exclude)
                 except ConfigError as err:
-                    print(f"error: {err}", file=sys.stderr, flush=True)
+                    print_error(err)
                     sys.exit(2)
             return hydra_entry()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 _UNSET = object()
 
@@ -92,6 +94,13 @@ def check_int(key: str, value: object, low: int, allowed: str | None = None, nul
         return
     if not is_int(value) or value < low:
         raise invalid(key, value, allowed or f"must be an integer >= {low}" + (" or null" if nullable else ""))
+
+
+def print_error(message: object) -> None:
+    """``error: <message>`` on stderr as ONE write (a line under the pipe's atomic size): the ranks of a DDP run
+    share one stderr, and ``print`` writes the text and the newline separately, so two ranks' lines could merge."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
 
 
 def first_line(err: BaseException, limit: int = 300) -> str:

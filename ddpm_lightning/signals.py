@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from types import FrameType
 from typing import Any
 
@@ -30,6 +29,8 @@ from lightning.fabric.strategies.launchers.subprocess_script import _ChildProces
 from lightning.pytorch.strategies.launchers import subprocess_script
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from ddpm_lightning.errors import print_error
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,7 @@ class PeerWatch(_ChildProcessObserver):
         codes = ", ".join(str(p.returncode) for p in self._child_processes if p.returncode)
         for p in self._child_processes:
             p.send_signal(self._termination_signal)
-        print("error: " + PEER_GONE.format(why=f"a local DDP child exited with status {codes}"), file=sys.stderr,
-              flush=True)
+        print_error(PEER_GONE.format(why=f"a local DDP child exited with status {codes}"))
         os._exit(1)
 
 

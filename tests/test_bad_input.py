@@ -555,3 +555,23 @@ def test_the_run_dir_lock_is_an_os_lock_released_by_a_crash(tmp_path):
         with pytest.raises(ConfigError, match=r"another ddpm-train is writing it \(pid \d+ on host"):
             RunDirLock(tmp_path).acquire()
     RunDirLock(tmp_path).acquire().release()
+
+
+def test_an_error_line_is_one_write_so_that_ddp_ranks_sharing_stderr_never_merge_their_lines(monkeypatch):
+    """Two DDP ranks print their SIGTERM line to one pipe; print() writes text and newline separately, and the two
+    lines once came out as 'error: A...error: A...' on one line. One write of a short line to a pipe is atomic."""
+    from ddpm_lightning.errors import print_error
+
+    writes: list[str] = []
+
+    class Recorder:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    print_error("stopped by SIGTERM; the newest complete checkpoint is kept")
+    assert writes == ["error: stopped by SIGTERM; the newest complete checkpoint is kept\n"]
