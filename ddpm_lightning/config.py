@@ -309,7 +309,7 @@ def _overrides(argv: list[str]) -> list[tuple[str, str, str]]:
 def _is_sweep(value: str) -> bool:
     depth = 0
     for ch in value:
-        depth += ch in "[{(" 
+        depth += ch in "[{("
         depth -= ch in "]})"
         if ch == "," and depth == 0:
             return True

@@ -22,12 +22,12 @@ import torch
 
 from ddpm_lightning.classifier import load_classifier, missing_classifier_error, reference_classifier_path, train_classifier
 from ddpm_lightning.checkpoint import checkpoint_file
-from ddpm_lightning.config import EvaluateConfig, at_key, build, check_out_dir, options, sampler_node
+from ddpm_lightning.config import EvaluateConfig, check_out_dir, options
 from ddpm_lightning.errors import ConfigError, check_int, invalid
 from ddpm_lightning.images import atomic_write, nhwc_to_nchw, to_uint8
 from ddpm_lightning.metrics import evaluate_images
 from ddpm_lightning.mnist import check_mnist_files, load_mnist_split
-from ddpm_lightning.sampling import SAMPLES_FILE, open_checkpoint, resolve_device, sample_checkpoint, write_samples
+from ddpm_lightning.sampling import SAMPLES_FILE, build_sampler, open_checkpoint, resolve_device, sample_checkpoint, write_samples
 
 METRICS_FILE = "metrics.json"
 REAL_MODES = ("real", "real-train")
@@ -109,10 +109,7 @@ def check_before_training(opts: EvaluateConfig, num_timesteps: int, run_sampler:
     """Check an end-of-run evaluation before training starts (the checkpoint does not exist yet): the options, and
     the sampler it will build from the run's ``sampler`` node (which the checkpoint will store)."""
     check(opts, ckpt_must_exist=False)
-    with at_key("sampler"):
-        node, _ = sampler_node(opts.sampler, run_sampler)
-    with at_key("sampler"):
-        build(node, key=None).check(num_timesteps)
+    build_sampler(opts.sampler, run_sampler, num_timesteps)
 
 
 def inception_fid(images: torch.Tensor, real_test: torch.Tensor) -> dict[str, Any]:

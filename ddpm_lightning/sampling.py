@@ -146,6 +146,24 @@ class CheckpointSampler:
     sampler_source: str
 
 
+def build_sampler(requested: Any, stored: Any, num_timesteps: int) -> tuple[Sampler, str]:
+    """The sampler a checkpoint is sampled with: the requested ``sampler`` node merged with the stored one (see
+    :func:`~ddpm_lightning.config.sampler_node`), built and checked against a schedule of ``num_timesteps`` steps.
+
+    Returns:
+        ``(sampler, source)``, e.g. ``(DDIMSampler(steps=20, ...), "the checkpoint's sampler, with steps=20")``.
+
+    Raises:
+        ConfigError: naming ``sampler.<key>``.
+    """
+    with at_key("sampler"):
+        node, source = sampler_node(requested, stored)
+    built = build(node, key="sampler")  # any failure to build is one line naming sampler
+    with at_key("sampler"):
+        built.check(num_timesteps)
+    return built, source
+
+
 def open_checkpoint(path: str | Path, sampler: Any, class_label: int | None = None,
                     guidance_scale: float = 1.0) -> CheckpointSampler:
     """Read a ``ddpm-train`` checkpoint and build the sampler to use with it, checking everything that needs
@@ -158,11 +176,7 @@ def open_checkpoint(path: str | Path, sampler: Any, class_label: int | None = No
     ckpt = load_checkpoint(path)
     config = ckpt["hyper_parameters"]["config"]
     schedule = build(dict(config["schedule"]))
-    with at_key("sampler"):
-        node, source = sampler_node(sampler, config.get("sampler"))
-    built = build(node, key="sampler")
-    with at_key("sampler"):
-        built.check(schedule.num_timesteps)
+    built, source = build_sampler(sampler, config.get("sampler"), schedule.num_timesteps)
     check_conditioning(config["model"].get("num_classes"), class_label, guidance_scale)
     return CheckpointSampler(Path(path), ckpt, built, source)
 
