@@ -105,11 +105,11 @@ def check(opts: EvaluateConfig, ckpt_must_exist: bool = True) -> Path:
     return clf
 
 
-def check_before_training(opts: EvaluateConfig, num_timesteps: int, run_sampler: Any) -> None:
+def check_before_training(opts: EvaluateConfig, num_timesteps: int, run_sampler: Any, learn_sigma: bool = False) -> None:
     """Check an end-of-run evaluation before training starts (the checkpoint does not exist yet): the options, and
     the sampler it will build from the run's ``sampler`` node (which the checkpoint will store)."""
     check(opts, ckpt_must_exist=False)
-    build_sampler(opts.sampler, run_sampler, num_timesteps)
+    build_sampler(opts.sampler, run_sampler, num_timesteps, learn_sigma)
 
 
 def inception_fid(images: torch.Tensor, real_test: torch.Tensor) -> dict[str, Any]:

@@ -1,8 +1,10 @@
-"""The DDPM LightningModule: the epsilon-MSE training objective and the reverse process, wired to Lightning.
+"""The DDPM LightningModule: the training objective and the reverse process, wired to Lightning.
 
-Training minimises L_simple (Ho et al. 2020, arXiv:2006.11239, Eq. 14 / Algorithm 1):
+Training minimises, by default, L_simple (Ho et al. 2020, arXiv:2006.11239, Eq. 14 / Algorithm 1):
 ``E_{x0, t, eps} || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2`` with t uniform in
-[0, T-1] (0-based) and eps ~ N(0, I). Sampling delegates to :mod:`ddpm_lightning.samplers`.
+[0, T-1] (0-based) and eps ~ N(0, I); or L_hybrid / L_vlb with learned variances and importance-sampled timesteps
+(Nichol & Dhariwal 2021, arXiv:2102.09672; the maths in :mod:`ddpm_lightning.losses` and
+:mod:`ddpm_lightning.timestep_sampling`). Sampling delegates to :mod:`ddpm_lightning.samplers`.
 """
 
 from __future__ import annotations
@@ -19,9 +21,13 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from ddpm_lightning.errors import NonFiniteLossError, NonFiniteWeightsError, check_int, invalid, is_number
-from ddpm_lightning.networks import as_eps_network
+from ddpm_lightning.losses import check_loss, training_vb
+from ddpm_lightning.networks import as_eps_network, split_output
 from ddpm_lightning.samplers import DDPMSampler, SampleOutput, Sampler
 from ddpm_lightning.schedule import NoiseSchedule
+from ddpm_lightning.timestep_sampling import make_timestep_sampler
+
+TIMESTEP_SAMPLER_KEY = "timestep_sampler"  #: the checkpoint entry holding the importance sampler's loss history
 
 NUM_QUARTILES = 4
 
@@ -101,6 +107,16 @@ class DDPM(L.LightningModule):
             ``min(SNR_t, gamma) / SNR_t`` with ``SNR_t = abar_t / (1 - abar_t)`` (Min-SNR-gamma, Hang et al. 2023,
             arXiv:2303.09556, Sec. 3.4, eps-prediction form): the low-noise steps (SNR_t > gamma, t < ~120 for the
             linear schedule at gamma = 5) get less weight. ``val/loss`` stays the unweighted L_simple.
+            With ``loss="hybrid"`` it weights the MSE term only.
+        loss: ``"simple"`` (L_simple), ``"hybrid"`` (L_simple + ``vlb_weight`` L_vlb, the mean stop-gradiented in the
+            VLB term: Nichol & Dhariwal 2021, Eq. 16; needs a network with ``learn_sigma``) or ``"vlb"`` (L_vlb alone).
+            The VLB term of a sample is ``T * L_t`` in bits/dim (:func:`~ddpm_lightning.losses.training_vb`), the
+            one-sample estimate of L_vlb, so with T = 1000 and ``vlb_weight = 0.001`` L_hybrid adds L_t once.
+            A fixed-variance network trained with ``vlb`` uses ``fixed_small``.
+        vlb_weight: lambda of L_hybrid, a finite number > 0 (0.001 in the paper).
+        timestep_sampler: ``"uniform"`` or ``"loss-second-moment"`` (importance sampling, Nichol & Dhariwal Sec. 3.3;
+            :mod:`ddpm_lightning.timestep_sampling`), whose loss history is saved in checkpoints and, under DDP,
+            updated with every rank's losses so that all ranks draw from the same distribution.
 
     Batches are ``(x0, y)`` or ``x0`` with x0 ``(N, C, H, W)`` float in [-1, 1] and y ``(N,)`` int64 labels
     (used only by a class-conditional network).
@@ -123,15 +139,25 @@ class DDPM(L.LightningModule):
         label_dropout: float = 0.1,
         lr_scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None,
         min_snr_gamma: float | None = None,
+        loss: str = "simple",
+        vlb_weight: float = 0.001,
+        timestep_sampler: str = "uniform",
     ) -> None:
         super().__init__()
         if not is_number(label_dropout) or not 0 <= label_dropout < 1:
             raise invalid("label_dropout", label_dropout, "must be a number in [0, 1)")
         if min_snr_gamma is not None and (not is_number(min_snr_gamma) or not 0 < min_snr_gamma < math.inf):
             raise invalid("min_snr_gamma", min_snr_gamma, "must be null (L_simple) or a finite number > 0, e.g. 5")
+        if not is_number(vlb_weight) or not 0 < vlb_weight < math.inf:
+            raise invalid("vlb_weight", vlb_weight, "must be a finite number > 0 (0.001 in Improved DDPM)")
+        net = as_eps_network(net)  # a raw deepinv DiffUNet / ADMUNet gets its adapter (never the denoiser path)
+        self.learn_sigma = bool(getattr(net, "learn_sigma", False))
+        self.loss = check_loss(loss, self.learn_sigma, min_snr_gamma)
+        self.vlb_weight = float(vlb_weight)
+        self.timestep_sampler = make_timestep_sampler(timestep_sampler, schedule.num_timesteps)
         # Plain containers only: OmegaConf objects would break torch.load(weights_only=True).
         self.save_hyperparameters({"config": config or {}, "seed": int(seed), "image_shape": list(image_shape)})
-        self.net = as_eps_network(net)  # a raw deepinv DiffUNet / ADMUNet gets its adapter (never the denoiser path)
+        self.net = net
         self.schedule = schedule
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -146,8 +172,14 @@ class DDPM(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------------- model
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        """eps_theta(x_t, t): ``(N, C, H, W)`` noise prediction for int64 timesteps ``t`` in [0, T-1]."""
+        """The network's output for int64 timesteps ``t`` in [0, T-1]: eps_theta(x_t, t), ``(N, C, H, W)``, or with
+        ``learn_sigma`` ``(N, 2C, H, W)``, eps then the variance output v (see :meth:`model_output`)."""
         return self.net(x_t, t, y)
+
+    def model_output(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """``(eps, v)``: the noise prediction, ``(N, C, H, W)``, and the raw variance output v like it (``learn_sigma``;
+        :func:`~ddpm_lightning.schedule.learned_log_variance`) or None."""
+        return split_output(self.net(x_t, t, y), x_t.shape[1])
 
     @staticmethod
     def _split_batch(batch: Tensor | tuple | list) -> tuple[Tensor, Tensor | None]:
@@ -157,29 +189,69 @@ class DDPM(L.LightningModule):
 
     def _eps_loss(self, x0: Tensor, t: Tensor, noise: Tensor, y: Tensor | None = None) -> Tensor:
         """Per-sample epsilon-MSE, ``(N,)`` float32."""
+        return self._losses(x0, t, noise, y, with_vb=False)[0]
+
+    def _losses(self, x0: Tensor, t: Tensor, noise: Tensor, y: Tensor | None, with_vb: bool) -> tuple[Tensor, Tensor | None]:
+        """Per-sample ``(mse, vb)``, ``(N,)`` float32: the eps-MSE and, ``with_vb``, the VLB term of each sample's
+        timestep in bits/dim (:func:`~ddpm_lightning.losses.training_vb`; its mean detached for L_hybrid)."""
         x_t = self.schedule.q_sample(x0, t, noise)
-        eps = self(x_t, t, y if self.num_classes is not None else None)
-        return F.mse_loss(eps.float(), noise.float(), reduction="none").flatten(1).mean(1)
+        eps, v = self.model_output(x_t, t, y if self.num_classes is not None else None)
+        mse = F.mse_loss(eps.float(), noise.float(), reduction="none").flatten(1).mean(1)
+        if not with_vb:
+            return mse, None
+        return mse, training_vb(self.schedule, x0, x_t, t, eps, v, stop_grad_mean=self.loss == "hybrid")
 
     # ------------------------------------------------------------------------------------------- training
     def training_step(self, batch: Tensor | tuple, batch_idx: int) -> Tensor:
         x0, y = self._split_batch(batch)
         torch.manual_seed(derive_seed(self.seed, "train", self.global_step, self.global_rank))
-        t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=x0.device)
+        t, weights = self.timestep_sampler.sample(x0.shape[0], device=x0.device)
         noise = torch.randn_like(x0)
         if self.num_classes is not None and y is not None and self.label_dropout > 0:
             drop = torch.rand(y.shape, device=y.device) < self.label_dropout
             y = torch.where(drop, torch.full_like(y, -1), y)  # -1 = the null label
-        losses = self._eps_loss(x0, t, noise, y)
+        mse, vb = self._losses(x0, t, noise, y, with_vb=self.loss != "simple")
+        losses = mse
         if self.min_snr_gamma is not None:
             losses = losses * min_snr_weights(self.schedule.alphas_cumprod, t, self.min_snr_gamma)
-        loss = losses.mean()
+        T = self.schedule.num_timesteps
+        if self.loss == "hybrid":
+            losses = losses + self.vlb_weight * T * vb
+        elif self.loss == "vlb":
+            losses = T * vb
+        self._update_timestep_sampler(t, losses)
+        loss = (losses * weights).mean()  # weights 1 / (T p_t): unbiased under importance sampling
         if not torch.isfinite(loss):
             self._raise_non_finite(loss)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x0.shape[0])
+        size = x0.shape[0]
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=size)
+        if vb is not None:
+            self.log("train/mse", mse.mean(), on_step=True, on_epoch=True, batch_size=size)
+            self.log("train/vb", vb.mean() * T, on_step=True, on_epoch=True, batch_size=size)
         if self.lr_scheduler_factory is not None:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
+
+    def _update_timestep_sampler(self, t: Tensor, losses: Tensor) -> None:
+        """Give the timestep sampler this step's per-sample losses, every rank's under DDP (gathered in rank order, so
+        every rank holds the same history and draws from the same distribution)."""
+        if not self.timestep_sampler.stateful:
+            return
+        t, losses = t.detach(), losses.detach().float()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            t, losses = self.all_gather(t).flatten(), self.all_gather(losses).flatten()
+        self.timestep_sampler.update(t, losses)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The importance sampler's loss history goes into the checkpoint, so that a resumed run draws the timesteps
+        an uninterrupted one would."""
+        if self.timestep_sampler.stateful:
+            checkpoint[TIMESTEP_SAMPLER_KEY] = self.timestep_sampler.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(TIMESTEP_SAMPLER_KEY)
+        if state and self.timestep_sampler.stateful:
+            self.timestep_sampler.load_state_dict(state)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         """Lightning's step, then a check that every parameter and optimizer state is still finite.
@@ -305,11 +377,12 @@ class DDPM(L.LightningModule):
 
     def _guided_eps_fn(
         self, num_samples: int, class_labels: Tensor | None, guidance_scale: float
-    ) -> Callable[[Tensor, Tensor], Tensor]:
-        """The eps function the sampler calls: plain, conditional, or classifier-free guided."""
+    ) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]]:
+        """The function the sampler calls, ``(eps, v)`` of x_t and t: plain, conditional, or classifier-free guided."""
         check_conditioning(self.num_classes, class_labels, guidance_scale)
+        channels = self.image_shape[0]
         if self.num_classes is None:
-            return lambda x, t: self.net(x, t)
+            return lambda x, t: split_output(self.net(x, t), channels)
         if class_labels is None:
             class_labels = torch.arange(num_samples) % self.num_classes
         y = torch.as_tensor(class_labels, dtype=torch.long, device=self.device).reshape(-1)
@@ -318,12 +391,14 @@ class DDPM(L.LightningModule):
         if y.shape != (num_samples,):
             raise invalid("class_label", _label_repr(class_labels), f"must be one label or {num_samples} (one per sample)")
         if guidance_scale == 1.0:
-            return lambda x, t: self.net(x, t, y)
+            return lambda x, t: split_output(self.net(x, t, y), channels)
         null = torch.full_like(y, -1)
 
-        def guided(x: Tensor, t: Tensor) -> Tensor:
-            eps_cond, eps_null = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
-            return eps_null + guidance_scale * (eps_cond - eps_null)
+        def guided(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
+            out_cond, out_null = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+            (eps_cond, v), (eps_null, _) = split_output(out_cond, channels), split_output(out_null, channels)
+            # the variance output of the conditional model, as GLIDE does (Nichol et al. 2022)
+            return eps_null + guidance_scale * (eps_cond - eps_null), v
 
         return guided
 

@@ -3,7 +3,9 @@
 * ``x_t``: ``(N, C, H, W)`` noisy images (the data lives in [-1, 1]).
 * ``t``: ``(N,)`` int64 timesteps in [0, T-1].
 * ``y``: ``(N,)`` int64 class labels in [0, num_classes-1], or None (unconditional).
-* returns eps, shaped like ``x_t``.
+* returns eps, shaped like ``x_t``; or, for a network built with ``learn_sigma=True``, ``(N, 2C, H, W)``: eps and then
+  v, the raw output of the learned variance (Nichol & Dhariwal 2021, arXiv:2102.09672, Eq. 15; see
+  :func:`split_output`).
 
 Adding a network is one config file in ``conf/model/`` plus, at most, a small adapter class here.
 No Lightning import here.
@@ -21,9 +23,11 @@ from ddpm_lightning.errors import ConfigError, invalid, is_int
 
 
 class EpsNetwork(nn.Module):
-    """Base class of the adapters: ``num_classes`` is None for an unconditional network."""
+    """Base class of the adapters: ``num_classes`` is None for an unconditional network; ``learn_sigma`` True for one
+    that outputs 2C channels (eps, then the variance output v)."""
 
     num_classes: int | None = None
+    learn_sigma: bool = False
 
     def _check_labels(self, y: Tensor | None) -> None:
         if y is not None and self.num_classes is None:
@@ -44,6 +48,7 @@ class DiffUNetEps(EpsNetwork):
         in_channels: image channels C (1 for MNIST).
         large_model: deepinv's large variant (256 base channels).
         num_classes: must be None (deepinv's DiffUNet has no class embedding).
+        learn_sigma: output 2C channels, eps and the variance output v (Improved DDPM's learned range).
         net: an existing ``DiffUNet`` to wrap (see :func:`as_eps_network`) instead of building one.
 
     Raises:
@@ -51,23 +56,31 @@ class DiffUNetEps(EpsNetwork):
     """
 
     def __init__(
-        self, in_channels: int = 1, large_model: bool = False, num_classes: int | None = None, net: nn.Module | None = None
+        self,
+        in_channels: int = 1,
+        large_model: bool = False,
+        num_classes: int | None = None,
+        net: nn.Module | None = None,
+        learn_sigma: bool = False,
     ) -> None:
         super().__init__()
         from deepinv.models import DiffUNet
 
         if num_classes is not None:
             raise invalid("num_classes", num_classes, "deepinv's DiffUNet is unconditional; use model=adm_small for labels")
+        self.learn_sigma = _check_learn_sigma(learn_sigma)
+        self.out_channels = in_channels * (2 if self.learn_sigma else 1)
         # pretrained=None: random initialisation (the released weights are RGB 256x256 and cannot load at 1 channel).
+        # deepinv turns out_channels=3 into 6 (its own learned sigma); forward keeps the first out_channels.
         self.net = net if net is not None else DiffUNet(
-            in_channels=in_channels, out_channels=in_channels, large_model=large_model, pretrained=None
+            in_channels=in_channels, out_channels=self.out_channels, large_model=large_model, pretrained=None
         )
         self.in_channels = in_channels
 
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         self._check_labels(y)
         out = self.net(x_t, t, type_t="timestep")
-        return out[:, : self.in_channels]
+        return out[:, : self.out_channels]
 
 
 class ADMUNetEps(EpsNetwork):
@@ -86,6 +99,7 @@ class ADMUNetEps(EpsNetwork):
         attn_resolutions: resolutions (e.g. [8]) with self-attention.
         dropout: dropout probability in the residual blocks.
         num_classes: None (unconditional) or the number of classes for conditioning.
+        learn_sigma: output 2C channels, eps and the variance output v (Improved DDPM's learned range).
         patch_size: 1, or p >= 2 to run the UNet on ``(N, C*p*p, H/p, W/p)`` space-to-depth patches
             (``pixel_unshuffle``, as the patch size of DiT/U-ViT and the input downsampling of "simple diffusion",
             Hoogeboom et al. 2023, arXiv:2301.11093, Sec. 3) and ``pixel_shuffle`` the output back: about
@@ -110,9 +124,13 @@ class ADMUNetEps(EpsNetwork):
         num_classes: int | None = None,
         patch_size: int = 1,
         net: nn.Module | None = None,
+        learn_sigma: bool = False,
     ) -> None:
         super().__init__()
         from deepinv.models import ADMUNet
+
+        self.learn_sigma = _check_learn_sigma(learn_sigma)
+        out_channels = in_channels * (2 if self.learn_sigma else 1)
 
         if num_classes is not None and (not is_int(num_classes) or num_classes < 2):
             raise invalid("num_classes", num_classes, "must be null or an integer >= 2")
@@ -122,7 +140,7 @@ class ADMUNetEps(EpsNetwork):
         self.net = net if net is not None else ADMUNet(
             img_resolution=img_resolution // self.patch_size,
             in_channels=in_channels * self.patch_size**2,
-            out_channels=in_channels * self.patch_size**2,
+            out_channels=out_channels * self.patch_size**2,
             label_dim=num_classes or 0,
             model_channels=model_channels,
             channel_mult=tuple(channel_mult),
@@ -147,6 +165,26 @@ class ADMUNetEps(EpsNetwork):
         x = F.pixel_unshuffle(x_t, p) if p > 1 else x_t
         eps = self.net.forward_unet(x, t.to(x_t.dtype), class_labels=labels)
         return F.pixel_shuffle(eps, p) if p > 1 else eps
+
+
+def _check_learn_sigma(learn_sigma: object) -> bool:
+    if not isinstance(learn_sigma, bool):
+        raise invalid("learn_sigma", learn_sigma, "must be true (2C outputs: eps and the learned variance) or false")
+    return learn_sigma
+
+
+def split_output(out: Tensor, channels: int) -> tuple[Tensor, Tensor | None]:
+    """``(eps, v)`` from a network output: ``out`` itself and None for C channels, its two halves for 2C.
+
+    Raises:
+        ValueError: another channel count.
+    """
+    if out.shape[1] == channels:
+        return out, None
+    if out.shape[1] == 2 * channels:
+        eps, v = out.chunk(2, dim=1)
+        return eps, v
+    raise ValueError(f"the network returned {out.shape[1]} channels for {channels}-channel images (expected C or 2C)")
 
 
 def as_eps_network(net: nn.Module) -> nn.Module:

@@ -2,7 +2,8 @@
 
 * :class:`DDPMSampler`: ancestral sampling, Ho et al. 2020 (arXiv:2006.11239) Algorithm 2 with
   ``x_{t-1} = mu(x_t, t) + sigma_t z`` and no noise at the last step. ``variance="fixed_small"`` uses the
-  posterior variance beta-tilde_t (Eq. 7), ``"fixed_large"`` uses beta_t (both Sec. 3.2). Optional striding to
+  posterior variance beta-tilde_t (Eq. 7), ``"fixed_large"`` uses beta_t (both Sec. 3.2), ``"learned"`` the network's
+  variance output (Nichol & Dhariwal 2021, arXiv:2102.09672, Eq. 15, on the visited steps' betas). Optional striding to
   fewer steps samples the respaced schedule, ``beta_i = 1 - abar_{t_i} / abar_{t_{i-1}}``
   (Nichol & Dhariwal 2021, arXiv:2102.09672, Sec. 4; :meth:`NoiseSchedule.respaced`).
 * :class:`DDIMSampler`: Song, Meng & Ermon 2021 (arXiv:2010.02502) Eq. 12 with
@@ -26,12 +27,13 @@ import torch
 from torch import Tensor
 
 from ddpm_lightning.errors import invalid, is_int, is_number
-from ddpm_lightning.schedule import NoiseSchedule
+from ddpm_lightning.schedule import NoiseSchedule, learned_log_variance
 
-EpsFn = Callable[[Tensor, Tensor], Tensor]
-"""``eps_fn(x_t, t) -> eps``: x_t ``(N, C, H, W)``, t ``(N,)`` int64 in [0, T-1], eps shaped like x_t."""
+EpsFn = Callable[[Tensor, Tensor], "Tensor | tuple[Tensor, Tensor | None]"]
+"""``eps_fn(x_t, t) -> eps`` or ``(eps, v)``: x_t ``(N, C, H, W)``, t ``(N,)`` int64 in [0, T-1], eps shaped like x_t,
+v the raw variance output of a learned-sigma network (shaped like x_t) or None."""
 
-VARIANCES = ("fixed_small", "fixed_large")
+VARIANCES = ("fixed_small", "fixed_large", "learned")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
@@ -119,17 +121,21 @@ class Sampler:
         """The descending 0-based timesteps this sampler visits on a schedule of ``num_timesteps`` steps."""
         raise NotImplementedError
 
-    def check(self, num_timesteps: int) -> None:
+    def check(self, num_timesteps: int, learn_sigma: bool = False) -> None:
         """Raise the ConfigError naming ``steps`` when this sampler does not fit a schedule of ``num_timesteps``
-        steps (``steps`` above T); for checking a configuration before any work starts.
+        steps (``steps`` above T), or ``variance`` when it asks for a learned variance that the network
+        (``learn_sigma``) does not output; for checking a configuration before any work starts.
 
         Raises:
             ConfigError (a ValueError): e.g. ``steps=2000 is invalid: must be an integer in [1, 1000] (...)``.
         """
         if self.steps is not None:
             _check_steps(self.steps, num_timesteps)
+        if getattr(self, "variance", None) == "learned" and not learn_sigma:
+            raise invalid("variance", "learned", "the model has no variance output (model.learn_sigma=false); "
+                          "use fixed_small or fixed_large")
 
-    def _step(self, x: Tensor, eps: Tensor, c: dict[str, float], z: Tensor | None) -> Tensor:
+    def _step(self, x: Tensor, eps: Tensor, c: dict[str, float], z: Tensor | None, v: Tensor | None) -> Tensor:
         raise NotImplementedError  # pragma: no cover - abstract
 
     def _needs_noise(self, c: dict[str, float]) -> bool:
@@ -172,11 +178,13 @@ class Sampler:
             iterator = tqdm(steps, desc=type(self).__name__, leave=False)
         for i, (t, c) in enumerate(iterator):
             t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            eps = eps_fn(x, t_batch).to(x.dtype)
+            out = eps_fn(x, t_batch)
+            eps, v = out if isinstance(out, tuple) else (out, None)
+            eps, v = eps.to(x.dtype), (v.to(x.dtype) if v is not None else None)
             z = None
             if self._needs_noise(c):
                 z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = self._step(x, eps, c, z)
+            x = self._step(x, eps, c, z, v)
             last = i + 1 == len(steps)
             if trajectory_every is not None and ((i + 1) % trajectory_every == 0 or last):
                 trajectory.append((steps[i + 1][0] if not last else -1, x.detach().float().cpu()))
@@ -195,7 +203,10 @@ class DDPMSampler(Sampler):
     """Ancestral DDPM sampling (Ho et al. 2020, Algorithm 2), optionally respaced to fewer steps.
 
     Args:
-        variance: ``"fixed_small"`` (sigma_t^2 = beta-tilde_t, Eq. 7) or ``"fixed_large"`` (sigma_t^2 = beta_t).
+        variance: ``"fixed_small"`` (sigma_t^2 = beta-tilde_t, Eq. 7), ``"fixed_large"`` (sigma_t^2 = beta_t) or
+            ``"learned"``: ``log sigma_t^2 = frac log beta_t + (1 - frac) log beta-tilde_t``, ``frac = (v + 1) / 2``, from
+            the network's variance output v (Nichol & Dhariwal 2021, Eq. 15), per pixel; respaced, beta_t and
+            beta-tilde_t are the respaced schedule's (the kept steps' betas recomputed, Sec. 4).
         clip_denoised: clip the predicted x0 to [-1, 1] and use the posterior mean of Eq. 7 (the paper's
             released code does); False uses Algorithm 2's mean (Eq. 11)
             ``(x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t)``.
@@ -224,13 +235,18 @@ class DDPMSampler(Sampler):
     def _needs_noise(self, c: dict[str, float]) -> bool:
         return c["alphas_cumprod_prev"] < 1.0  # not the last step (abar_{-1} = 1)
 
-    def _step(self, x: Tensor, eps: Tensor, c: dict[str, float], z: Tensor | None) -> Tensor:
+    def _step(self, x: Tensor, eps: Tensor, c: dict[str, float], z: Tensor | None, v: Tensor | None) -> Tensor:
         if self.clip_denoised:  # Eq. 7: mu~_t(x_t, x0_hat) = coef1_t x0_hat + coef2_t x_t
             mean = c["posterior_mean_coef1"] * self._predict_x0(x, eps, c) + c["posterior_mean_coef2"] * x
         else:  # Eq. 11: mu_theta = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t)
             mean = (x - c["betas"] / c["sqrt_one_minus_alphas_cumprod"] * eps) / math.sqrt(c["alphas"])
         if z is None:
             return mean
+        if self.variance == "learned":
+            if v is None:
+                raise ValueError("variance='learned' needs a network with a variance output (model.learn_sigma=true)")
+            log_var = learned_log_variance(v, c["posterior_log_variance_clipped"], math.log(c["betas"]))
+            return mean + torch.exp(0.5 * log_var) * z
         var = c["posterior_variance"] if self.variance == "fixed_small" else c["betas"]
         return mean + math.sqrt(var) * z
 
@@ -279,7 +295,7 @@ class DDIMSampler(Sampler):
     def _needs_noise(self, c: dict[str, float]) -> bool:
         return self.eta > 0 and c["alphas_cumprod_prev"] < 1.0
 
-    def _step(self, x: Tensor, eps: Tensor, c: dict[str, float], z: Tensor | None) -> Tensor:
+    def _step(self, x: Tensor, eps: Tensor, c: dict[str, float], z: Tensor | None, v: Tensor | None) -> Tensor:
         abar_prev = c["alphas_cumprod_prev"]
         x0 = self._predict_x0(x, eps, c)
         if self.clip_denoised:  # the eps that the clipped x0 implies (Eq. 4)

@@ -146,9 +146,10 @@ class CheckpointSampler:
     sampler_source: str
 
 
-def build_sampler(requested: Any, stored: Any, num_timesteps: int) -> tuple[Sampler, str]:
+def build_sampler(requested: Any, stored: Any, num_timesteps: int, learn_sigma: bool = False) -> tuple[Sampler, str]:
     """The sampler a checkpoint is sampled with: the requested ``sampler`` node merged with the stored one (see
-    :func:`~ddpm_lightning.config.sampler_node`), built and checked against a schedule of ``num_timesteps`` steps.
+    :func:`~ddpm_lightning.config.sampler_node`), built and checked against a schedule of ``num_timesteps`` steps and
+    a network that learns its variance or not (``learn_sigma``).
 
     Returns:
         ``(sampler, source)``, e.g. ``(DDIMSampler(steps=20, ...), "the checkpoint's sampler, with steps=20")``.
@@ -160,8 +161,13 @@ def build_sampler(requested: Any, stored: Any, num_timesteps: int) -> tuple[Samp
         node, source = sampler_node(requested, stored)
     built = build(node, key="sampler")  # any failure to build is one line naming sampler
     with at_key("sampler"):
-        built.check(num_timesteps)
+        built.check(num_timesteps, learn_sigma)
     return built, source
+
+
+def learn_sigma_of(config: Any) -> bool:
+    """Whether a stored run config's network outputs a variance (``model.learn_sigma``; absent before it existed)."""
+    return (config.get("model") or {}).get("learn_sigma") is True
 
 
 def open_checkpoint(path: str | Path, sampler: Any, class_label: int | None = None,
@@ -176,7 +182,7 @@ def open_checkpoint(path: str | Path, sampler: Any, class_label: int | None = No
     ckpt = load_checkpoint(path)
     config = ckpt["hyper_parameters"]["config"]
     schedule = build(dict(config["schedule"]))
-    built, source = build_sampler(sampler, config.get("sampler"), schedule.num_timesteps)
+    built, source = build_sampler(sampler, config.get("sampler"), schedule.num_timesteps, learn_sigma_of(config))
     check_conditioning(config["model"].get("num_classes"), class_label, guidance_scale)
     return CheckpointSampler(Path(path), ckpt, built, source)
 

@@ -153,13 +153,14 @@ def _check_resume(cfg: DictConfig) -> None:
         )
 
 
-def _check_callback_samplers(callbacks: dict[str, Any], num_timesteps: int) -> None:
-    """The pictures' and FID's samplers must fit the schedule: checked before training, not at the first epoch end."""
+def _check_callback_samplers(callbacks: dict[str, Any], num_timesteps: int, learn_sigma: bool) -> None:
+    """The pictures' and FID's samplers must fit the schedule and the network: checked before training, not at the
+    first epoch end."""
     for name, callback in callbacks.items():
         sampler = getattr(callback, "sampler", None)
         if sampler is not None:
             with at_key(f"callbacks.{name}.sampler"):
-                sampler.check(num_timesteps)
+                sampler.check(num_timesteps, learn_sigma)
 
 
 def _check_val_check_interval(cfg: DictConfig, batches_per_epoch: int) -> None:
@@ -266,8 +267,9 @@ def _fit_and_evaluate(cfg: DictConfig, context: RunContext) -> dict[str, Any]:
         raise invalid("sampler", "checkpoint", "only ddpm-sample and ddpm-evaluate take the sampler from a "
                       "checkpoint; ddpm-train needs sampler=ddim or sampler=ddpm")
     sampler = build(cfg.sampler, key="sampler")
+    learn_sigma = cfg.model.get("learn_sigma") is True
     with at_key("sampler"):
-        sampler.check(schedule.num_timesteps)
+        sampler.check(schedule.num_timesteps, learn_sigma)
     net = build(cfg.model, key="model")
     optimizer = build(cfg.optimizer, key="optimizer")
     lr_scheduler = _build_lr_scheduler(cfg)
@@ -288,9 +290,9 @@ def _fit_and_evaluate(cfg: DictConfig, context: RunContext) -> dict[str, Any]:
         eval_opts = end_of_run_options(cfg, run_dir / "checkpoints" / "last.ckpt", eval_dir)
         with at_key("evaluate"):
             evaluation.check_before_training(eval_opts, schedule.num_timesteps,
-                                             OmegaConf.to_container(cfg.sampler, resolve=True))
+                                             OmegaConf.to_container(cfg.sampler, resolve=True), learn_sigma)
     named = {k: build(c, key=f"callbacks.{k}") for k, c in cfg.get("callbacks", {}).items() if c is not None}
-    _check_callback_samplers(named, schedule.num_timesteps)
+    _check_callback_samplers(named, schedule.num_timesteps, learn_sigma)
     hparams_session = HParamsSession(run_hparams(ddpm.hparams["config"], context.choices, context.overrides))
     callbacks = [*named.values(), hparams_session]
     logger = build(cfg.logger, key="logger") if cfg.get("logger") else False

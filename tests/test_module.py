@@ -182,7 +182,8 @@ def test_class_conditional_training_drops_labels_and_guidance_mixes_two_passes()
     labels = torch.tensor([1, 2, 3])
     fn = model._guided_eps_fn(3, labels, 3.0)
     with torch.no_grad():
-        guided = fn(x, t)
+        guided, v = fn(x, t)
+        assert v is None
         cond, null = original(x, t, labels), original(x, t, torch.full_like(labels, -1))
     torch.testing.assert_close(guided, null + 3.0 * (cond - null), rtol=1e-4, atol=1e-5)
     assert torch.equal(seen[-1], torch.tensor([1, 2, 3, -1, -1, -1]))
