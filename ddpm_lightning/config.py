@@ -139,6 +139,9 @@ class EvaluateOptions(SamplingOptions):
     train_classifier_if_missing: bool = MISSING
     classifier_epochs: int = MISSING
     inception_fid: bool = MISSING
+    nll: bool = MISSING
+    nll_n: int = MISSING
+    nll_variance: Optional[str] = MISSING
 
 
 @dataclass

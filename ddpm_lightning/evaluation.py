@@ -5,7 +5,8 @@ Three sources of images: a ``samples.npz`` of ``ddpm-sample``, a checkpoint (sam
 :func:`ddpm_lightning.sampling.draw_samples`; the samples are also written to ``<out_dir>/samples``), or ``real``
 (real training images: the floor alone). Metrics (:mod:`ddpm_lightning.metrics`): FID in the classifier's feature
 space against the 10,000 test images and its floor, the Inception Score with the classifier, the class histogram and
-its normalised entropy, the confident fraction. The classifier is the packaged reference unless
+its normalised entropy, the confident fraction; with ``nll=true``, the variational bound in bits/dim of test images
+(:mod:`ddpm_lightning.losses`). The classifier is the packaged reference unless
 ``classifier_path`` names another (:mod:`ddpm_lightning.classifier`). Every input is checked before any work.
 """
 
@@ -24,10 +25,12 @@ from ddpm_lightning.classifier import load_classifier, missing_classifier_error,
 from ddpm_lightning.checkpoint import checkpoint_file
 from ddpm_lightning.config import EvaluateConfig, check_out_dir, options
 from ddpm_lightning.errors import ConfigError, check_int, invalid
-from ddpm_lightning.images import atomic_write, nhwc_to_nchw, to_uint8
+from ddpm_lightning.images import atomic_write, nhwc_to_nchw, to_model_range, to_uint8
+from ddpm_lightning.losses import VARIANCES, check_variance, digit_mask
 from ddpm_lightning.metrics import evaluate_images
-from ddpm_lightning.mnist import check_mnist_files, load_mnist_split
-from ddpm_lightning.sampling import SAMPLES_FILE, build_sampler, open_checkpoint, resolve_device, sample_checkpoint, write_samples
+from ddpm_lightning.mnist import MNIST_NUM_TEST, check_mnist_files, load_mnist_split
+from ddpm_lightning.sampling import (SAMPLES_FILE, build_sampler, checkpoint_ddpm, draw_samples, learn_sigma_of,
+                                     open_checkpoint, resolve_device, write_samples)
 
 METRICS_FILE = "metrics.json"
 REAL_MODES = ("real", "real-train")
@@ -91,6 +94,16 @@ def check(opts: EvaluateConfig, ckpt_must_exist: bool = True) -> Path:
         check_int("num_samples", opts.num_samples, 2, "must be an integer >= 2 (FID needs at least 2 images)")
         check_out_dir(opts.out_dir, f"samples/{SAMPLES_FILE}", opts.overwrite)
     check_int("n", opts.n, 2, "must be null (all images) or an integer >= 2", nullable=True)
+    if not isinstance(opts.nll, bool):
+        raise invalid("nll", opts.nll, "must be true or false")
+    if opts.nll:
+        if mode(opts) != "checkpoint":
+            raise invalid("nll", True, "the bound needs the network: give ckpt_path=<checkpoint> instead of samples=")
+        check_int("nll_n", opts.nll_n, 2, f"must be an integer in [2, {MNIST_NUM_TEST}] (test images)")
+        if opts.nll_n > MNIST_NUM_TEST:
+            raise invalid("nll_n", opts.nll_n, f"must be an integer in [2, {MNIST_NUM_TEST}] (test images)")
+        if opts.nll_variance is not None and opts.nll_variance not in VARIANCES:
+            raise invalid("nll_variance", opts.nll_variance, f"must be null or one of {list(VARIANCES)}")
     check_int("classifier_epochs", opts.classifier_epochs, 1, "must be a positive integer")
     check_out_dir(opts.out_dir, METRICS_FILE, opts.overwrite)
     root = opts.data.root
@@ -110,6 +123,8 @@ def check_before_training(opts: EvaluateConfig, num_timesteps: int, run_sampler:
     the sampler it will build from the run's ``sampler`` node (which the checkpoint will store)."""
     check(opts, ckpt_must_exist=False)
     build_sampler(opts.sampler, run_sampler, num_timesteps, learn_sigma)
+    if opts.nll and opts.nll_variance is not None:
+        check_variance(opts.nll_variance, learn_sigma, key="nll_variance")
 
 
 def inception_fid(images: torch.Tensor, real_test: torch.Tensor) -> dict[str, Any]:
@@ -155,11 +170,47 @@ def format_table(m: dict[str, Any]) -> str:
     if "inception_fid" in m:
         value = f"{m['inception_fid']:.4f}" if m["inception_fid"] is not None else f"skipped ({m['inception_fid_skipped']})"
         rows.insert(-1, f"  {'Inception-v3 FID (standard)':<34}: {value}")
+    if "bpd" in m:
+        q = " ".join(f"{v:.4f}" for v in m["quartile_bpd"])
+        rows[-1:-1] = [
+            f"  {'bits/dim, 784 real pixels (bound)':<34}: {m['bpd']:.4f} +- {m['bpd_stderr']:.4f}  "
+            f"({m['nll_n']} test images, {m['nll_variance']} variance, {m['nll_seconds']:.0f} s)",
+            f"  {'  prior L_T':<34}: {m['prior_bpd']:.2e}",
+            f"  {'  sum of KL terms, t >= 1':<34}: {m['vb_bpd']:.4f}",
+            f"  {'  decoder L_0':<34}: {m['decoder_bpd']:.4f}",
+            f"  {'  by t quartile (low noise first)':<34}: {q}",
+            f"  {'bits/dim, all 1024 pixels':<34}: {m['bpd_all_pixels']:.4f}  (padding: {m['padding_bpd']:.4f})",
+        ]
     return "\n".join(rows)
 
 
+def bound_metrics(ddpm: Any, images: torch.Tensor, labels: torch.Tensor | None, variance: str | None, batch_size: int,
+                  seed: int, progress: bool = False) -> dict[str, Any]:
+    """The variational bound of uint8 ``(N, 1, 32, 32)`` images under ``ddpm``
+    (:meth:`~ddpm_lightning.module.DDPM.variational_bound`), in batches of ``batch_size`` (batch i draws its eps from a
+    generator seeded ``seed + i``), as the flat metrics ``bpd``, ``bpd_stderr``, ``bpd_all_pixels``, ``prior_bpd``,
+    ``vb_bpd``, ``decoder_bpd``, ``padding_bpd``, ``quartile_bpd`` (see :meth:`~ddpm_lightning.losses.Bound.summary`),
+    ``nll_n``, ``nll_variance``, ``nll_seconds`` and ``nll_forward_passes``."""
+    from ddpm_lightning.losses import Bound
+
+    parts = []
+    for i, start in enumerate(range(0, images.shape[0], batch_size)):
+        x0 = to_model_range(images[start : start + batch_size]).to(ddpm.device)
+        y = labels[start : start + batch_size] if labels is not None and ddpm.num_classes is not None else None
+        generator = torch.Generator(device=ddpm.device).manual_seed(seed + i)
+        parts.append(ddpm.variational_bound(x0, labels=y, variance=variance, generator=generator, mask=digit_mask(),
+                                            progress=progress))
+    bound = Bound(torch.cat([b.prior for b in parts]), torch.cat([b.terms for b in parts]),
+                  torch.cat([b.padding for b in parts]), parts[0].num_dims, parts[0].num_real_dims)
+    summary = bound.summary()
+    summary["nll_n"] = summary.pop("n")
+    return {**summary, "nll_variance": variance or ("learned" if ddpm.learn_sigma else "fixed_small"),
+            "nll_seconds": sum(b.seconds for b in parts), "nll_forward_passes": sum(b.forward_passes for b in parts)}
+
+
 def _images(opts: EvaluateConfig, real_train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, str, dict[str, Any]]:
-    """The images to judge (uint8 ``(N, 1, 32, 32)``), their requested labels, a description, and sampler facts."""
+    """The images to judge (uint8 ``(N, 1, 32, 32)``), their requested labels, a description, and sampler facts
+    (with the checkpoint's DDPM under ``"ddpm"``)."""
     kind = mode(opts)
     if kind == "real":
         n = opts.n if opts.n is not None else min(REAL_DEFAULT_N, real_train.shape[0])
@@ -177,10 +228,14 @@ def _images(opts: EvaluateConfig, real_train: torch.Tensor) -> tuple[torch.Tenso
     device = resolve_device(opts.device)
     ckpt = Path(opts.ckpt_path).expanduser().resolve()
     opened = open_checkpoint(ckpt, opts.sampler, None, opts.guidance_scale)
-    drawn, _ = sample_checkpoint(opened, opts.num_samples, device, use_ema=opts.use_ema, batch_size=opts.batch_size,
-                                 seed=opts.seed, guidance_scale=opts.guidance_scale, progress=True)
+    if opts.nll and opts.nll_variance is not None:
+        check_variance(opts.nll_variance, learn_sigma_of(opened.ckpt["hyper_parameters"]["config"]), key="nll_variance")
+    ddpm, _ = checkpoint_ddpm(opened, device, use_ema=opts.use_ema)
+    drawn = draw_samples(ddpm, opts.num_samples, sampler=opened.sampler, batch_size=opts.batch_size, seed=opts.seed,
+                         guidance_scale=opts.guidance_scale, progress=True)
     written = write_samples(opts.out_dir / "samples", drawn, overwrite=opts.overwrite)
-    info = {"sampler": repr(opened.sampler), "sampler_source": opened.sampler_source, "samples": str(written["samples"])}
+    info = {"sampler": repr(opened.sampler), "sampler_source": opened.sampler_source, "samples": str(written["samples"]),
+            "ddpm": ddpm}
     return to_uint8(drawn.x0), drawn.labels, f"{opts.num_samples} samples from {ckpt} -> {written['samples']}", info
 
 
@@ -202,13 +257,21 @@ def evaluate(opts: EvaluateConfig | Any) -> dict[str, Any]:
         print(f"classifier test accuracy {trained['test_accuracy'] * 100:.2f}%, saved to {clf_path}", flush=True)
     classifier, meta = load_classifier(clf_path)
     real_train, _ = load_mnist_split(opts.data.root, train=True)
-    real_test, _ = load_mnist_split(opts.data.root, train=False)
+    real_test, test_labels = load_mnist_split(opts.data.root, train=False)
     images, labels, source, info = _images(opts, real_train)
+    ddpm = info.pop("ddpm", None)
     if opts.n is not None:
         images, labels = images[: opts.n], (labels[: opts.n] if labels is not None else None)
     metrics = evaluate_images(images, classifier, real_test, real_train, meta=meta, labels=labels)
     if opts.inception_fid:
         metrics.update(inception_fid(images, real_test))
+    if opts.nll:
+        if opts.nll_n > real_test.shape[0]:
+            raise invalid("nll_n", opts.nll_n, f"exceeds the {real_test.shape[0]} test images under data.root={opts.data.root}")
+        print(f"variational bound of {opts.nll_n} test images ({opts.nll_n * ddpm.schedule.num_timesteps} network calls) ...",
+              flush=True)
+        metrics.update(bound_metrics(ddpm, real_test[: opts.nll_n], test_labels[: opts.nll_n], opts.nll_variance,
+                                     opts.batch_size, opts.seed, progress=True))
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = opts.out_dir / METRICS_FILE
     kind = mode(opts)

@@ -267,7 +267,7 @@ def variational_bound(
     if progress:
         from tqdm.auto import tqdm
 
-        steps = tqdm(steps, desc="bound", leave=False)
+        steps = tqdm(steps, desc="bound", leave=False, mininterval=5.0)
     for step in steps:
         t = torch.full((n,), step, dtype=torch.long, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32).double()

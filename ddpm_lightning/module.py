@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from ddpm_lightning.errors import NonFiniteLossError, NonFiniteWeightsError, check_int, invalid, is_number
-from ddpm_lightning.losses import check_loss, training_vb
+from ddpm_lightning.losses import Bound, check_loss, check_variance, training_vb, variational_bound
 from ddpm_lightning.networks import as_eps_network, split_output
 from ddpm_lightning.samplers import DDPMSampler, SampleOutput, Sampler
 from ddpm_lightning.schedule import NoiseSchedule
@@ -374,6 +374,37 @@ class DDPM(L.LightningModule):
                 trajectory_every=trajectory_every,
                 progress=progress,
             )
+
+    @torch.no_grad()
+    def variational_bound(
+        self,
+        x0: Tensor,
+        labels: Tensor | None = None,
+        variance: str | None = None,
+        generator: torch.Generator | None = None,
+        mask: Tensor | None = None,
+        progress: bool = False,
+    ) -> Bound:
+        """The variational bound of images under this model, in eval mode (:func:`~ddpm_lightning.losses.variational_bound`,
+        Ho et al. 2020 Eq. 5; T network calls per image; the mean with x0_hat clipped to [-1, 1], as the samplers).
+
+        Args:
+            x0: ``(N, C, H, W)`` images on the 8-bit grid of [-1, 1], on this module's device.
+            labels: ``(N,)`` int64 true classes for a class-conditional network (the bound of p(x | y)); else None.
+            variance: p_theta's variance: ``fixed_small``, ``fixed_large`` or ``learned``; None = ``learned`` for a
+                network with ``learn_sigma``, else ``fixed_small``.
+            generator: draws the eps of every term; mask: the real pixels (``losses.digit_mask()``), None = all.
+
+        Raises:
+            ConfigError: naming ``variance`` (unknown, or ``learned`` without a variance output); ``class_label`` when
+                labels do not fit the network.
+        """
+        variance = check_variance(variance or ("learned" if self.learn_sigma else "fixed_small"), self.learn_sigma)
+        check_conditioning(self.num_classes, labels, 1.0)
+        y = labels.to(self.device) if (labels is not None and self.num_classes is not None) else None
+        with eval_mode(self.net):
+            return variational_bound(lambda x, t: self.model_output(x, t, y), self.schedule, x0, variance=variance,
+                                     generator=generator, mask=mask, progress=progress)
 
     def _guided_eps_fn(
         self, num_samples: int, class_labels: Tensor | None, guidance_scale: float

@@ -187,6 +187,18 @@ def open_checkpoint(path: str | Path, sampler: Any, class_label: int | None = No
     return CheckpointSampler(Path(path), ckpt, built, source)
 
 
+def checkpoint_ddpm(opened: CheckpointSampler, device: torch.device, use_ema: bool = True) -> tuple[Any, bool]:
+    """Build the opened checkpoint's DDPM on ``device`` (eval mode; EMA weights when asked and present).
+
+    Returns:
+        ``(ddpm, used_ema)``.
+    """
+    used_ema = use_ema and has_ema(opened.ckpt)
+    ddpm = ddpm_from_checkpoint(opened.ckpt, map_location=device, use_ema=use_ema, path=str(opened.path))
+    opened.ckpt = {}  # the weights now live in the module
+    return ddpm, used_ema
+
+
 def sample_checkpoint(opened: CheckpointSampler, num_samples: int, device: torch.device, use_ema: bool = True,
                       **draw: Any) -> tuple[Drawn, bool]:
     """Build the checkpoint's DDPM on ``device`` and :func:`draw_samples` from it with the opened sampler.
@@ -194,9 +206,7 @@ def sample_checkpoint(opened: CheckpointSampler, num_samples: int, device: torch
     Returns:
         ``(drawn, used_ema)``.
     """
-    used_ema = use_ema and has_ema(opened.ckpt)
-    ddpm = ddpm_from_checkpoint(opened.ckpt, map_location=device, use_ema=use_ema, path=str(opened.path))
-    opened.ckpt = {}  # the weights now live in the module
+    ddpm, used_ema = checkpoint_ddpm(opened, device, use_ema)
     return draw_samples(ddpm, num_samples, sampler=opened.sampler, **draw), used_ema
 
 
