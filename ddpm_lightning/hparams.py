@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 #: The metric columns of the HParams table: ``hp/<name>`` <- the run's figure of that name.
-HP_METRICS = ("val_loss", "fid", "fid_floor", "confident_fraction", "normalised_entropy", "inception_score")
+HP_METRICS = ("val_loss", "fid", "fid_floor", "confident_fraction", "normalised_entropy", "inception_score", "bpd")
 #: Config nodes whose leaves are hyperparameters.
 HPARAM_GROUPS = ("schedule", "diffusion", "model", "optimizer", "lr_scheduler", "sampler")
 #: Single keys that are hyperparameters too.
@@ -117,8 +117,8 @@ def write_session_start(writer: Any, params: Mapping[str, Scalar], metrics: Iter
 def final_metrics(callback_metrics: Mapping[str, float], evaluation: Mapping[str, Any] | None) -> dict[str, float]:
     """The run's end figures as ``{"hp/val_loss": ..., "hp/fid": ..., "eval/fid": ...}`` (finite numbers only).
 
-    ``hp/fid`` and the other sample-quality columns come from the end-of-run evaluation when there is one, else
-    ``hp/fid`` from the last ``val/fid`` of the FID callback. ``eval/<name>`` repeats every number of the evaluation.
+    ``hp/fid``, ``hp/bpd`` and the other columns come from the end-of-run evaluation when there is one, else
+    ``hp/fid`` and ``hp/bpd`` from the last ``val/fid`` / ``val/bpd`` of the FID and bits/dim callbacks. ``eval/<name>`` repeats every number of the evaluation.
     """
     out: dict[str, float] = {}
 
@@ -128,9 +128,10 @@ def final_metrics(callback_metrics: Mapping[str, float], evaluation: Mapping[str
 
     put("hp/val_loss", callback_metrics.get("val/loss"))
     put("hp/fid", callback_metrics.get("val/fid"))
+    put("hp/bpd", callback_metrics.get("val/bpd"))
     if evaluation:
         for name in ("fid", "fid_floor", "confident_fraction", "normalised_entropy", "inception_score",
-                     "label_accuracy"):
+                     "label_accuracy", "bpd", "bpd_stderr", "bpd_all_pixels"):
             put(f"eval/{name}", evaluation.get(name))
             if name in HP_METRICS:
                 put(f"hp/{name}", evaluation.get(name))

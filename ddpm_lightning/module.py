@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -308,8 +309,14 @@ class DDPM(L.LightningModule):
         self.log("val/loss", self.val_loss.compute(), prog_bar=True, sync_dist=False)
         self.val_loss.reset()
         for q, metric in enumerate(self.val_loss_quartiles):
-            if metric.update_called:
-                self.log(f"val/loss_q{q}", metric.compute())
+            # compute() is a collective under DDP: every rank calls it for every quartile, even one whose own images
+            # drew no t there (deciding by the local update_called once left the ranks in different collectives);
+            # a quartile no rank saw is NaN and not logged.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
+                value = metric.compute()
+            if bool(torch.isfinite(value)):
+                self.log(f"val/loss_q{q}", value)
             metric.reset()
 
     def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:

@@ -11,7 +11,7 @@ Input: the directory written by ``ddpm-train -m schedule.beta_end=0.02,0.1,0.2 .
 * ``.hydra/overrides.yaml``: a YAML list of ``key=value`` strings (required: a folder without it is not a job);
   the *swept parameters* are the override keys whose values differ across jobs;
 * ``tensorboard/events.out.tfevents.*``: TensorBoard scalars; the report keeps, for each of ``val/loss``,
-  ``val/loss_q0`` .. ``val/loss_q3``, ``train/loss_epoch`` (and ``val/fid`` when logged), the value at the largest
+  ``val/loss_q0`` .. ``val/loss_q3``, ``train/loss_epoch`` (and ``val/fid``, ``val/bpd`` when logged), the value at the largest
   step. Several event files in one folder are one run continued after a resume: they are merged, and at equal
   steps the later-written value wins;
 * ``checkpoints/last.ckpt`` (optional): ``global_step`` and ``epoch`` are read from it;
@@ -24,7 +24,9 @@ Outputs in ``--out`` (default: the sweep directory):
 
 * ``report.md``: a markdown table, one row per job: ``job``, the swept parameters, ``status``, ``step``,
   ``epoch``, ``val/loss``, ``q0`` .. ``q3`` (the ``val/loss_q*`` timestep-quartile losses),
-  ``train/loss``, ``fid`` (when any job has one), and ``best`` (``**best**`` on the job with the lowest
+  ``train/loss``, ``fid`` (when any job has one), the bound in bits/dim over the 784 real pixels, its standard error
+  and over all 1024 pixels (``bpd``, ``bpd_stderr``, ``bpd_all_pixels`` of ``ddpm-evaluate nll=true``, or the last
+  ``val/bpd``; when any job has one), and ``best`` (``**best**`` on the job with the lowest
   ``fid`` when any job has a FID, else the lowest ``val/loss``). The overrides shared by all jobs are listed
   under the table.
 * ``report.csv``: the same rows with every column: ``job``, every override key (swept ones first),
@@ -33,7 +35,8 @@ Outputs in ``--out`` (default: the sweep directory):
 * ``report_<metric>.png`` (``/`` in the metric name becomes ``_``, e.g. ``report_val_loss_q0.png``): the
   metric against the first swept parameter (a numeric axis when all its values are numbers, logarithmic when
   they are positive and span more than 10x, unless ``--log-x`` says otherwise), one line per value of the other
-  swept parameters. Default metrics: ``val/loss``, ``val/loss_q0`` .. ``val/loss_q3`` and ``fid`` when present.
+  swept parameters. Default metrics: ``val/loss``, ``val/loss_q0`` .. ``val/loss_q3``, and ``fid`` and ``bpd`` when
+  present.
 
 A job without an event file or without ``val/loss`` stays in the table with its status (``no event file``,
 ``no val/loss``) and blank values. A path without any job folder is an error: one line on stderr, exit status 2.
@@ -54,7 +57,10 @@ from ddpm_lightning.classifier import REFERENCE_CLASSIFIER_SHA256
 from ddpm_lightning.errors import ProjectError
 
 #: TensorBoard scalar tags read from every job, in table order.
-SCALAR_TAGS = ["val/loss", "val/loss_q0", "val/loss_q1", "val/loss_q2", "val/loss_q3", "train/loss_epoch", "val/fid"]
+SCALAR_TAGS = ["val/loss", "val/loss_q0", "val/loss_q1", "val/loss_q2", "val/loss_q3", "train/loss_epoch", "val/fid",
+               "val/bpd"]
+#: Tags read only when some job logged them (the optional callbacks).
+OPTIONAL_TAGS = ("val/fid", "val/bpd")
 #: Short markdown column names of the scalar tags.
 SHORT = {
     "val/loss_q0": "q0",
@@ -63,7 +69,9 @@ SHORT = {
     "val/loss_q3": "q3",
     "train/loss_epoch": "train/loss",
 }
-DEFAULT_METRICS = ["val/loss", "val/loss_q0", "val/loss_q1", "val/loss_q2", "val/loss_q3", "fid"]
+DEFAULT_METRICS = ["val/loss", "val/loss_q0", "val/loss_q1", "val/loss_q2", "val/loss_q3", "fid", "bpd"]
+#: Plotted and tabulated only when some job has them.
+OPTIONAL_METRICS = ("fid", "bpd")
 
 
 class NotASweepError(ProjectError, ValueError):
@@ -191,6 +199,8 @@ def read_job(job: Path) -> dict[str, Any]:
     metrics = read_metrics_json(job, metrics_file)
     if "fid" not in metrics and "val/fid" in found:
         metrics["fid"] = found["val/fid"][1]
+    if "bpd" not in metrics and "val/bpd" in found:
+        metrics["bpd"] = found["val/bpd"][1]
     return {
         "job": job.name,
         "overrides": read_overrides(job),
@@ -253,6 +263,9 @@ def markdown_table(jobs: list[dict[str, Any]], swept: list[str], best: str | Non
     header = ["job", *swept, "status", "step", "epoch", *[SHORT.get(t, t) for t in tags]]
     if has_fid:
         header.append("fid")
+    has_bpd = any(metric_value(j, "bpd") is not None for j in jobs)
+    if has_bpd:
+        header += ["bits/dim (784 px)", "± s.e.", "bits/dim (1024 px)"]
     header.append("best")
     lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
     for j in jobs:
@@ -260,6 +273,8 @@ def markdown_table(jobs: list[dict[str, Any]], swept: list[str], best: str | Non
         row += [_fmt(j["scalars"].get(t)) for t in tags]
         if has_fid:
             row.append(_fmt(j["metrics"].get("fid")))
+        if has_bpd:
+            row += [_fmt(j["metrics"].get(k)) for k in ("bpd", "bpd_stderr", "bpd_all_pixels")]
         row.append("**best**" if j["job"] == best else "")
         lines.append("| " + " | ".join(_md_cell(c) for c in row) + " |")
     fixed = {k: v for k, v in jobs[0]["overrides"].items() if k not in swept}
@@ -286,7 +301,7 @@ def write_csv(path: Path, jobs: list[dict[str, Any]], swept: list[str], best: st
     for j in jobs:
         keys += [k for k in j["overrides"] if k not in keys]
     # the loss columns always (empty when no job has them), other tags only when some job logged them
-    tags = [t for t in SCALAR_TAGS if t != "val/fid" or any(t in j["scalars"] for j in jobs)]
+    tags = [t for t in SCALAR_TAGS if t not in OPTIONAL_TAGS or any(t in j["scalars"] for j in jobs)]
     mkeys: list[str] = []
     for j in jobs:
         mkeys += [k for k in j["metrics"] if k not in mkeys]
@@ -374,7 +389,8 @@ def report(sweep: Path, out: Path | None = None, metrics: list[str] | None = Non
     (out / "report.md").write_text(f"# Sweep report: {sweep}\n\n" + text)
     write_csv(out / "report.csv", jobs, swept, best)
     if metrics is None:
-        metrics = [m for m in DEFAULT_METRICS if m != "fid" or any(metric_value(j, "fid") is not None for j in jobs)]
+        metrics = [m for m in DEFAULT_METRICS
+                   if m not in OPTIONAL_METRICS or any(metric_value(j, m) is not None for j in jobs)]
     plots = []
     for metric in metrics:
         path = out / metric_filename(metric)

@@ -293,6 +293,10 @@ def _fit_and_evaluate(cfg: DictConfig, context: RunContext) -> dict[str, Any]:
                                              OmegaConf.to_container(cfg.sampler, resolve=True), learn_sigma)
     named = {k: build(c, key=f"callbacks.{k}") for k, c in cfg.get("callbacks", {}).items() if c is not None}
     _check_callback_samplers(named, schedule.num_timesteps, learn_sigma)
+    for name, callback in named.items():
+        if hasattr(callback, "check_datamodule"):
+            with at_key(f"callbacks.{name}"):
+                callback.check_datamodule(datamodule)
     hparams_session = HParamsSession(run_hparams(ddpm.hparams["config"], context.choices, context.overrides))
     callbacks = [*named.values(), hparams_session]
     logger = build(cfg.logger, key="logger") if cfg.get("logger") else False
