@@ -220,15 +220,15 @@ class DDPM(L.LightningModule):
             losses = losses + self.vlb_weight * T * vb
         elif self.loss == "vlb":
             losses = T * vb
-        self._update_timestep_sampler(t, losses)
         loss = (losses * weights).mean()  # weights 1 / (T p_t): unbiased under importance sampling
         if not torch.isfinite(loss):
             self._raise_non_finite(loss)
+        self._update_timestep_sampler(t, losses)
         size = x0.shape[0]
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=size)
-        if vb is not None:
-            self.log("train/mse", mse.mean(), on_step=True, on_epoch=True, batch_size=size)
-            self.log("train/vb", vb.mean() * T, on_step=True, on_epoch=True, batch_size=size)
+        if vb is not None:  # both as expectations over uniform t (importance-weighted)
+            self.log("train/mse", (mse * weights).mean(), on_step=True, on_epoch=True, batch_size=size)
+            self.log("train/vb", (vb * weights).mean() * T, on_step=True, on_epoch=True, batch_size=size)
         if self.lr_scheduler_factory is not None:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss

@@ -76,6 +76,20 @@ TRAIN_BAD_INPUTS: list[tuple[list[str], str]] = [
     (["trainer.precision=bf17"], "trainer is invalid: cannot build lightning.Trainer"),
     (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path='/nonexistent/last.ckpt' is invalid: no such checkpoint file"),
     (["overwrite=maybe"], "overwrite='maybe' is invalid"),
+    (["diffusion.loss=kl"], "diffusion.loss='kl' is invalid: must be one of ['simple', 'hybrid', 'vlb']"),
+    (["diffusion.loss=hybrid"], "diffusion.loss='hybrid' is invalid: needs model.learn_sigma=true"),
+    (["diffusion.loss=vlb", "diffusion.min_snr_gamma=5"], "diffusion.loss='vlb' is invalid: has no MSE term"),
+    (["diffusion.vlb_weight=0"], "diffusion.vlb_weight=0 is invalid: must be a finite number > 0"),
+    (["diffusion.vlb_weight=inf"], "diffusion.vlb_weight=inf is invalid: must be a finite number > 0"),
+    (["diffusion.timestep_sampler=importance"], "diffusion.timestep_sampler='importance' is invalid: must be one of"),
+    (["model.learn_sigma=maybe"], "model.learn_sigma='maybe' is invalid: must be true"),
+    (["sampler.variance=learned"], "sampler.variance='learned' is invalid: the model has no variance output"),
+    (["callbacks.bpd.num_images=0"], "callbacks.bpd.num_images=0 is invalid"),
+    (["callbacks.bpd.every_n_epochs=1", "callbacks.bpd.num_images=9"],
+     "callbacks.bpd.num_images=9 is invalid: must be <= data.val_size=8"),
+    (["++evaluate.nll=true", "++evaluate.nll_n=1"], "evaluate.nll_n=1 is invalid"),
+    (["++evaluate.nll=true", "++evaluate.nll_variance=learned"], "evaluate.nll_variance='learned' is invalid: the model has no variance output"),
+    (["++evaluate.nll=true", "++evaluate.nll_variance=wide"], "evaluate.nll_variance='wide' is invalid: must be null or one of"),
 ]
 
 

@@ -215,6 +215,8 @@ def _evaluate(overrides: list[str]):
         (["samples=real", "train_classifier_if_missing=maybe"], "train_classifier_if_missing='maybe' is invalid"),
         (["samples=real", "classifier_epochs=0"], "classifier_epochs=0 is invalid"),
         (["samples=real", "n=100000"], r"n=100000 is invalid: exceeds the 64 training images"),
+        (["samples=real", "nll=true"], r"nll=True is invalid: the bound needs the network: give ckpt_path="),
+        (["samples=real", "nll=maybe"], r"nll='maybe' is invalid"),
     ],
 )
 def test_evaluate_bad_inputs(overrides, match, fake_root, fake_clf, tmp_path):

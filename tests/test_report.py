@@ -240,3 +240,21 @@ def test_real_tiny_sweep_end_to_end(fake_mnist_root, tmp_path):
     assert "| job | schedule.beta_end |" in proc.stdout and f"wrote {sweep / 'report.csv'}" in proc.stdout
     _assert_png(sweep / "report_val_loss.png")
     assert len(_rows(sweep / "report.csv")) == 2
+
+
+def test_bits_per_dim_columns_from_the_evaluation_or_the_callback(fake_sweep):
+    """ddpm-evaluate nll=true writes bpd, bpd_stderr and bpd_all_pixels: they get their columns and a plot; a job with
+    only the val/bpd callback shows its last value."""
+    path = fake_sweep / "0" / "evaluate" / "step_000004" / "metrics.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"fid": 9.0, "bpd": 1.234567, "bpd_stderr": 0.0123, "bpd_all_pixels": 0.99,
+                                "quartile_bpd": [1.0, 0.1, 0.1, 0.034567]}))
+    _events(fake_sweep / "10", {"val/bpd": [(2, 3.0), (4, 2.5)]})
+    report(fake_sweep)
+    rows = _md_rows((fake_sweep / "report.md").read_text())
+    assert rows["0"]["bits/dim (784 px)"] == "1.2346" and rows["0"]["± s.e."] == "0.0123"
+    assert rows["0"]["bits/dim (1024 px)"] == "0.99" and rows["10"]["bits/dim (784 px)"] == "2.5"
+    assert rows["1"]["bits/dim (784 px)"] == ""
+    by_job = {r["job"]: r for r in _rows(fake_sweep / "report.csv")}
+    assert float(by_job["0"]["bpd"]) == pytest.approx(1.234567) and float(by_job["10"]["val/bpd"]) == 2.5
+    _assert_png(fake_sweep / "report_bpd.png")
