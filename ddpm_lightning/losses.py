@@ -33,11 +33,9 @@ import torch
 from torch import Tensor
 
 from ddpm_lightning.errors import invalid
-from ddpm_lightning.schedule import NoiseSchedule, extract, learned_log_variance
+from ddpm_lightning.schedule import VARIANCES, NoiseSchedule, extract, learned_log_variance
 
 LOSSES = ("simple", "hybrid", "vlb")
-#: The variance of p_theta(x_{t-1} | x_t): ``learned`` needs a network with 2C outputs (``model.learn_sigma=true``).
-VARIANCES = ("fixed_small", "fixed_large", "learned")
 PIXEL_BIN = 1.0 / 255.0  #: half the width of one of the 256 bins of [-1, 1]
 
 ModelFn = Callable[[Tensor, Tensor], "tuple[Tensor, Tensor | None]"]

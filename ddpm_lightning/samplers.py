@@ -27,13 +27,12 @@ import torch
 from torch import Tensor
 
 from ddpm_lightning.errors import invalid, is_int, is_number
-from ddpm_lightning.schedule import NoiseSchedule, learned_log_variance
+from ddpm_lightning.schedule import VARIANCES, NoiseSchedule, learned_log_variance
 
 EpsFn = Callable[[Tensor, Tensor], "Tensor | tuple[Tensor, Tensor | None]"]
 """``eps_fn(x_t, t) -> eps`` or ``(eps, v)``: x_t ``(N, C, H, W)``, t ``(N,)`` int64 in [0, T-1], eps shaped like x_t,
 v the raw variance output of a learned-sigma network (shaped like x_t) or None."""
 
-VARIANCES = ("fixed_small", "fixed_large", "learned")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 

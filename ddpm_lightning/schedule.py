@@ -114,6 +114,10 @@ def _derived_buffers(betas: Tensor, alphas: Tensor, alphas_cumprod: Tensor) -> d
     )
 
 
+#: The variance of the reverse step p_theta(x_{t-1} | x_t): beta~_t, beta_t, or learned (:func:`learned_log_variance`).
+VARIANCES = ("fixed_small", "fixed_large", "learned")
+
+
 def learned_log_variance(v: Tensor, log_beta_tilde: Tensor, log_beta: Tensor) -> Tensor:
     """The learned-range variance of Nichol & Dhariwal 2021 (arXiv:2102.09672, Eq. 15):
     ``log Sigma = frac log beta_t + (1 - frac) log beta~_t`` with ``frac = (v + 1) / 2``, interpolating in the log domain
