@@ -245,13 +245,13 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_
     from ddpm_lightning.errors import NonFiniteLossError
     from ddpm_lightning.module import DDPM
 
-    original = DDPM._eps_loss
+    original = DDPM._losses  # per-sample (mse, vb) of training_step
 
     def poisoned(self, *args, **kwargs):
-        losses = original(self, *args, **kwargs)
-        return losses * float("nan") if self.global_step >= 3 else losses
+        mse, vb = original(self, *args, **kwargs)
+        return (mse * float("nan") if self.global_step >= 3 else mse), vb
 
-    monkeypatch.setattr(DDPM, "_eps_loss", poisoned)
+    monkeypatch.setattr(DDPM, "_losses", poisoned)
     cfg = compose_train([*tiny_train_overrides, "trainer.max_epochs=3"])
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan at global step 3 \(lr=0.0001\)"):
         train(cfg)
