@@ -329,7 +329,7 @@ class BitsPerDimCallback(L.Callback):
         if world > 1:
             parts = [trainer.strategy.all_gather(p.to(module.device)).flatten(0, 1).cpu() for p in parts]
         n = self.num_images
-        whole = Bound(parts[0][:n], parts[1][:n], parts[2][:n], bound.num_dims, bound.num_real_dims).summary()
+        whole = Bound(parts[0][:n], parts[1][:n], parts[2][:n], bound.num_dims, bound.num_real_dims, bound.variance).summary()
         for name, key in [("val/bpd", "bpd"), ("val/bpd_prior", "prior_bpd"), ("val/bpd_vb", "vb_bpd"),
                           ("val/bpd_decoder", "decoder_bpd")]:
             pl_module.log(name, whole[key], sync_dist=False)

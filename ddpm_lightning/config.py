@@ -351,12 +351,6 @@ def _compose(config_name: str, overrides: list[str]) -> DictConfig:
         return compose(config_name=config_name, overrides=overrides)
 
 
-def groups_swept(parsed: list[tuple[str, str, str]]) -> list[str]:
-    """``key=<first item>`` for each config-group sweep among the parsed overrides (``experiment=a,b`` -> ``experiment=a``)."""
-    return [f"{p}{k}={v.split(',')[0]}" for p, k, v in parsed
-            if _is_sweep(v) and "(" not in v and (Path(CONFIG_DIR) / k).is_dir() and not k.startswith("hydra")]
-
-
 def compose_config(config_name: str, overrides: list[str] = (), exclude: Mapping[str, Iterable[str]] | None = None) -> DictConfig:
     """Compose ``conf/<config_name>.yaml`` with command-line ``overrides`` as the command does, with one-line
     errors: an unknown group option, an unknown key (naming the nearest valid key, e.g. ``num_sample=5 is invalid:
@@ -372,8 +366,10 @@ def compose_config(config_name: str, overrides: list[str] = (), exclude: Mapping
     overrides = list(overrides)
     check_group_choices(overrides, CONFIG_DIR, exclude)
     parsed = _overrides(overrides)
-    groups = [f"{p}{k}={v.split(',')[0] if _is_sweep(v) else v}" for p, k, v in parsed
-              if (Path(CONFIG_DIR) / k).is_dir() and "(" not in v and not k.startswith("hydra")]
+    group_overrides = [(p, k, v) for p, k, v in parsed
+                       if (Path(CONFIG_DIR) / k).is_dir() and "(" not in v and not k.startswith("hydra")]
+    # a group sweep (experiment=a,b) composes with its first item, for the key check and the final compose alike
+    groups = [f"{p}{k}={v.split(',')[0] if _is_sweep(v) else v}" for p, k, v in group_overrides]
     base = _compose(config_name, groups)
     known = _paths(base)
     for prefix, key, value in parsed:
@@ -386,8 +382,8 @@ def compose_config(config_name: str, overrides: list[str] = (), exclude: Mapping
         if parent and parent in known and not isinstance(above, DictConfig):
             continue  # below a list or a value: Hydra decides
         raise unknown_key_error(key, _typed(value), known, parent)
-    # a group sweep (experiment=a,b) composes with its first item, as the key check did: its keys exist below
-    plain = [f"{p}{k}={v}" for p, k, v in parsed if not _is_sweep(v)] + groups_swept(parsed)
+    plain = [f"{p}{k}={v}" for p, k, v in parsed if not _is_sweep(v)]
+    plain += [group for group, (_, _, v) in zip(groups, group_overrides) if _is_sweep(v)]
     try:
         return _compose(config_name, plain)
     except HydraException as err:

@@ -23,7 +23,7 @@ import lightning
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from ddpm_lightning.errors import check_int, invalid, is_int
+from ddpm_lightning.errors import check_bool, check_int, invalid, is_int
 from ddpm_lightning.images import to_model_range
 from ddpm_lightning.mnist import MNIST_NUM_TEST, check_mnist_files, download_mnist, load_mnist_split, raw_dir
 
@@ -158,8 +158,7 @@ class MNISTDataModule(lightning.LightningDataModule):
         if not is_int(seed):
             raise invalid("seed", seed, "must be an integer")
         for key, flag in (("download", download), ("pin_memory", pin_memory)):
-            if not isinstance(flag, bool):
-                raise invalid(key, flag, "must be true or false")
+            check_bool(key, flag)
         if root is None or os.fspath(root) == "":
             raise invalid("root", root, "must be a directory containing MNIST/raw")
 

@@ -96,6 +96,13 @@ def check_int(key: str, value: object, low: int, allowed: str | None = None, nul
         raise invalid(key, value, allowed or f"must be an integer >= {low}" + (" or null" if nullable else ""))
 
 
+def check_bool(key: str, value: object, allowed: str = "must be true or false") -> bool:
+    """``value`` must be a bool (not 1, not "yes"); else the one-line ``<key>=<value> is invalid: <allowed>``."""
+    if not isinstance(value, bool):
+        raise invalid(key, value, allowed)
+    return value
+
+
 def print_error(message: object) -> None:
     """``error: <message>`` on stderr as ONE write (a line under the pipe's atomic size): the ranks of a DDP run
     share one stderr, and ``print`` writes the text and the newline separately, so two ranks' lines could merge."""

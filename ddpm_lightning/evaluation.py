@@ -24,11 +24,12 @@ import torch
 from ddpm_lightning.classifier import load_classifier, missing_classifier_error, reference_classifier_path, train_classifier
 from ddpm_lightning.checkpoint import checkpoint_file
 from ddpm_lightning.config import EvaluateConfig, check_out_dir, options
-from ddpm_lightning.errors import ConfigError, check_int, invalid
+from ddpm_lightning.errors import ConfigError, check_bool, check_int, invalid, is_int
 from ddpm_lightning.images import atomic_write, nhwc_to_nchw, to_model_range, to_uint8
-from ddpm_lightning.losses import VARIANCES, check_variance, digit_mask
+from ddpm_lightning.losses import Bound, digit_mask
 from ddpm_lightning.metrics import evaluate_images
 from ddpm_lightning.mnist import MNIST_NUM_TEST, check_mnist_files, load_mnist_split
+from ddpm_lightning.schedule import VARIANCES, check_variance
 from ddpm_lightning.sampling import (SAMPLES_FILE, build_sampler, checkpoint_ddpm, draw_samples, learn_sigma_of,
                                      open_checkpoint, resolve_device, write_samples)
 
@@ -94,13 +95,10 @@ def check(opts: EvaluateConfig, ckpt_must_exist: bool = True) -> Path:
         check_int("num_samples", opts.num_samples, 2, "must be an integer >= 2 (FID needs at least 2 images)")
         check_out_dir(opts.out_dir, f"samples/{SAMPLES_FILE}", opts.overwrite)
     check_int("n", opts.n, 2, "must be null (all images) or an integer >= 2", nullable=True)
-    if not isinstance(opts.nll, bool):
-        raise invalid("nll", opts.nll, "must be true or false")
-    if opts.nll:
+    if check_bool("nll", opts.nll):
         if mode(opts) != "checkpoint":
             raise invalid("nll", True, "the bound needs the network: give ckpt_path=<checkpoint> instead of samples=")
-        check_int("nll_n", opts.nll_n, 2, f"must be an integer in [2, {MNIST_NUM_TEST}] (test images)")
-        if opts.nll_n > MNIST_NUM_TEST:
+        if not is_int(opts.nll_n) or not 2 <= opts.nll_n <= MNIST_NUM_TEST:
             raise invalid("nll_n", opts.nll_n, f"must be an integer in [2, {MNIST_NUM_TEST}] (test images)")
         if opts.nll_variance is not None and opts.nll_variance not in VARIANCES:
             raise invalid("nll_variance", opts.nll_variance, f"must be null or one of {list(VARIANCES)}")
@@ -191,8 +189,6 @@ def bound_metrics(ddpm: Any, images: torch.Tensor, labels: torch.Tensor | None, 
     generator seeded ``seed + i``), as the flat metrics ``bpd``, ``bpd_stderr``, ``bpd_all_pixels``, ``prior_bpd``,
     ``vb_bpd``, ``decoder_bpd``, ``padding_bpd``, ``quartile_bpd`` (see :meth:`~ddpm_lightning.losses.Bound.summary`),
     ``nll_n``, ``nll_variance``, ``nll_seconds`` and ``nll_forward_passes``."""
-    from ddpm_lightning.losses import Bound
-
     parts = []
     for i, start in enumerate(range(0, images.shape[0], batch_size)):
         x0 = to_model_range(images[start : start + batch_size]).to(ddpm.device)
@@ -200,12 +196,11 @@ def bound_metrics(ddpm: Any, images: torch.Tensor, labels: torch.Tensor | None, 
         generator = torch.Generator(device=ddpm.device).manual_seed(seed + i)
         parts.append(ddpm.variational_bound(x0, labels=y, variance=variance, generator=generator, mask=digit_mask(),
                                             progress=progress))
-    bound = Bound(torch.cat([b.prior for b in parts]), torch.cat([b.terms for b in parts]),
-                  torch.cat([b.padding for b in parts]), parts[0].num_dims, parts[0].num_real_dims)
+    bound = Bound.cat(parts)
     summary = bound.summary()
     summary["nll_n"] = summary.pop("n")
-    return {**summary, "nll_variance": variance or ("learned" if ddpm.learn_sigma else "fixed_small"),
-            "nll_seconds": sum(b.seconds for b in parts), "nll_forward_passes": sum(b.forward_passes for b in parts)}
+    return {**summary, "nll_variance": bound.variance, "nll_seconds": bound.seconds,
+            "nll_forward_passes": bound.forward_passes}
 
 
 def _images(opts: EvaluateConfig, real_train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, str, dict[str, Any]]:

@@ -26,14 +26,16 @@ Terms are per pixel in nats, in float64; :func:`bits_per_dim` divides by ``D ln 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 from ddpm_lightning.errors import invalid
-from ddpm_lightning.schedule import VARIANCES, NoiseSchedule, extract, learned_log_variance
+from ddpm_lightning.mnist import PAD, PADDED_IMAGE_SIZE
+from ddpm_lightning.schedule import NoiseSchedule, extract, learned_log_variance
 
 LOSSES = ("simple", "hybrid", "vlb")
 PIXEL_BIN = 1.0 / 255.0  #: half the width of one of the 256 bins of [-1, 1]
@@ -41,19 +43,6 @@ PIXEL_BIN = 1.0 / 255.0  #: half the width of one of the 256 bins of [-1, 1]
 ModelFn = Callable[[Tensor, Tensor], "tuple[Tensor, Tensor | None]"]
 """``model_fn(x_t, t) -> (eps, v)``: x_t ``(N, C, H, W)`` float32, t ``(N,)`` int64 in [0, T-1]; eps like x_t and v the
 raw variance output like x_t (learned sigma) or None."""
-
-
-def check_variance(variance: object, learn_sigma: bool, key: str = "variance") -> str:
-    """``variance`` must be one of :data:`VARIANCES`, and ``learned`` only for a network that learns sigma.
-
-    Raises:
-        ConfigError: naming ``key``.
-    """
-    if variance not in VARIANCES:
-        raise invalid(key, variance, f"must be one of {list(VARIANCES)}")
-    if variance == "learned" and not learn_sigma:
-        raise invalid(key, variance, "the model has no variance output (model.learn_sigma=false); use fixed_small or fixed_large")
-    return str(variance)
 
 
 # ------------------------------------------------------------------------------------------------ elementwise maths
@@ -174,6 +163,8 @@ class Bound:
         padding: ``(N,)`` the whole bound's share on the pixels outside the mask (the padding).
         num_dims: pixels per image (C H W, 1024).
         num_real_dims: pixels inside the mask (784 for MNIST padded to 32x32).
+        variance: the variance of p_theta the terms were computed with (``fixed_small``, ``fixed_large``, ``learned``).
+        seconds, forward_passes: the wall time and the network calls it took.
     """
 
     prior: Tensor
@@ -181,9 +172,17 @@ class Bound:
     padding: Tensor
     num_dims: int
     num_real_dims: int
+    variance: str = ""
     seconds: float = 0.0
     forward_passes: int = 0
-    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def cat(cls, parts: "list[Bound]") -> "Bound":
+        """The bounds of several batches of images (same pixels and variance) as one."""
+        first = parts[0]
+        return cls(torch.cat([b.prior for b in parts]), torch.cat([b.terms for b in parts]),
+                   torch.cat([b.padding for b in parts]), first.num_dims, first.num_real_dims, first.variance,
+                   sum(b.seconds for b in parts), sum(b.forward_passes for b in parts))
 
     @property
     def total(self) -> Tensor:
@@ -216,7 +215,7 @@ class Bound:
         }
 
 
-def digit_mask(padding: int = 2, size: int = 32) -> Tensor:
+def digit_mask(padding: int = PAD, size: int = PADDED_IMAGE_SIZE) -> Tensor:
     """``(1, size, size)`` bool, True on the ``size - 2 padding`` square of real pixels (784 of MNIST's 1024)."""
     mask = torch.zeros(1, size, size, dtype=torch.bool)
     mask[:, padding : size - padding, padding : size - padding] = True
@@ -251,8 +250,6 @@ def variational_bound(
     Returns:
         :class:`Bound` (CPU float64 tensors).
     """
-    import time
-
     start = time.perf_counter()
     x0 = x0.double()
     n, T = x0.shape[0], schedule.num_timesteps
@@ -276,7 +273,7 @@ def variational_bound(
         px = vb_terms(schedule, x0, x_t, t, mean, log_var)
         terms[:, step] = px[:, real].sum(1).cpu()
         padding += px[:, pad].sum(1).cpu()
-    return Bound(prior_px[:, real].sum(1).cpu(), terms, padding, int(mask.numel()), int(mask.sum()),
+    return Bound(prior_px[:, real].sum(1).cpu(), terms, padding, int(mask.numel()), int(mask.sum()), variance,
                  seconds=time.perf_counter() - start, forward_passes=n * T)
 
 

@@ -22,10 +22,10 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from ddpm_lightning.errors import NonFiniteLossError, NonFiniteWeightsError, check_int, invalid, is_number
-from ddpm_lightning.losses import Bound, check_loss, check_variance, training_vb, variational_bound
+from ddpm_lightning.losses import Bound, check_loss, training_vb, variational_bound
 from ddpm_lightning.networks import as_eps_network, split_output
 from ddpm_lightning.samplers import DDPMSampler, SampleOutput, Sampler
-from ddpm_lightning.schedule import NoiseSchedule
+from ddpm_lightning.schedule import NoiseSchedule, check_variance
 from ddpm_lightning.timestep_sampling import make_timestep_sampler
 
 TIMESTEP_SAMPLER_KEY = "timestep_sampler"  #: the checkpoint entry holding the importance sampler's loss history

@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddpm_lightning.errors import ConfigError, invalid, is_int
+from ddpm_lightning.errors import ConfigError, check_bool, invalid, is_int
+
+LEARN_SIGMA_ALLOWED = "must be true (2C outputs: eps and the learned variance) or false"
 
 
 class EpsNetwork(nn.Module):
@@ -68,7 +70,7 @@ class DiffUNetEps(EpsNetwork):
 
         if num_classes is not None:
             raise invalid("num_classes", num_classes, "deepinv's DiffUNet is unconditional; use model=adm_small for labels")
-        self.learn_sigma = _check_learn_sigma(learn_sigma)
+        self.learn_sigma = check_bool("learn_sigma", learn_sigma, LEARN_SIGMA_ALLOWED)
         self.out_channels = in_channels * (2 if self.learn_sigma else 1)
         # pretrained=None: random initialisation (the released weights are RGB 256x256 and cannot load at 1 channel).
         # deepinv turns out_channels=3 into 6 (its own learned sigma); forward keeps the first out_channels.
@@ -129,7 +131,7 @@ class ADMUNetEps(EpsNetwork):
         super().__init__()
         from deepinv.models import ADMUNet
 
-        self.learn_sigma = _check_learn_sigma(learn_sigma)
+        self.learn_sigma = check_bool("learn_sigma", learn_sigma, LEARN_SIGMA_ALLOWED)
         out_channels = in_channels * (2 if self.learn_sigma else 1)
 
         if num_classes is not None and (not is_int(num_classes) or num_classes < 2):
@@ -165,12 +167,6 @@ class ADMUNetEps(EpsNetwork):
         x = F.pixel_unshuffle(x_t, p) if p > 1 else x_t
         eps = self.net.forward_unet(x, t.to(x_t.dtype), class_labels=labels)
         return F.pixel_shuffle(eps, p) if p > 1 else eps
-
-
-def _check_learn_sigma(learn_sigma: object) -> bool:
-    if not isinstance(learn_sigma, bool):
-        raise invalid("learn_sigma", learn_sigma, "must be true (2C outputs: eps and the learned variance) or false")
-    return learn_sigma
 
 
 def split_output(out: Tensor, channels: int) -> tuple[Tensor, Tensor | None]:

@@ -197,10 +197,9 @@ def read_job(job: Path) -> dict[str, Any]:
         status = "ok"
     metrics_file = _read_json(job)
     metrics = read_metrics_json(job, metrics_file)
-    if "fid" not in metrics and "val/fid" in found:
-        metrics["fid"] = found["val/fid"][1]
-    if "bpd" not in metrics and "val/bpd" in found:
-        metrics["bpd"] = found["val/bpd"][1]
+    for key, tag in (("fid", "val/fid"), ("bpd", "val/bpd")):  # the callbacks' last value stands in
+        if key not in metrics and tag in found:
+            metrics[key] = found[tag][1]
     return {
         "job": job.name,
         "overrides": read_overrides(job),

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ddpm_lightning.errors import invalid, is_int, is_number
-from ddpm_lightning.schedule import VARIANCES, NoiseSchedule, learned_log_variance
+from ddpm_lightning.schedule import VARIANCES, NoiseSchedule, check_variance, learned_log_variance
 
 EpsFn = Callable[[Tensor, Tensor], "Tensor | tuple[Tensor, Tensor | None]"]
 """``eps_fn(x_t, t) -> eps`` or ``(eps, v)``: x_t ``(N, C, H, W)``, t ``(N,)`` int64 in [0, T-1], eps shaped like x_t,
@@ -130,9 +130,8 @@ class Sampler:
         """
         if self.steps is not None:
             _check_steps(self.steps, num_timesteps)
-        if getattr(self, "variance", None) == "learned" and not learn_sigma:
-            raise invalid("variance", "learned", "the model has no variance output (model.learn_sigma=false); "
-                          "use fixed_small or fixed_large")
+        if getattr(self, "variance", None) is not None:
+            check_variance(self.variance, learn_sigma)
 
     def _step(self, x: Tensor, eps: Tensor, c: dict[str, float], z: Tensor | None, v: Tensor | None) -> Tensor:
         raise NotImplementedError  # pragma: no cover - abstract

@@ -118,6 +118,19 @@ def _derived_buffers(betas: Tensor, alphas: Tensor, alphas_cumprod: Tensor) -> d
 VARIANCES = ("fixed_small", "fixed_large", "learned")
 
 
+def check_variance(variance: object, learn_sigma: bool, key: str = "variance") -> str:
+    """``variance`` must be one of :data:`VARIANCES`, and ``learned`` only for a network that learns sigma.
+
+    Raises:
+        ConfigError: naming ``key``.
+    """
+    if variance not in VARIANCES:
+        raise invalid(key, variance, f"must be one of {list(VARIANCES)}")
+    if variance == "learned" and not learn_sigma:
+        raise invalid(key, variance, "the model has no variance output (model.learn_sigma=false); use fixed_small or fixed_large")
+    return str(variance)
+
+
 def learned_log_variance(v: Tensor, log_beta_tilde: Tensor, log_beta: Tensor) -> Tensor:
     """The learned-range variance of Nichol & Dhariwal 2021 (arXiv:2102.09672, Eq. 15):
     ``log Sigma = frac log beta_t + (1 - frac) log beta~_t`` with ``frac = (v + 1) / 2``, interpolating in the log domain

@@ -25,10 +25,11 @@ from ddpm_lightning.callbacks import HParamsSession
 from ddpm_lightning.checkpoint import checkpoint_file, load_checkpoint, resume_mismatch
 from ddpm_lightning.config import (FROM_CHECKPOINT, EvaluateConfig, EvaluateOptions, at_key, build, compose_config,
                                    one_line_omegaconf, options, unknown_key_error)
-from ddpm_lightning.errors import ConfigError, check_int, PeerRankFailed, StoppedBySignal, first_line, invalid, is_int, is_number
+from ddpm_lightning.errors import ConfigError, check_bool, check_int, PeerRankFailed, StoppedBySignal, first_line, invalid, is_int, is_number
 from ddpm_lightning.hparams import final_metrics, run_hparams
 from ddpm_lightning.module import DDPM
 from ddpm_lightning.runlock import RunDirLock
+from ddpm_lightning.sampling import learn_sigma_of
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +112,7 @@ def prepare_config(cfg: DictConfig, context: RunContext | None = None) -> DictCo
 
 
 def _flag(cfg: DictConfig, key: str) -> bool:
-    value = cfg.get(key)
-    if not isinstance(value, bool):
-        raise invalid(key, value, "must be true or false")
-    return value
+    return check_bool(key, cfg.get(key))
 
 
 #: Rates and scales that must be finite numbers (a finite loss can still give non-finite weights: lr=inf, lr=1e30),
@@ -267,7 +265,7 @@ def _fit_and_evaluate(cfg: DictConfig, context: RunContext) -> dict[str, Any]:
         raise invalid("sampler", "checkpoint", "only ddpm-sample and ddpm-evaluate take the sampler from a "
                       "checkpoint; ddpm-train needs sampler=ddim or sampler=ddpm")
     sampler = build(cfg.sampler, key="sampler")
-    learn_sigma = cfg.model.get("learn_sigma") is True
+    learn_sigma = learn_sigma_of(cfg)
     with at_key("sampler"):
         sampler.check(schedule.num_timesteps, learn_sigma)
     net = build(cfg.model, key="model")

@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import TINY_TRAIN, compose_train
+from conftest import TINY_TRAIN, compose_train, run_train_cli
 
 from ddpm_lightning.config import compose_config
 from ddpm_lightning.errors import ConfigError
@@ -185,12 +182,10 @@ def test_importance_sampler_state_is_checkpointed_and_a_resume_is_bit_identical(
 def test_ddp_ranks_share_one_importance_history(fake_mnist_root, tmp_path):
     """2 ranks x batch 8 x 2 steps: the saved history holds all 32 losses (each rank alone saw 16)."""
     run = tmp_path / "run"
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
     args = ["trainer=ddp_sim", *TINY_TRAIN, "trainer.max_epochs=2", f"data.root={fake_mnist_root}", f"run_dir={run}",
             f"hydra.run.dir={tmp_path / 'hydra'}", "diffusion.timestep_sampler=loss-second-moment",
             "schedule.timesteps=200"]
-    proc = subprocess.run([sys.executable, "-m", "ddpm_lightning.cli.train", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = run_train_cli(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2

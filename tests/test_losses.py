@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from ddpm_lightning.errors import ConfigError
-from ddpm_lightning.losses import (Bound, bits_per_dim, check_loss, check_variance, digit_mask,
+from ddpm_lightning.losses import (Bound, bits_per_dim, check_loss, digit_mask,
                                    discretized_gaussian_log_likelihood, model_log_variance, model_mean, normal_kl, prior_kl,
                                    training_vb, variational_bound, vb_terms)
 from ddpm_lightning.samplers import DDPMSampler
-from ddpm_lightning.schedule import NoiseSchedule
+from ddpm_lightning.schedule import NoiseSchedule, check_variance
 from ddpm_lightning.timestep_sampling import (HISTORY, UNIFORM_PROB, LossSecondMomentTimesteps, UniformTimesteps,
                                               make_timestep_sampler)
 
