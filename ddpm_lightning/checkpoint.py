@@ -75,12 +75,37 @@ def load_checkpoint(path: str | os.PathLike[str], mmap: bool = False) -> dict[st
     return ckpt
 
 
-def resume_mismatch(stored: Mapping[str, Any], config: Mapping[str, Any], groups: tuple[str, ...] = ("model", "schedule")) -> str | None:
-    """Say how the network or schedule of a checkpoint's stored config differs from the config of a resumed run.
+#: Keys added after the first checkpoints were written, with the value that a checkpoint without them was trained with.
+ADDED_KEYS = {
+    "diffusion.objective": "eps",
+    "schedule.rescale_zero_terminal_snr": False,
+    "schedule.sigmoid_start": -3.0,
+    "schedule.sigmoid_end": 3.0,
+    "schedule.sigmoid_tau": 1.0,
+}
+
+#: What a resumed run must share with its checkpoint: the network, the schedule and what the network predicts.
+RESUME_KEYS = ("model", "schedule", "diffusion.objective")
+
+
+def stored_value(config: Mapping[str, Any], key: str) -> Any:
+    """The dotted ``key`` of a stored config, or its :data:`ADDED_KEYS` value when the checkpoint predates it."""
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return ADDED_KEYS.get(key)
+        node = node[part]
+    return node
+
+
+def resume_mismatch(stored: Mapping[str, Any], config: Mapping[str, Any], groups: tuple[str, ...] = RESUME_KEYS) -> str | None:
+    """Say how the network, schedule or objective of a checkpoint's stored config differs from the config of a resumed
+    run. A key the checkpoint predates (:data:`ADDED_KEYS`) counts as its old implicit value.
 
     Args:
         stored: the checkpoint's ``hyper_parameters["config"]``.
         config: the new run's resolved config as plain containers.
+        groups: config groups or dotted leaves to compare.
 
     Returns:
         None when every leaf of ``groups`` is equal, else e.g.
@@ -88,7 +113,11 @@ def resume_mismatch(stored: Mapping[str, Any], config: Mapping[str, Any], groups
     """
     diffs = []
     for group in groups:
-        old, new = flatten(stored.get(group, {}), group), flatten(config.get(group, {}), group)
+        old, new = (flatten({group: stored_value(c, group)}) for c in (stored, config))
+        for key, value in ADDED_KEYS.items():
+            if key.startswith(group + ".") or key == group:
+                old.setdefault(key, value)
+                new.setdefault(key, value)
         for key in sorted(set(old) | set(new)):
             if old.get(key, "<unset>") != new.get(key, "<unset>"):
                 diffs.append(f"{key}={old.get(key, '<unset>')!r} in the checkpoint, {new.get(key, '<unset>')!r} in the config")
@@ -127,6 +156,7 @@ def ddpm_from_checkpoint(
         net=net,
         schedule=schedule,
         sampler=sampler,
+        objective=stored_value(config, "diffusion.objective"),
         seed=int(hp.get("seed", config.get("seed", 0))),
         image_shape=tuple(hp.get("image_shape", (1, 32, 32))),
         config=dict(config),

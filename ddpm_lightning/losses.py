@@ -35,14 +35,16 @@ from torch import Tensor
 
 from ddpm_lightning.errors import invalid
 from ddpm_lightning.mnist import PAD, PADDED_IMAGE_SIZE
+from ddpm_lightning.objectives import predict
 from ddpm_lightning.schedule import NoiseSchedule, extract, learned_log_variance
 
 LOSSES = ("simple", "hybrid", "vlb")
 PIXEL_BIN = 1.0 / 255.0  #: half the width of one of the 256 bins of [-1, 1]
 
 ModelFn = Callable[[Tensor, Tensor], "tuple[Tensor, Tensor | None]"]
-"""``model_fn(x_t, t) -> (eps, v)``: x_t ``(N, C, H, W)`` float32, t ``(N,)`` int64 in [0, T-1]; eps like x_t and v the
-raw variance output like x_t (learned sigma) or None."""
+"""``model_fn(x_t, t) -> (out, v)``: x_t ``(N, C, H, W)`` float32, t ``(N,)`` int64 in [0, T-1]; out like x_t (the
+prediction of the objective: eps, x0 or v, :mod:`ddpm_lightning.objectives`) and v the raw variance output like x_t
+(learned sigma) or None."""
 
 
 # ------------------------------------------------------------------------------------------------ elementwise maths
@@ -109,11 +111,19 @@ def model_log_variance(schedule: NoiseSchedule, t: Tensor, like: Tensor, varianc
     return learned_log_variance(v.double(), log_small, log_large)
 
 
-def model_mean(schedule: NoiseSchedule, x_t: Tensor, t: Tensor, eps: Tensor, clip_denoised: bool = False) -> Tensor:
-    """The mean of p_theta(x_{t-1} | x_t): the posterior mean (Eq. 7) at ``x0_hat = predict_x0_from_eps(x_t, t, eps)``
-    (clipped to [-1, 1] when ``clip_denoised``; unclipped it equals Eq. 11). float64 like ``x_t``."""
-    x_t, eps = x_t.double(), eps.double()
-    x0_hat = schedule.predict_x0_from_eps(x_t, t, eps)
+def predict_x0(schedule: NoiseSchedule, x_t: Tensor, t: Tensor, out: Tensor, objective: str = "eps") -> Tensor:
+    """x0_hat from the network output ``out`` of ``objective`` at x_t (:func:`ddpm_lightning.objectives.predict`),
+    float64 like ``x_t``; for eps it is ``predict_x0_from_eps``."""
+    x_t = x_t.double()
+    alpha, sigma = (extract(b, t, x_t) for b in (schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod))
+    return predict(objective, out.double(), x_t, alpha, sigma).x0
+
+
+def model_mean(schedule: NoiseSchedule, x_t: Tensor, t: Tensor, x0_hat: Tensor, clip_denoised: bool = False) -> Tensor:
+    """The mean of p_theta(x_{t-1} | x_t): the posterior mean (Eq. 7) at ``x0_hat`` (:func:`predict_x0`; clipped to
+    [-1, 1] when ``clip_denoised``; unclipped, with the x0_hat of an eps prediction, it equals Eq. 11). float64 like
+    ``x_t``."""
+    x_t, x0_hat = x_t.double(), x0_hat.double()
     if clip_denoised:
         x0_hat = x0_hat.clamp(-1.0, 1.0)
     return schedule.q_posterior_mean_variance(x0_hat, x_t, t)[0]
@@ -232,13 +242,14 @@ def variational_bound(
     generator: torch.Generator | None = None,
     mask: Tensor | None = None,
     progress: bool = False,
+    objective: str = "eps",
 ) -> Bound:
     """The bound L_vlb (Ho et al. Eq. 5) of each image, one network call per timestep: for every t, a fresh
     ``x_t = q_sample(x0, t, eps)`` and the term of :func:`vb_terms` (a single-sample estimate of each term, so the
     sum is an unbiased estimate of the bound), plus the prior :func:`prior_kl`.
 
     Args:
-        model_fn: ``(eps, v) = model_fn(x_t, t)`` in eval mode (:data:`ModelFn`); x_t is passed as float32.
+        model_fn: ``(out, v) = model_fn(x_t, t)`` in eval mode (:data:`ModelFn`); x_t is passed as float32.
         schedule: the training schedule (T steps).
         x0: ``(N, C, H, W)`` images on the 8-bit grid of [-1, 1] (``images.to_model_range`` of uint8 pixels).
         variance: ``fixed_small``, ``fixed_large`` or ``learned`` (:func:`model_log_variance`).
@@ -246,6 +257,7 @@ def variational_bound(
         generator: draws every eps (on ``x0.device``); None uses the global RNG.
         mask: ``(C, H, W)`` bool, the real pixels (the 28x28 digit; :func:`digit_mask`); None = all pixels.
         progress: a tqdm bar over the timesteps.
+        objective: what ``model_fn`` predicts (``eps``, ``x0`` or ``v``).
 
     Returns:
         :class:`Bound` (CPU float64 tensors).
@@ -267,8 +279,8 @@ def variational_bound(
         t = torch.full((n,), step, dtype=torch.long, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32).double()
         x_t = schedule.q_sample(x0, t, noise)
-        eps, v = model_fn(x_t.float(), t)
-        mean = model_mean(schedule, x_t, t, eps, clip_denoised)
+        out, v = model_fn(x_t.float(), t)
+        mean = model_mean(schedule, x_t, t, predict_x0(schedule, x_t, t, out, objective), clip_denoised)
         log_var = model_log_variance(schedule, t, x_t, variance, v)
         px = vb_terms(schedule, x0, x_t, t, mean, log_var)
         terms[:, step] = px[:, real].sum(1).cpu()
@@ -295,13 +307,13 @@ def check_loss(loss: object, learn_sigma: bool, min_snr_gamma: float | None) -> 
     return str(loss)
 
 
-def training_vb(schedule: NoiseSchedule, x0: Tensor, x_t: Tensor, t: Tensor, eps: Tensor, v: Tensor | None,
+def training_vb(schedule: NoiseSchedule, x0: Tensor, x_t: Tensor, t: Tensor, x0_hat: Tensor, v: Tensor | None,
                 stop_grad_mean: bool) -> Tensor:
     """The VLB term of each sample's timestep for training, in bits per pixel (``(N,)`` float32 with gradients): the
-    mean of p_theta from ``eps`` (detached for L_hybrid, ``stop_grad_mean``: only the variance learns from it,
+    mean of p_theta from the network's ``x0_hat`` (:func:`predict_x0`; detached for L_hybrid, ``stop_grad_mean``: only the variance learns from it,
     Nichol & Dhariwal Sec. 3.1), the variance learned from ``v`` (or ``fixed_small`` when ``v`` is None), in float64.
     ``T * training_vb`` is an unbiased one-sample estimate of L_vlb - L_T in bits/dim."""
-    mean = model_mean(schedule, x_t, t, eps.detach() if stop_grad_mean else eps)
+    mean = model_mean(schedule, x_t, t, x0_hat.detach() if stop_grad_mean else x0_hat)
     log_var = model_log_variance(schedule, t, x_t, "learned" if v is not None else "fixed_small", v)
     px = vb_terms(schedule, x0, x_t, t, mean, log_var)
     return bits_per_dim(px.flatten(1).sum(1), px[0].numel()).float()

@@ -2,7 +2,8 @@
 
 Training minimises, by default, L_simple (Ho et al. 2020, arXiv:2006.11239, Eq. 14 / Algorithm 1):
 ``E_{x0, t, eps} || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2`` with t uniform in
-[0, T-1] (0-based) and eps ~ N(0, I); or L_hybrid / L_vlb with learned variances and importance-sampled timesteps
+[0, T-1] (0-based) and eps ~ N(0, I), or the same MSE on the x0 or v target (``objective``,
+:mod:`ddpm_lightning.objectives`); or L_hybrid / L_vlb with learned variances and importance-sampled timesteps
 (Nichol & Dhariwal 2021, arXiv:2102.09672; the maths in :mod:`ddpm_lightning.losses` and
 :mod:`ddpm_lightning.timestep_sampling`). Sampling delegates to :mod:`ddpm_lightning.samplers`.
 """
@@ -22,10 +23,11 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from ddpm_lightning.errors import NonFiniteLossError, NonFiniteWeightsError, check_int, invalid, is_number
-from ddpm_lightning.losses import Bound, check_loss, training_vb, variational_bound
+from ddpm_lightning.losses import Bound, check_loss, predict_x0, training_vb, variational_bound
 from ddpm_lightning.networks import as_eps_network, split_output
+from ddpm_lightning.objectives import check_objective, min_snr_weights, target, zero_terminal_snr
 from ddpm_lightning.samplers import DDPMSampler, SampleOutput, Sampler
-from ddpm_lightning.schedule import NoiseSchedule, check_variance
+from ddpm_lightning.schedule import NoiseSchedule, check_variance, extract
 from ddpm_lightning.timestep_sampling import make_timestep_sampler
 
 TIMESTEP_SAMPLER_KEY = "timestep_sampler"  #: the checkpoint entry holding the importance sampler's loss history
@@ -37,23 +39,6 @@ def derive_seed(*parts: int | str) -> int:
     """A 63-bit seed that is a pure function of ``parts`` (e.g. seed, global step, rank)."""
     digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-def min_snr_weights(alphas_cumprod: Tensor, t: Tensor, gamma: float) -> Tensor:
-    """Min-SNR-gamma weights of the eps-MSE (Hang et al. 2023, arXiv:2303.09556, Sec. 3.4):
-    ``w_t = min(SNR_t, gamma) / SNR_t``, ``SNR_t = abar_t / (1 - abar_t)``, computed in float64.
-
-    Args:
-        alphas_cumprod: ``(T,)`` float64 abar_t.
-        t: ``(N,)`` int64 timesteps in [0, T-1].
-        gamma: the clamp, > 0 (5 in the paper).
-
-    Returns:
-        ``(N,)`` float32 weights in (0, 1] on ``t``'s device.
-    """
-    abar = alphas_cumprod.to(t.device)[t]
-    snr = abar / (1.0 - abar)
-    return (snr.clamp(max=gamma) / snr).float()
 
 
 def first_non_finite(named: Any) -> str | None:
@@ -104,11 +89,12 @@ class DDPM(L.LightningModule):
         lr_scheduler: a callable ``optimizer -> LRScheduler`` (a Hydra ``_partial_`` target, e.g.
             ``conf/lr_scheduler/onecycle.yaml``) stepped after every optimizer step; None keeps the learning rate
             constant, as in the paper.
-        min_snr_gamma: None trains on L_simple (uniform weights). A number gamma weights each sample's eps-MSE by
-            ``min(SNR_t, gamma) / SNR_t`` with ``SNR_t = abar_t / (1 - abar_t)`` (Min-SNR-gamma, Hang et al. 2023,
-            arXiv:2303.09556, Sec. 3.4, eps-prediction form): the low-noise steps (SNR_t > gamma, t < ~120 for the
-            linear schedule at gamma = 5) get less weight. ``val/loss`` stays the unweighted L_simple.
-            With ``loss="hybrid"`` it weights the MSE term only.
+        min_snr_gamma: None trains on L_simple (uniform weights). A number gamma weights each sample's MSE by the
+            Min-SNR-gamma weight of the objective (Hang et al. 2023, arXiv:2303.09556, Sec. 3.4), with
+            ``SNR_t = abar_t / (1 - abar_t)``: eps ``min(SNR_t, gamma) / SNR_t``, x0 ``min(SNR_t, gamma)``, v
+            ``min(SNR_t, gamma) / (SNR_t + 1)`` (:func:`~ddpm_lightning.objectives.min_snr_weights`): for eps the
+            low-noise steps (SNR_t > gamma, t < ~120 for the linear schedule at gamma = 5) get less weight.
+            ``val/loss`` stays the unweighted MSE. With ``loss="hybrid"`` it weights the MSE term only.
         loss: ``"simple"`` (L_simple), ``"hybrid"`` (L_simple + ``vlb_weight`` L_vlb, the mean stop-gradiented in the
             VLB term: Nichol & Dhariwal 2021, Eq. 16; needs a network with ``learn_sigma``) or ``"vlb"`` (L_vlb alone).
             The VLB term of a sample is ``T * L_t`` in bits/dim (:func:`~ddpm_lightning.losses.training_vb`), the
@@ -118,6 +104,10 @@ class DDPM(L.LightningModule):
         timestep_sampler: ``"uniform"`` or ``"loss-second-moment"`` (importance sampling, Nichol & Dhariwal Sec. 3.3;
             :mod:`ddpm_lightning.timestep_sampling`), whose loss history is saved in checkpoints and, under DDP,
             updated with every rank's losses so that all ranks draw from the same distribution.
+        objective: what the network predicts: ``"eps"`` (Ho et al.), ``"x0"`` or ``"v"`` (Salimans & Ho 2022); the MSE
+            is on that target and every sampler and the bound convert the output with
+            :func:`~ddpm_lightning.objectives.predict`. A zero-terminal-SNR schedule
+            (``schedule.rescale_zero_terminal_snr``) needs ``v`` or ``x0``.
 
     Batches are ``(x0, y)`` or ``x0`` with x0 ``(N, C, H, W)`` float in [-1, 1] and y ``(N,)`` int64 labels
     (used only by a class-conditional network).
@@ -143,8 +133,10 @@ class DDPM(L.LightningModule):
         loss: str = "simple",
         vlb_weight: float = 0.001,
         timestep_sampler: str = "uniform",
+        objective: str = "eps",
     ) -> None:
         super().__init__()
+        self.objective = check_objective(objective, zero_terminal_snr(schedule.alphas_cumprod))
         if not is_number(label_dropout) or not 0 <= label_dropout < 1:
             raise invalid("label_dropout", label_dropout, "must be a number in [0, 1)")
         if min_snr_gamma is not None and (not is_number(min_snr_gamma) or not 0 < min_snr_gamma < math.inf):
@@ -173,13 +165,14 @@ class DDPM(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------------- model
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        """The network's output for int64 timesteps ``t`` in [0, T-1]: eps_theta(x_t, t), ``(N, C, H, W)``, or with
-        ``learn_sigma`` ``(N, 2C, H, W)``, eps then the variance output v (see :meth:`model_output`)."""
+        """The network's output for int64 timesteps ``t`` in [0, T-1]: the prediction of the objective (eps_theta(x_t,
+        t) by default), ``(N, C, H, W)``, or with ``learn_sigma`` ``(N, 2C, H, W)``, that then the variance output v
+        (see :meth:`model_output`)."""
         return self.net(x_t, t, y)
 
     def model_output(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """``(eps, v)``: the noise prediction, ``(N, C, H, W)``, and the raw variance output v like it (``learn_sigma``;
-        :func:`~ddpm_lightning.schedule.learned_log_variance`) or None."""
+        """``(out, v)``: the prediction of the objective (eps, x0 or v), ``(N, C, H, W)``, and the raw variance output v
+        like it (``learn_sigma``; :func:`~ddpm_lightning.schedule.learned_log_variance`) or None."""
         return split_output(self.net(x_t, t, y), x_t.shape[1])
 
     @staticmethod
@@ -189,18 +182,23 @@ class DDPM(L.LightningModule):
         return batch, None
 
     def _eps_loss(self, x0: Tensor, t: Tensor, noise: Tensor, y: Tensor | None = None) -> Tensor:
-        """Per-sample epsilon-MSE, ``(N,)`` float32."""
+        """Per-sample MSE of the objective's target (the eps-MSE for ``objective="eps"``), ``(N,)`` float32."""
         return self._losses(x0, t, noise, y, with_vb=False)[0]
 
     def _losses(self, x0: Tensor, t: Tensor, noise: Tensor, y: Tensor | None, with_vb: bool) -> tuple[Tensor, Tensor | None]:
-        """Per-sample ``(mse, vb)``, ``(N,)`` float32: the eps-MSE and, ``with_vb``, the VLB term of each sample's
-        timestep in bits/dim (:func:`~ddpm_lightning.losses.training_vb`; its mean detached for L_hybrid)."""
+        """Per-sample ``(mse, vb)``, ``(N,)`` float32: the MSE between the output and the objective's target
+        (:func:`~ddpm_lightning.objectives.target`) and, ``with_vb``, the VLB term of each sample's timestep in bits/dim
+        (:func:`~ddpm_lightning.losses.training_vb`; its mean detached for L_hybrid)."""
         x_t = self.schedule.q_sample(x0, t, noise)
-        eps, v = self.model_output(x_t, t, y if self.num_classes is not None else None)
-        mse = F.mse_loss(eps.float(), noise.float(), reduction="none").flatten(1).mean(1)
+        out, v = self.model_output(x_t, t, y if self.num_classes is not None else None)
+        alpha, sigma = (extract(b, t, x0) for b in (self.schedule.sqrt_alphas_cumprod,
+                                                    self.schedule.sqrt_one_minus_alphas_cumprod))
+        goal = target(self.objective, x0, noise, alpha, sigma)
+        mse = F.mse_loss(out.float(), goal.float(), reduction="none").flatten(1).mean(1)
         if not with_vb:
             return mse, None
-        return mse, training_vb(self.schedule, x0, x_t, t, eps, v, stop_grad_mean=self.loss == "hybrid")
+        x0_hat = predict_x0(self.schedule, x_t, t, out, self.objective)
+        return mse, training_vb(self.schedule, x0, x_t, t, x0_hat, v, stop_grad_mean=self.loss == "hybrid")
 
     # ------------------------------------------------------------------------------------------- training
     def training_step(self, batch: Tensor | tuple, batch_idx: int) -> Tensor:
@@ -214,7 +212,7 @@ class DDPM(L.LightningModule):
         mse, vb = self._losses(x0, t, noise, y, with_vb=self.loss != "simple")
         losses = mse
         if self.min_snr_gamma is not None:
-            losses = losses * min_snr_weights(self.schedule.alphas_cumprod, t, self.min_snr_gamma)
+            losses = losses * min_snr_weights(self.objective, self.schedule.alphas_cumprod, t, self.min_snr_gamma)
         T = self.schedule.num_timesteps
         if self.loss == "hybrid":
             losses = losses + self.vlb_weight * T * vb
@@ -380,6 +378,7 @@ class DDPM(L.LightningModule):
                 generator=generator,
                 trajectory_every=trajectory_every,
                 progress=progress,
+                objective=self.objective,
             )
 
     @torch.no_grad()
@@ -411,12 +410,13 @@ class DDPM(L.LightningModule):
         y = labels.to(self.device) if (labels is not None and self.num_classes is not None) else None
         with eval_mode(self.net):
             return variational_bound(lambda x, t: self.model_output(x, t, y), self.schedule, x0, variance=variance,
-                                     generator=generator, mask=mask, progress=progress)
+                                     generator=generator, mask=mask, progress=progress, objective=self.objective)
 
     def _guided_eps_fn(
         self, num_samples: int, class_labels: Tensor | None, guidance_scale: float
     ) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]]:
-        """The function the sampler calls, ``(eps, v)`` of x_t and t: plain, conditional, or classifier-free guided."""
+        """The function the sampler calls, ``(out, v)`` of x_t and t: plain, conditional, or classifier-free guided (the
+        guidance combination is on the output, which for x0 and v is the same as on eps: eps_hat is affine in it)."""
         check_conditioning(self.num_classes, class_labels, guidance_scale)
         channels = self.image_shape[0]
         if self.num_classes is None:

@@ -10,11 +10,19 @@
   ``sigma_t(eta) = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev)`` (Eq. 16);
   eta = 0 is deterministic, eta = 1 with every step is DDPM with ``fixed_small``.
 
+* :class:`DPMSolverSampler`: DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095, Algorithm 2, the multistep
+  second-order solver in data prediction, with the midpoint form of diffusers' ``DPMSolverMultistepScheduler``).
+
 Both walk a descending list of 0-based timesteps and finish at abar = 1 (the clean image). Every per-step
 coefficient is read from the float64 buffers of the schedule respaced to the visited steps (the full schedule
 itself when every step is visited), so the numbers that sample are the ones the schedule's golden tests pin;
 they are applied as Python floats, so a schedule whose abar underflows float32 (beta_end = 0.2) still samples
-with finite values. No Lightning or Hydra import here.
+with finite values.
+
+The network output ``eps_fn(x_t, t)`` is the prediction of the ``objective`` (``eps``, ``x0`` or ``v``) that the caller
+passes; it is turned into ``(x0_hat, eps_hat)`` by :func:`ddpm_lightning.objectives.predict`, the one conversion that
+training uses too, so the samplers work on a zero-terminal-SNR schedule (abar = 0 at the first step) with ``v`` or
+``x0``. No Lightning or Hydra import here.
 """
 
 from __future__ import annotations
@@ -27,11 +35,13 @@ import torch
 from torch import Tensor
 
 from ddpm_lightning.errors import invalid, is_int, is_number
+from ddpm_lightning.objectives import Prediction, check_objective, eps_from_x0, predict
 from ddpm_lightning.schedule import VARIANCES, NoiseSchedule, check_variance, learned_log_variance
 
 EpsFn = Callable[[Tensor, Tensor], "Tensor | tuple[Tensor, Tensor | None]"]
-"""``eps_fn(x_t, t) -> eps`` or ``(eps, v)``: x_t ``(N, C, H, W)``, t ``(N,)`` int64 in [0, T-1], eps shaped like x_t,
-v the raw variance output of a learned-sigma network (shaped like x_t) or None."""
+"""``eps_fn(x_t, t) -> out`` or ``(out, v)``: x_t ``(N, C, H, W)``, t ``(N,)`` int64 in [0, T-1], out shaped like x_t (the
+prediction of the sampler call's ``objective``: eps by default), v the raw variance output of a learned-sigma network
+(shaped like x_t) or None."""
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
@@ -108,9 +118,11 @@ def _per_step(schedule: NoiseSchedule, timesteps: list[int]) -> list[tuple[int, 
 class Sampler:
     """A reverse process: start from ``noise`` (x_T), step through :meth:`timesteps`, record the trajectory.
 
-    Subclasses define :meth:`timesteps`, ``_needs_noise`` and ``_step``; each step gets ``c``, the float64
-    buffers of the respaced schedule at that step (``c["alphas_cumprod"]`` is abar_t, ``c["alphas_cumprod_prev"]``
-    the abar of the next visited step, 1 after the last).
+    Subclasses define :meth:`timesteps`, ``_needs_noise`` and ``_step``; each step gets the prediction
+    ``(x0_hat, eps_hat)`` (x0_hat clipped to [-1, 1] and eps_hat re-derived from it when ``clip_denoised``), ``c``, the
+    float64 buffers of the respaced schedule at that step (``c["alphas_cumprod"]`` is abar_t,
+    ``c["alphas_cumprod_prev"]`` the abar of the next visited step, 1 after the last), and ``state``, a dict that lives
+    for one call (a multistep solver's history).
     """
 
     clip_denoised: bool
@@ -133,7 +145,8 @@ class Sampler:
         if getattr(self, "variance", None) is not None:
             check_variance(self.variance, learn_sigma)
 
-    def _step(self, x: Tensor, eps: Tensor, c: dict[str, float], z: Tensor | None, v: Tensor | None) -> Tensor:
+    def _step(self, x: Tensor, pred: Prediction, c: dict[str, float], z: Tensor | None, v: Tensor | None,
+              state: dict) -> Tensor:
         raise NotImplementedError  # pragma: no cover - abstract
 
     def _needs_noise(self, c: dict[str, float]) -> bool:
@@ -148,20 +161,26 @@ class Sampler:
         generator: torch.Generator | None = None,
         trajectory_every: int | None = None,
         progress: bool = False,
+        objective: str = "eps",
     ) -> SampleOutput:
         """Run the reverse process from ``noise``.
 
         Args:
-            eps_fn: the noise predictor, ``eps_fn(x_t, t)``; called in the caller's mode (use eval mode).
+            eps_fn: the network, ``eps_fn(x_t, t)`` (:data:`EpsFn`); called in the caller's mode (use eval mode).
             schedule: the training schedule (T steps).
             noise: x_T, ``(N, C, H, W)`` standard normal; its device and dtype are used throughout.
             generator: draws the per-step noise z (``torch.randn`` on ``noise.device``); None uses the global RNG.
             trajectory_every: record x_t every this many sampler steps (and the start and end); None records none.
             progress: show a tqdm bar over the steps.
+            objective: what ``eps_fn`` predicts: ``eps``, ``x0`` or ``v`` (:mod:`ddpm_lightning.objectives`).
 
         Returns:
             :class:`SampleOutput` with x0 in [-1, 1].
+
+        Raises:
+            ConfigError: naming ``trajectory_every`` or ``objective``.
         """
+        check_objective(objective)
         if trajectory_every is not None and (not isinstance(trajectory_every, int) or trajectory_every < 1):
             raise invalid("trajectory_every", trajectory_every, "must be a positive integer or null")
         steps = _per_step(schedule, self.timesteps(schedule.num_timesteps))
@@ -174,26 +193,31 @@ class Sampler:
             from tqdm.auto import tqdm
 
             iterator = tqdm(steps, desc=type(self).__name__, leave=False)
+        state: dict = {}
         for i, (t, c) in enumerate(iterator):
             t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
             out = eps_fn(x, t_batch)
-            eps, v = out if isinstance(out, tuple) else (out, None)
-            eps, v = eps.to(x.dtype), (v.to(x.dtype) if v is not None else None)
+            out, v = out if isinstance(out, tuple) else (out, None)
+            out, v = out.to(x.dtype), (v.to(x.dtype) if v is not None else None)
             z = None
             if self._needs_noise(c):
                 z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = self._step(x, eps, c, z, v)
+            x = self._step(x, self._predict(objective, out, x, c), c, z, v, state)
             last = i + 1 == len(steps)
             if trajectory_every is not None and ((i + 1) % trajectory_every == 0 or last):
                 trajectory.append((steps[i + 1][0] if not last else -1, x.detach().float().cpu()))
         return SampleOutput(x.clamp(-1.0, 1.0), trajectory)
 
-    def _predict_x0(self, x: Tensor, eps: Tensor, c: dict[str, float]) -> Tensor:
-        """Eq. 4 inverted, as :meth:`NoiseSchedule.predict_x0_from_eps`: ``x0 = x_t / sqrt(abar_t) -
-        sqrt(1 / abar_t - 1) eps``, clipped to [-1, 1] when ``clip_denoised``."""
-        x0 = c["sqrt_recip_alphas_cumprod"] * x - c["sqrt_recipm1_alphas_cumprod"] * eps
-        return x0.clamp(-1.0, 1.0) if self.clip_denoised else x0
-
+    def _predict(self, objective: str, out: Tensor, x: Tensor, c: dict[str, float]) -> Prediction:
+        """``(x0_hat, eps_hat)`` from the network output (:func:`~ddpm_lightning.objectives.predict`; for eps, Eq. 4
+        inverted: ``x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)``). With ``clip_denoised`` x0_hat is clipped to
+        [-1, 1] and eps_hat is the eps that the clipped x0_hat implies (Eq. 4)."""
+        alpha, sigma = c["sqrt_alphas_cumprod"], c["sqrt_one_minus_alphas_cumprod"]
+        pred = predict(objective, out, x, alpha, sigma)
+        if not self.clip_denoised:
+            return pred
+        x0 = pred.x0.clamp(-1.0, 1.0)
+        return Prediction(x0, eps_from_x0(x, x0, alpha, sigma))
 
 
 
@@ -205,9 +229,9 @@ class DDPMSampler(Sampler):
             ``"learned"``: ``log sigma_t^2 = frac log beta_t + (1 - frac) log beta-tilde_t``, ``frac = (v + 1) / 2``, from
             the network's variance output v (Nichol & Dhariwal 2021, Eq. 15), per pixel; respaced, beta_t and
             beta-tilde_t are the respaced schedule's (the kept steps' betas recomputed, Sec. 4).
-        clip_denoised: clip the predicted x0 to [-1, 1] and use the posterior mean of Eq. 7 (the paper's
-            released code does); False uses Algorithm 2's mean (Eq. 11)
-            ``(x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t)``.
+        clip_denoised: clip the predicted x0 to [-1, 1] before the posterior mean of Eq. 7 (the paper's released code
+            does); False uses the unclipped x0_hat, where the mean equals Algorithm 2's (Eq. 11)
+            ``(x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t)`` (and stays defined where alpha_t = 0).
         steps: None (all T steps) or S in [1, T] evenly strided steps, sampled with the respaced schedule's
             betas (:meth:`NoiseSchedule.respaced`).
 
@@ -233,11 +257,10 @@ class DDPMSampler(Sampler):
     def _needs_noise(self, c: dict[str, float]) -> bool:
         return c["alphas_cumprod_prev"] < 1.0  # not the last step (abar_{-1} = 1)
 
-    def _step(self, x: Tensor, eps: Tensor, c: dict[str, float], z: Tensor | None, v: Tensor | None) -> Tensor:
-        if self.clip_denoised:  # Eq. 7: mu~_t(x_t, x0_hat) = coef1_t x0_hat + coef2_t x_t
-            mean = c["posterior_mean_coef1"] * self._predict_x0(x, eps, c) + c["posterior_mean_coef2"] * x
-        else:  # Eq. 11: mu_theta = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t)
-            mean = (x - c["betas"] / c["sqrt_one_minus_alphas_cumprod"] * eps) / math.sqrt(c["alphas"])
+    def _step(self, x: Tensor, pred: Prediction, c: dict[str, float], z: Tensor | None, v: Tensor | None,
+              state: dict) -> Tensor:
+        # Eq. 7: mu~_t(x_t, x0_hat) = coef1_t x0_hat + coef2_t x_t (= Eq. 11 for the unclipped x0_hat of eps)
+        mean = c["posterior_mean_coef1"] * pred.x0 + c["posterior_mean_coef2"] * x
         if z is None:
             return mean
         if self.variance == "learned":
@@ -266,6 +289,9 @@ class DDIMSampler(Sampler):
         timestep_spacing: ``"leading"``, ``"trailing"`` or ``"linspace"`` (see :func:`ddim_timesteps`).
         clip_denoised: clip the predicted x0 to [-1, 1] and re-derive eps from the clipped x0.
 
+    On a zero-terminal-SNR schedule use ``timestep_spacing="trailing"`` (or ``linspace``), which starts at t = T-1
+    (Lin et al. 2023, Sec. 3.3): ``leading`` never visits T-1 and so starts from pure noise at a t where abar > 0.
+
     Raises:
         ConfigError (a ValueError): one line naming ``steps``, ``eta`` or ``timestep_spacing``.
     """
@@ -293,11 +319,10 @@ class DDIMSampler(Sampler):
     def _needs_noise(self, c: dict[str, float]) -> bool:
         return self.eta > 0 and c["alphas_cumprod_prev"] < 1.0
 
-    def _step(self, x: Tensor, eps: Tensor, c: dict[str, float], z: Tensor | None, v: Tensor | None) -> Tensor:
+    def _step(self, x: Tensor, pred: Prediction, c: dict[str, float], z: Tensor | None, v: Tensor | None,
+              state: dict) -> Tensor:
         abar_prev = c["alphas_cumprod_prev"]
-        x0 = self._predict_x0(x, eps, c)
-        if self.clip_denoised:  # the eps that the clipped x0 implies (Eq. 4)
-            eps = (x - c["sqrt_alphas_cumprod"] * x0) / c["sqrt_one_minus_alphas_cumprod"]
+        x0, eps = pred  # with clip_denoised: x0 clipped, eps the one it implies (Eq. 4)
         sigma = self.eta * math.sqrt(c["posterior_variance"])  # Eq. 16
         # Eq. 12: x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z
         x_prev = math.sqrt(abar_prev) * x0 + math.sqrt(max(1.0 - abar_prev - sigma**2, 0.0)) * eps
@@ -306,5 +331,82 @@ class DDIMSampler(Sampler):
     def __repr__(self) -> str:
         return (
             f"DDIMSampler(steps={self.steps}, eta={self.eta}, timestep_spacing={self.timestep_spacing!r}, "
+            f"clip_denoised={self.clip_denoised})"
+        )
+
+
+def _log_snr(abar: float) -> float:
+    """lambda = log(alpha / sigma) = log(abar / (1 - abar)) / 2 of a VP schedule: -inf at abar = 0, +inf at abar = 1."""
+    if abar <= 0.0:
+        return -math.inf
+    if abar >= 1.0:
+        return math.inf
+    return 0.5 * (math.log(abar) - math.log1p(-abar))
+
+
+class DPMSolverSampler(Sampler):
+    """DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095, Algorithm 2) in data prediction, over S of the T steps.
+
+    With ``alpha = sqrt(abar)``, ``sigma = sqrt(1 - abar)``, ``lambda = log(alpha / sigma)`` and ``h = lambda_next -
+    lambda_t``, a step from the visited timestep t to the next one (abar = 1, the clean image, after the last) is
+
+    * first order (DDIM with eta = 0): ``x_next = (sigma_next / sigma_t) x_t - alpha_next (exp(-h) - 1) x0_hat_t``;
+    * second order (multistep, from the previous step's x0_hat): ``D = x0_hat_t + (x0_hat_t - x0_hat_prev) / (2 r)``
+      with ``r = h_prev / h`` in place of x0_hat_t: the midpoint form of diffusers' ``DPMSolverMultistepScheduler``
+      (``solver_type="midpoint"``) and k-diffusion's ``sample_dpmpp_2m``.
+
+    The first step is first order (no history). The last step, into abar = 1 (sigma = 0, h = infinity), is first order
+    as well and returns x0_hat of the last visited step: diffusers' ``final_sigmas_type="zero"``, where its
+    ``lower_order_final`` is always in effect for this final step (at any S, not only below 15 steps). One network
+    evaluation per step, deterministic given x_T.
+
+    Args:
+        steps: S, an integer in [1, T].
+        order: 1 (DPM-Solver++(1), which is DDIM eta = 0 in closed form) or 2 (DPM-Solver++(2M)).
+        timestep_spacing: ``"trailing"`` (default: starts at T-1, as a zero-terminal-SNR schedule needs),
+            ``"leading"`` or ``"linspace"`` (see :func:`ddim_timesteps`).
+        clip_denoised: clip every x0_hat to [-1, 1] (the static thresholding of Lu et al. Sec. 4.2) before it enters
+            the update. diffusers' default (``thresholding=False``) is ``clip_denoised=False``.
+
+    Raises:
+        ConfigError (a ValueError): one line naming ``steps``, ``order`` or ``timestep_spacing``.
+    """
+
+    def __init__(self, steps: int = 20, order: int = 2, timestep_spacing: str = "trailing", clip_denoised: bool = True):
+        _check_steps(steps, None)
+        if not is_int(order) or order not in (1, 2):
+            raise invalid("order", order, "must be 1 or 2 (DPM-Solver++(2M) is order 2)")
+        if timestep_spacing not in TIMESTEP_SPACINGS:
+            raise invalid("timestep_spacing", timestep_spacing, f"must be one of {list(TIMESTEP_SPACINGS)}")
+        self.steps = steps
+        self.order = int(order)
+        self.timestep_spacing = timestep_spacing
+        self.clip_denoised = bool(clip_denoised)
+
+    def timesteps(self, num_timesteps: int) -> list[int]:
+        return ddim_timesteps(num_timesteps, self.steps, self.timestep_spacing)
+
+    def _needs_noise(self, c: dict[str, float]) -> bool:
+        return False
+
+    def _step(self, x: Tensor, pred: Prediction, c: dict[str, float], z: Tensor | None, v: Tensor | None,
+              state: dict) -> Tensor:
+        abar_next = c["alphas_cumprod_prev"]
+        lam, lam_next = _log_snr(c["alphas_cumprod"]), _log_snr(abar_next)
+        alpha_next, sigma_next = math.sqrt(abar_next), math.sqrt(max(1.0 - abar_next, 0.0))
+        h = lam_next - lam
+        x0 = pred.x0
+        data = x0
+        if self.order == 2 and "x0" in state and abar_next < 1.0:  # the last step (into abar = 1) stays first order
+            r = (lam - state["lambda"]) / h
+            data = x0 + (0.5 / r) * (x0 - state["x0"])
+        state["x0"], state["lambda"] = x0, lam
+        # sigma_next / sigma_t, with sigma_t = sqrt(1 - abar_t) > 0 at every t >= 0; -expm1(-h) = 1 - exp(-h)
+        ratio = sigma_next / c["sqrt_one_minus_alphas_cumprod"]
+        return ratio * x + (alpha_next * -math.expm1(-h)) * data
+
+    def __repr__(self) -> str:
+        return (
+            f"DPMSolverSampler(steps={self.steps}, order={self.order}, timestep_spacing={self.timestep_spacing!r}, "
             f"clip_denoised={self.clip_denoised})"
         )

@@ -6,6 +6,11 @@ Sources
   linear schedule (Sec. 4), q(x_t | x_0) (Eq. 4), the posterior q(x_{t-1} | x_t, x_0) (Eqs. 6-7).
 * Nichol & Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models", arXiv:2102.09672:
   the cosine schedule (Eq. 17, s = 0.008, betas clipped at 0.999).
+* Chen 2023, "On the Importance of Noise Scheduling for Diffusion Models", arXiv:2301.10972, Algorithm 1: the sigmoid
+  schedule, defined on abar (the form lucidrains' denoising-diffusion-pytorch ``sigmoid_beta_schedule`` uses, from
+  Jabri et al. 2022, arXiv:2212.11972), not GeoDiff's sigmoid in beta (Xu et al. 2022, arXiv:2203.02923).
+* Lin, Liu, Li & Yang 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", arXiv:2305.08891,
+  Algorithm 1: rescaling any schedule to zero terminal SNR (abar_{T-1} = 0).
 
 Conventions
 -----------
@@ -28,8 +33,8 @@ from torch import Tensor, nn
 
 from ddpm_lightning.errors import invalid, is_int, is_number
 
-ScheduleKind = Literal["linear", "cosine"]
-SCHEDULE_KINDS = ("linear", "cosine")
+ScheduleKind = Literal["linear", "cosine", "sigmoid"]
+SCHEDULE_KINDS = ("linear", "cosine", "sigmoid")
 
 
 def linear_betas(timesteps: int, beta_start: float, beta_end: float) -> Tensor:
@@ -52,13 +57,55 @@ def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> T
     return (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
 
 
+def sigmoid_betas(timesteps: int, start: float = -3.0, end: float = 3.0, tau: float = 1.0,
+                  max_beta: float = 0.999) -> Tensor:
+    """Sigmoid schedule in abar (Chen 2023, arXiv:2301.10972, Algorithm 1, ``sigmoid_schedule``; lucidrains'
+    ``sigmoid_beta_schedule`` with its defaults start = -3, end = 3, tau = 1).
+
+    ``abar(t) = (sigmoid(end / tau) - sigmoid((t / T (end - start) + start) / tau)) / (sigmoid(end / tau) -
+    sigmoid(start / tau))`` for t in [0, T], so abar(0) = 1 and abar(T) = 0; ``beta_t = min(1 - abar(t+1) / abar(t),
+    max_beta)`` for t in [0, T-1] (the clip keeps abar_{T-1} > 0). Returns float64 ``(timesteps,)``.
+    """
+    t = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    v_start, v_end = (torch.tensor(v / tau, dtype=torch.float64).sigmoid() for v in (start, end))
+    abar = (v_end - ((t * (end - start) + start) / tau).sigmoid()) / (v_end - v_start)
+    return (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
+
+
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Rescale a schedule so that abar_{T-1} = 0 exactly (Lin et al. 2023, arXiv:2305.08891, Algorithm 1).
+
+    ``sqrt(abar)`` is shifted so that its last value is 0 and scaled so that its first value is unchanged:
+    ``s'_t = (s_t - s_{T-1}) s_0 / (s_0 - s_{T-1})`` with ``s_t = sqrt(abar_t)``; then ``abar'_t = s'_t^2``,
+    ``alpha'_0 = abar'_0``, ``alpha'_t = abar'_t / abar'_{t-1}`` and ``beta' = 1 - alpha'`` (so beta'_{T-1} = 1).
+    In float64; ``betas`` ``(T,)`` with T >= 2. Returns float64 ``(T,)`` in (0, 1].
+    """
+    sqrt_abar = torch.cumprod(1.0 - betas.double(), dim=0).sqrt()
+    first, last = sqrt_abar[0].clone(), sqrt_abar[-1].clone()
+    sqrt_abar = (sqrt_abar - last) * first / (first - last)
+    abar = sqrt_abar**2
+    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    return 1.0 - alphas
+
+
 def _check(ok: bool, key: str, value: object, allowed: str) -> None:
     if not ok:
         raise invalid(key, value, allowed)
 
 
-def _checked_betas(kind: str, timesteps: int, beta_start: float, beta_end: float, cosine_s: float, max_beta: float):
+def _checked_betas(kind: str, timesteps: int, beta_start: float, beta_end: float, cosine_s: float, max_beta: float,
+                   sigmoid_start: float, sigmoid_end: float, sigmoid_tau: float, rescale: object) -> Tensor:
     """Validate the parameters of :class:`NoiseSchedule` (which holds their defaults) and return its betas."""
+    _check(isinstance(rescale, bool), "rescale_zero_terminal_snr", rescale, "must be true or false")
+    betas = _kind_betas(kind, timesteps, beta_start, beta_end, cosine_s, max_beta, sigmoid_start, sigmoid_end, sigmoid_tau)
+    if not rescale:
+        return betas
+    _check(timesteps >= 2, "rescale_zero_terminal_snr", rescale, "needs timesteps >= 2")
+    return rescale_zero_terminal_snr(betas)
+
+
+def _kind_betas(kind: str, timesteps: int, beta_start: float, beta_end: float, cosine_s: float, max_beta: float,
+                sigmoid_start: float, sigmoid_end: float, sigmoid_tau: float) -> Tensor:
     _check(kind in SCHEDULE_KINDS, "kind", kind, f"must be one of {list(SCHEDULE_KINDS)}")
     _check(
         is_int(timesteps) and timesteps >= 1,
@@ -71,9 +118,15 @@ def _checked_betas(kind: str, timesteps: int, beta_start: float, beta_end: float
         _check(is_number(beta_end) and 0 < beta_end < 1, "beta_end", beta_end, "must be in (0, 1)")
         _check(beta_start <= beta_end, "beta_start", beta_start, f"must be <= beta_end={beta_end!r}")
         return linear_betas(timesteps, beta_start, beta_end)
-    _check(is_number(cosine_s) and 0 < cosine_s < float("inf"), "cosine_s", cosine_s, "must be a number > 0")
     _check(is_number(max_beta) and 0 < max_beta < 1, "max_beta", max_beta, "must be in (0, 1)")
-    return cosine_betas(timesteps, cosine_s, max_beta)
+    if kind == "cosine":
+        _check(is_number(cosine_s) and 0 < cosine_s < float("inf"), "cosine_s", cosine_s, "must be a number > 0")
+        return cosine_betas(timesteps, cosine_s, max_beta)
+    for key, value in (("sigmoid_start", sigmoid_start), ("sigmoid_end", sigmoid_end)):
+        _check(is_number(value) and math.isfinite(value), key, value, "must be a finite number")
+    _check(sigmoid_start < sigmoid_end, "sigmoid_start", sigmoid_start, f"must be < sigmoid_end={sigmoid_end!r}")
+    _check(is_number(sigmoid_tau) and 0 < sigmoid_tau < float("inf"), "sigmoid_tau", sigmoid_tau, "must be a number > 0")
+    return sigmoid_betas(timesteps, sigmoid_start, sigmoid_end, sigmoid_tau, max_beta)
 
 
 def make_betas(*args, **kwargs) -> Tensor:
@@ -169,10 +222,15 @@ class NoiseSchedule(nn.Module):
         ``posterior_mean_coef2`` (coefficient of x_t in Eq. 7; exactly 0 at t = 0).
 
     Args:
-        kind: ``"linear"`` (Ho et al. 2020) or ``"cosine"`` (Nichol & Dhariwal 2021).
+        kind: ``"linear"`` (Ho et al. 2020), ``"cosine"`` (Nichol & Dhariwal 2021) or ``"sigmoid"`` (Chen 2023,
+            in abar: :func:`sigmoid_betas`).
         timesteps: T, an integer >= 1.
         beta_start, beta_end: endpoints of the linear schedule, 0 < beta_start <= beta_end < 1.
-        cosine_s, max_beta: offset and beta clip of the cosine schedule.
+        cosine_s: offset of the cosine schedule; max_beta: the beta clip of the cosine and sigmoid schedules.
+        sigmoid_start, sigmoid_end, sigmoid_tau: the sigmoid schedule's input range (start < end) and temperature.
+        rescale_zero_terminal_snr: rescale the betas so that abar_{T-1} = 0 (Lin et al. 2023, Algorithm 1:
+            :func:`rescale_zero_terminal_snr`); then ``sqrt_recip_alphas_cumprod`` is infinite at T-1 and only the
+            ``v`` and ``x0`` objectives can be trained (:func:`~ddpm_lightning.objectives.check_objective`).
 
     Raises:
         ConfigError (a ValueError): one line naming the parameter (``beta_end``, ...), the value and
@@ -187,9 +245,14 @@ class NoiseSchedule(nn.Module):
         beta_end: float = 0.02,
         cosine_s: float = 0.008,
         max_beta: float = 0.999,
+        sigmoid_start: float = -3.0,
+        sigmoid_end: float = 3.0,
+        sigmoid_tau: float = 1.0,
+        rescale_zero_terminal_snr: bool = False,
     ) -> None:
         super().__init__()
-        betas = _checked_betas(kind, timesteps, beta_start, beta_end, cosine_s, max_beta)
+        betas = _checked_betas(kind, timesteps, beta_start, beta_end, cosine_s, max_beta, sigmoid_start, sigmoid_end,
+                               sigmoid_tau, rescale_zero_terminal_snr)
         self.kind = kind
         self.config = dict(
             kind=kind,
@@ -198,13 +261,26 @@ class NoiseSchedule(nn.Module):
             beta_end=float(beta_end),
             cosine_s=float(cosine_s),
             max_beta=float(max_beta),
+            sigmoid_start=float(sigmoid_start),
+            sigmoid_end=float(sigmoid_end),
+            sigmoid_tau=float(sigmoid_tau),
+            rescale_zero_terminal_snr=bool(rescale_zero_terminal_snr),
         )
         alphas = 1.0 - betas
         self._register(_derived_buffers(betas, alphas, torch.cumprod(alphas, dim=0)))
 
     def _register(self, buffers: dict[str, Tensor]) -> None:
+        # Not persistent: every buffer is a function of ``config``, so checkpoints need not hold them (and a
+        # zero-terminal-SNR schedule's sqrt_recip_alphas_cumprod is infinite at T-1, which no checkpoint may hold).
         for name, value in buffers.items():
-            self.register_buffer(name, value)
+            self.register_buffer(name, value, persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """Drop the copies of the buffers that checkpoints written before they became non-persistent hold: the
+        schedule is rebuilt from its config, so they are redundant (and loading them would change nothing)."""
+        for name in list(self._buffers):
+            state_dict.pop(prefix + name, None)
 
     betas: Tensor
     alphas: Tensor

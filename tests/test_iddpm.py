@@ -70,7 +70,7 @@ def _reference_vb(model: DDPM, x0, t, noise, stop_grad: bool) -> tuple[torch.Ten
     out = model.net(x_t, t)
     eps, v = out[:, :1], out[:, 1:]
     mse = ((eps - noise) ** 2).flatten(1).mean(1)
-    mean = model_mean(model.schedule, x_t, t, eps.detach() if stop_grad else eps)
+    mean = model_mean(model.schedule, x_t, t, model.schedule.predict_x0_from_eps(x_t, t, eps.detach() if stop_grad else eps))
     px = vb_terms(model.schedule, x0, x_t, t, mean, model_log_variance(model.schedule, t, x_t, "learned", v))
     return mse, px.flatten(1).sum(1) / (1024 * math.log(2))
 

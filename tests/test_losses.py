@@ -147,7 +147,7 @@ def test_vb_terms_match_the_papers_formulas_at_every_kind_of_step(variance):
     x_t = schedule.q_sample(x0, t, eps_true)
     eps = eps_true + 0.3 * torch.randn(x0.shape, generator=g, dtype=torch.float64)  # an imperfect prediction
     v = torch.rand(x0.shape, generator=g, dtype=torch.float64) * 2.4 - 1.2  # also outside [-1, 1]
-    mean = model_mean(schedule, x_t, t, eps, clip_denoised=True)
+    mean = model_mean(schedule, x_t, t, schedule.predict_x0_from_eps(x_t, t, eps), clip_denoised=True)
     log_var = model_log_variance(schedule, t, x_t, variance, v)
     got = vb_terms(schedule, x0, x_t, t, mean, log_var)
     for i in range(5):
@@ -173,7 +173,7 @@ def test_perfect_eps_gives_zero_kl_and_the_decoder_of_its_variance():
 
     t = torch.tensor([1, 10, 30, 49])
     x_t = schedule.q_sample(x0, t, noise)
-    mean = model_mean(schedule, x_t, t, oracle(x_t, t)[0])
+    mean = model_mean(schedule, x_t, t, schedule.predict_x0_from_eps(x_t, t, oracle(x_t, t)[0]))
     kl = vb_terms(schedule, x0, x_t, t, mean, model_log_variance(schedule, t, x_t, "fixed_small"))
     assert float(kl.abs().max()) < 1e-9
     bound = variational_bound(oracle, schedule, x0.float().double(), generator=torch.Generator().manual_seed(2))
@@ -247,12 +247,12 @@ def test_training_vb_stops_the_gradient_of_the_mean_for_hybrid():
     for stop in (True, False):
         eps = torch.randn_like(x0, requires_grad=True)
         v = torch.zeros_like(x0, requires_grad=True)
-        vb = training_vb(schedule, x0, x_t, t, eps, v, stop_grad_mean=stop)
+        vb = training_vb(schedule, x0, x_t, t, schedule.predict_x0_from_eps(x_t, t, eps), v, stop_grad_mean=stop)
         assert vb.shape == (2,) and vb.dtype == torch.float32
         vb.sum().backward()
         assert (eps.grad is None or float(eps.grad.abs().sum()) == 0.0) == stop
         assert float(v.grad.abs().sum()) > 0
-    mean = model_mean(schedule, x_t, t, eps.detach())
+    mean = model_mean(schedule, x_t, t, schedule.predict_x0_from_eps(x_t, t, eps.detach()))
     log_var = model_log_variance(schedule, t, x_t, "learned", torch.zeros_like(x0))
     expected = vb_terms(schedule, x0, x_t, t, mean, log_var).flatten(1).sum(1)
     torch.testing.assert_close(vb.detach().double(), expected / (16 * math.log(2)), rtol=1e-6, atol=1e-9)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ddpm_lightning.errors import ConfigError
-from ddpm_lightning.module import DDPM, derive_seed, min_snr_weights
+from ddpm_lightning.module import DDPM, derive_seed
+from ddpm_lightning.objectives import min_snr_weights
 from ddpm_lightning.networks import ADMUNetEps, DiffUNetEps
 from ddpm_lightning.samplers import DDIMSampler
 from ddpm_lightning.schedule import NoiseSchedule
@@ -73,7 +74,7 @@ def test_min_snr_weights_golden_values():
     Golden values from the linear schedule written out in float64 by hand."""
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
     abar = torch.cumprod(1 - betas, 0)
-    w = min_snr_weights(NoiseSchedule(timesteps=1000).alphas_cumprod, torch.tensor([0, 1, 500, 999]), 5.0)
+    w = min_snr_weights("eps", NoiseSchedule(timesteps=1000).alphas_cumprod, torch.tensor([0, 1, 500, 999]), 5.0)
     assert w.dtype == torch.float32
     # t=0: abar = 1 - 1e-4, SNR = 9999 -> w = 5 / 9999; t=1: abar = (1 - 1e-4)(1 - beta_1)
     b1 = 1e-4 + (0.02 - 1e-4) / 999
@@ -82,7 +83,7 @@ def test_min_snr_weights_golden_values():
     torch.testing.assert_close(w, torch.tensor(expected, dtype=torch.float32), rtol=1e-6, atol=0)
     # exactly 1 where SNR <= gamma, < 1 where SNR > gamma
     snr = abar / (1 - abar)
-    w_all = min_snr_weights(abar, torch.arange(1000), 5.0)
+    w_all = min_snr_weights("eps", abar, torch.arange(1000), 5.0)
     assert bool((w_all[snr <= 5] == 1).all()) and bool((w_all[snr > 5] < 1).all()) and int((snr > 5).sum()) > 50
 
 
@@ -97,7 +98,7 @@ def test_training_step_with_min_snr_gamma_weights_each_sample():
     t = torch.randint(0, 1000, (6,))
     eps = torch.randn_like(x0)
     per_sample = plain._eps_loss(x0, t, eps)
-    w = min_snr_weights(plain.schedule.alphas_cumprod, t, 5.0)
+    w = min_snr_weights("eps", plain.schedule.alphas_cumprod, t, 5.0)
     torch.testing.assert_close(weighted.training_step(batch, 0), (w * per_sample).mean(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(plain.training_step(batch, 0), per_sample.mean(), rtol=1e-5, atol=1e-7)
 
