@@ -323,7 +323,7 @@ def check_group_choices(
     overrides: list[str], config_dir: str | Path, exclude: Mapping[str, Iterable[str]] | None = None
 ) -> None:
     """Check ``group=option`` command-line overrides against the files in ``conf/<group>/``, so that a typo such as
-    ``sampler=dim`` is one line (``sampler='dim' is invalid: must be one of ['ddim', 'ddpm']``) rather than Hydra's
+    ``sampler=dim`` is one line (``sampler='dim' is invalid: must be one of ['ddim', 'ddpm', 'dpmpp']``) rather than Hydra's
     multi-line search-path report. Sweep lists (``model=a,b``) are checked item by item; Hydra's own groups
     (``hydra/...``), sweep functions (``choice(...)``) and ``null`` are left to Hydra. ``exclude`` names options that
     exist but that this command does not take (``{"sampler": ["checkpoint"]}`` for ``ddpm-train``).

@@ -45,6 +45,13 @@ TRAIN_BAD_INPUTS: list[tuple[list[str], str]] = [
     (["sampler=ddim", "sampler.steps=1001"], "sampler.steps=1001 is invalid"),
     (["sampler=ddim", "sampler.eta=-1"], "sampler.eta=-1 is invalid"),
     (["sampler=ddim", "sampler.timestep_spacing=even"], "sampler.timestep_spacing='even' is invalid"),
+    (["sampler=dpmpp", "sampler.order=3"], "sampler.order=3 is invalid: must be 1 or 2"),
+    (["sampler=dpmpp", "sampler.steps=0"], "sampler.steps=0 is invalid: must be a positive integer"),
+    (["schedule=sigmoid", "schedule.sigmoid_tau=0"], "schedule.sigmoid_tau=0 is invalid: must be a number > 0"),
+    (["schedule=sigmoid", "schedule.sigmoid_start=5"], "schedule.sigmoid_start=5 is invalid: must be < sigmoid_end=3.0"),
+    (["schedule.rescale_zero_terminal_snr=maybe"], "schedule.rescale_zero_terminal_snr='maybe' is invalid: must be true or false"),
+    (["schedule.rescale_zero_terminal_snr=true"], "diffusion.objective='eps' is invalid: schedule.rescale_zero_terminal_snr=true needs"),
+    (["diffusion.objective=noise"], "diffusion.objective='noise' is invalid: must be one of ['eps', 'x0', 'v']"),
     (["callbacks.samples.sampler.steps=2000"], "callbacks.samples.sampler.steps=2000 is invalid"),
     (["callbacks.samples.num_samples=0"], "callbacks.samples.num_samples=0 is invalid"),
     (["+callbacks.fid.sampler.eta=-1"], "callbacks.fid.sampler.eta=-1 is invalid: must be a finite number >= 0"),
@@ -125,8 +132,8 @@ def test_cli_prints_the_line_and_exits_2_without_traceback(fake_mnist_root, tmp_
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["sampler=dim"], "sampler='dim' is invalid: must be one of ['ddim', 'ddpm']"),
-        (["schedule=quadratic"], "schedule='quadratic' is invalid: must be one of ['cosine', 'linear']"),
+        (["sampler=dim"], "sampler='dim' is invalid: must be one of ['ddim', 'ddpm', 'dpmpp']"),
+        (["schedule=quadratic"], "schedule='quadratic' is invalid: must be one of ['cosine', 'linear', 'sigmoid']"),
         (["-m", "model=adm_tiny,adm_smal"], "model='adm_smal' is invalid: must be one of ['adm_fast', 'adm_small', 'adm_tiny', 'diffunet']"),
         (["experiment=mnist_gpu"], "experiment='mnist_gpu' is invalid: must be one of ["),
     ],
@@ -138,7 +145,7 @@ def test_an_unknown_group_option_is_one_line(args, message):
 
 
 def test_the_checkpoint_sampler_is_offered_to_ddpm_sample_but_refused_by_ddpm_train(tiny_train_overrides):
-    with pytest.raises(ConfigError, match=r"must be one of \['checkpoint', 'ddim', 'ddpm'\]"):
+    with pytest.raises(ConfigError, match=r"must be one of \['checkpoint', 'ddim', 'ddpm', 'dpmpp'\]"):
         check_group_choices(["sampler=dim"], CONF_DIR)
     with pytest.raises(ConfigError, match=r"^sampler='checkpoint' is invalid: only ddpm-sample and ddpm-evaluate"):
         train(compose_train([*tiny_train_overrides, "sampler=checkpoint"]))
@@ -210,7 +217,7 @@ def test_known_group_options_and_other_overrides_pass_the_group_check():
 def test_cli_unknown_group_option_exits_2_before_hydra(tmp_path):
     proc = run_train_cli(["sampler=dim"], cwd=tmp_path, timeout=60)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: sampler='dim' is invalid: must be one of ['ddim', 'ddpm']"
+    assert proc.stderr.strip() == "error: sampler='dim' is invalid: must be one of ['ddim', 'ddpm', 'dpmpp']"
     assert not (tmp_path / "outputs").exists()
 
 
@@ -245,6 +252,8 @@ def _resume(trained_run: Path, tmp_path: Path, *overrides: str):
         ("schedule.timesteps=500", "schedule.timesteps=1000 in the checkpoint, 500 in the config"),
         ("model.model_channels=16", "model.model_channels=32 in the checkpoint, 16 in the config"),
         ("model=adm_small", "model.attn_resolutions=[] in the checkpoint, [8] in the config"),
+        ("diffusion.objective=v", "diffusion.objective='eps' in the checkpoint, 'v' in the config"),
+        ("schedule=sigmoid", "schedule.kind='linear' in the checkpoint, 'sigmoid' in the config"),
     ],
 )
 def test_resume_with_a_different_network_or_schedule_says_which_differs(trained_run, tmp_path, override, message):
