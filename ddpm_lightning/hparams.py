@@ -19,6 +19,9 @@ from typing import Any
 
 #: The metric columns of the HParams table: ``hp/<name>`` <- the run's figure of that name.
 HP_METRICS = ("val_loss", "fid", "fid_floor", "confident_fraction", "normalised_entropy", "inception_score", "bpd")
+#: The figures of the end-of-run evaluation (``ddpm-evaluate``'s metrics.json names) that a run reports.
+EVAL_METRICS = ("fid", "fid_floor", "confident_fraction", "normalised_entropy", "inception_score", "label_accuracy",
+                "bpd", "bpd_stderr", "bpd_all_pixels")
 #: Config nodes whose leaves are hyperparameters.
 HPARAM_GROUPS = ("schedule", "diffusion", "model", "optimizer", "lr_scheduler", "sampler")
 #: Single keys that are hyperparameters too.
@@ -130,12 +133,19 @@ def final_metrics(callback_metrics: Mapping[str, float], evaluation: Mapping[str
     put("hp/fid", callback_metrics.get("val/fid"))
     put("hp/bpd", callback_metrics.get("val/bpd"))
     if evaluation:
-        for name in ("fid", "fid_floor", "confident_fraction", "normalised_entropy", "inception_score",
-                     "label_accuracy", "bpd", "bpd_stderr", "bpd_all_pixels"):
+        for name in EVAL_METRICS:
             put(f"eval/{name}", evaluation.get(name))
             if name in HP_METRICS:
                 put(f"hp/{name}", evaluation.get(name))
     return out
+
+
+def evaluation_metrics(evaluation: Mapping[str, Any] | None) -> dict[str, float]:
+    """The :data:`EVAL_METRICS` figures of an end-of-run evaluation that are numbers (``{"fid": 12.5, ...}``;
+    non-finite ones included, None left out), under their metrics.json names: ``ddpm-train`` adds them to its
+    ``metrics``, next to ``val/loss``, for ``optimized_metric``."""
+    return {name: float(v) for name in EVAL_METRICS if isinstance(v := (evaluation or {}).get(name), (int, float))
+            and not isinstance(v, bool)}
 
 
 def log_final_metrics(writer: Any, values: Mapping[str, float], step: int) -> None:

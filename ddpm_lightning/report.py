@@ -20,6 +20,11 @@ Input: the directory written by ``ddpm-train -m schedule.beta_end=0.02,0.1,0.2 .
   ``inception_score``, ``normalised_entropy``, ``confident_fraction``, ...) are reported, and its
   ``classifier_sha256`` (the classifier the FID was measured with) is named under the table.
 
+An Optuna search (``ddpm-train -m hparams_search=beta_optuna``) writes the same job folders, plus ``optuna.db`` and
+``optimization_results.yaml`` (``best_params``: ``{key: value}``, ``best_value``): when that file exists, the job
+whose overrides hold the best parameters is marked ``optuna`` in the ``best`` column and named under the table with
+its parameters, its value and the jobs' ``optimized_metric`` (from ``<job>/.hydra/config.yaml``).
+
 Outputs in ``--out`` (default: the sweep directory):
 
 * ``report.md``: a markdown table, one row per job: ``job``, the swept parameters, ``status``, ``step``,
@@ -27,8 +32,8 @@ Outputs in ``--out`` (default: the sweep directory):
   ``train/loss``, ``fid`` (when any job has one), the bound in bits/dim over the 784 real pixels, its standard error
   and over all 1024 pixels (``bpd``, ``bpd_stderr``, ``bpd_all_pixels`` of ``ddpm-evaluate nll=true``, or the last
   ``val/bpd``; when any job has one), and ``best`` (``**best**`` on the job with the lowest
-  ``fid`` when any job has a FID, else the lowest ``val/loss``). The overrides shared by all jobs are listed
-  under the table.
+  ``fid`` when any job has a FID, else the lowest ``val/loss``; ``optuna`` on Optuna's best trial). The overrides
+  shared by all jobs are listed under the table.
 * ``report.csv``: the same rows with every column: ``job``, every override key (swept ones first),
   ``status``, ``step``, ``epoch``, the TensorBoard scalars under their tag names, every ``metrics.json`` key,
   ``classifier_sha256`` and ``best`` (1 or 0). Missing values are empty cells; floats are written with full precision.
@@ -104,6 +109,41 @@ def read_overrides(job: Path) -> dict[str, str]:
         key, _, value = str(item).partition("=")
         out[key.lstrip("+")] = value
     return out
+
+
+#: Written into the sweep folder by hydra-optuna-sweeper at the end of a search.
+OPTUNA_RESULTS = "optimization_results.yaml"
+
+
+def _same(text: Any, value: Any) -> bool:
+    """An override's text is the value Optuna proposed (numbers compared as numbers, to 12 digits)."""
+    a, b = _number(text), _number(value)
+    return math.isclose(a, b, rel_tol=1e-12) if a is not None and b is not None else str(text) == str(value)
+
+
+def read_optuna(sweep: Path, jobs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The sweep's ``optimization_results.yaml`` (None when absent, unreadable or not a single-objective result):
+    ``{"best_params", "best_value", "job"}``, ``job`` being the last job whose overrides hold every best parameter
+    (None when no job folder does), and ``metric``: that job's (else the first job's) ``optimized_metric``."""
+    try:
+        data = yaml.safe_load((Path(sweep) / OPTUNA_RESULTS).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("best_params"), dict):
+        return None
+    params = data["best_params"]
+    matches = [j["job"] for j in jobs if all(_same(j["overrides"].get(k), v) for k, v in params.items())]
+    job = matches[-1] if matches else None
+    metric = None
+    for name in [job, jobs[0]["job"]] if job is not None else [jobs[0]["job"]]:
+        try:
+            config = yaml.safe_load((Path(sweep) / name / ".hydra" / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(config, dict) and config.get("optimized_metric") is not None:
+            metric = str(config["optimized_metric"])
+            break
+    return {"best_params": params, "best_value": _number(data.get("best_value")), "job": job, "metric": metric}
 
 
 def read_scalars(folder: Path, tags: list[str] | None = None) -> dict[str, tuple[int, float]]:
@@ -255,8 +295,10 @@ def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def markdown_table(jobs: list[dict[str, Any]], swept: list[str], best: str | None, rank_metric: str) -> str:
-    """The ``report.md`` text: the table, then the overrides shared by all jobs and the ranking metric."""
+def markdown_table(jobs: list[dict[str, Any]], swept: list[str], best: str | None, rank_metric: str,
+                   optuna: dict[str, Any] | None = None) -> str:
+    """The ``report.md`` text: the table, then the ranking metric, Optuna's best trial (``optuna``: see
+    :func:`read_optuna`) and the overrides shared by all jobs."""
     has_fid = any(metric_value(j, "fid") is not None for j in jobs)
     tags = ["val/loss", "val/loss_q0", "val/loss_q1", "val/loss_q2", "val/loss_q3", "train/loss_epoch"]
     header = ["job", *swept, "status", "step", "epoch", *[SHORT.get(t, t) for t in tags]]
@@ -274,11 +316,18 @@ def markdown_table(jobs: list[dict[str, Any]], swept: list[str], best: str | Non
             row.append(_fmt(j["metrics"].get("fid")))
         if has_bpd:
             row += [_fmt(j["metrics"].get(k)) for k in ("bpd", "bpd_stderr", "bpd_all_pixels")]
-        row.append("**best**" if j["job"] == best else "")
+        optuna_best = optuna is not None and j["job"] == optuna["job"]
+        row.append(", ".join(["**best**"] * (j["job"] == best) + ["optuna"] * optuna_best))
         lines.append("| " + " | ".join(_md_cell(c) for c in row) + " |")
     fixed = {k: v for k, v in jobs[0]["overrides"].items() if k not in swept}
     lines.append("")
     lines.append(f"best: lowest {rank_metric}" + (f" (job {best})" if best is not None else " (no job has one)"))
+    if optuna is not None:
+        where = f"job {optuna['job']} (marked optuna)" if optuna["job"] is not None else "no job folder with these parameters"
+        params = ", ".join(f"`{k}={v}`" for k, v in optuna["best_params"].items())
+        lines.append("")
+        lines.append(f"Optuna's best trial ({OPTUNA_RESULTS}): {where}, {optuna['metric'] or 'value'}="
+                     f"{_fmt(optuna['best_value'])} with {params}")
     classifiers: dict[str, list[str]] = {}
     for j in jobs:
         if j.get("classifier"):
@@ -376,7 +425,8 @@ def plot_metric(path: Path, jobs: list[dict[str, Any]], swept: list[str], metric
 def report(sweep: Path, out: Path | None = None, metrics: list[str] | None = None, log_x: str = "auto") -> dict:
     """Read the sweep, write ``report.md``, ``report.csv`` and the PNGs into ``out`` (default ``sweep``).
 
-    Returns ``{"jobs", "swept", "best", "rank_metric", "markdown", "md", "csv", "plots"}``."""
+    Returns ``{"jobs", "swept", "best", "rank_metric", "optuna", "markdown", "md", "csv", "plots"}`` (``optuna``:
+    :func:`read_optuna`, None for a sweep without ``optimization_results.yaml``)."""
     sweep = Path(sweep)
     job_dirs = find_jobs(sweep)
     out = Path(out) if out is not None else sweep
@@ -384,7 +434,8 @@ def report(sweep: Path, out: Path | None = None, metrics: list[str] | None = Non
     jobs = [read_job(d) for d in job_dirs]
     swept = swept_keys(jobs)
     best, rank_metric = best_job(jobs)
-    text = markdown_table(jobs, swept, best, rank_metric)
+    optuna = read_optuna(sweep, jobs)
+    text = markdown_table(jobs, swept, best, rank_metric, optuna)
     (out / "report.md").write_text(f"# Sweep report: {sweep}\n\n" + text)
     write_csv(out / "report.csv", jobs, swept, best)
     if metrics is None:
@@ -400,6 +451,7 @@ def report(sweep: Path, out: Path | None = None, metrics: list[str] | None = Non
         "swept": swept,
         "best": best,
         "rank_metric": rank_metric,
+        "optuna": optuna,
         "markdown": text,
         "md": out / "report.md",
         "csv": out / "report.csv",

@@ -13,7 +13,7 @@
 * :class:`DPMSolverSampler`: DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095, Algorithm 2, the multistep
   second-order solver in data prediction, with the midpoint form of diffusers' ``DPMSolverMultistepScheduler``).
 
-Both walk a descending list of 0-based timesteps and finish at abar = 1 (the clean image). Every per-step
+All three walk a descending list of 0-based timesteps and finish at abar = 1 (the clean image). Every per-step
 coefficient is read from the float64 buffers of the schedule respaced to the visited steps (the full schedule
 itself when every step is visited), so the numbers that sample are the ones the schedule's golden tests pin;
 they are applied as Python floats, so a schedule whose abar underflows float32 (beta_end = 0.2) still samples

@@ -26,10 +26,11 @@ from ddpm_lightning.checkpoint import checkpoint_file, load_checkpoint, resume_m
 from ddpm_lightning.config import (FROM_CHECKPOINT, EvaluateConfig, EvaluateOptions, at_key, build, compose_config,
                                    one_line_omegaconf, options, unknown_key_error)
 from ddpm_lightning.errors import ConfigError, check_bool, check_int, PeerRankFailed, StoppedBySignal, first_line, invalid, is_int, is_number
-from ddpm_lightning.hparams import final_metrics, run_hparams
+from ddpm_lightning.hparams import evaluation_metrics, final_metrics, run_hparams
 from ddpm_lightning.module import DDPM
 from ddpm_lightning.runlock import RunDirLock
 from ddpm_lightning.sampling import learn_sigma_of
+from ddpm_lightning.search import check_optimized_metric
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def prepare_config(cfg: DictConfig, context: RunContext | None = None) -> DictCo
     * ``ckpt_path`` must be an existing file; resuming from ``<run>/checkpoints/<x>.ckpt`` writes into ``<run>``
       (same checkpoints, samples and TensorBoard run) unless ``run_dir`` was set explicitly.
     * ``trainer.precision=auto`` is resolved.
+    * ``optimized_metric`` must name a metric this config produces (:func:`~ddpm_lightning.search.metric_names`).
 
     Raises:
         ConfigError: one line naming the key, the value and what is allowed.
@@ -107,6 +109,7 @@ def prepare_config(cfg: DictConfig, context: RunContext | None = None) -> DictCo
                 )
         _check_rates(cfg)
         check_int("seed", cfg.get("seed"), 0)
+        check_optimized_metric(cfg)
         cfg.trainer.precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
     return cfg
 
@@ -195,8 +198,10 @@ def train(cfg: DictConfig, context: RunContext | None = None) -> dict[str, Any]:
 
     Returns:
         dict with ``run_dir``, ``last_ckpt``, ``best_ckpt``, ``samples_dir``, ``tensorboard_dir``,
-        ``metrics`` (name -> float), the ``trainer`` and, with an ``evaluate:`` node, ``evaluation`` (the metrics
-        of ``ddpm-evaluate`` on ``last.ckpt``, also in ``<run_dir>/evaluate/step_<N>/metrics.json``). The final
+        ``metrics`` (name -> float: Lightning's logged metrics, ``val/loss`` ..., and with an ``evaluate:`` node the
+        evaluation's figures ``fid``, ``bpd`` ... of :data:`~ddpm_lightning.hparams.EVAL_METRICS`), the ``trainer``
+        and, with an ``evaluate:`` node, ``evaluation`` (the metrics of ``ddpm-evaluate`` on ``last.ckpt``, also in
+        ``<run_dir>/evaluate/step_<N>/metrics.json``). The final
         figures also go to TensorBoard: ``eval/*`` scalars and the ``hp/*`` columns of the HParams tab.
 
     Raises:
@@ -263,7 +268,7 @@ def _fit_and_evaluate(cfg: DictConfig, context: RunContext) -> dict[str, Any]:
     schedule = build(cfg.schedule, key="schedule")
     if cfg.get("sampler") is not None and cfg.sampler.get(FROM_CHECKPOINT):
         raise invalid("sampler", "checkpoint", "only ddpm-sample and ddpm-evaluate take the sampler from a "
-                      "checkpoint; ddpm-train needs sampler=ddim or sampler=ddpm")
+                      "checkpoint; ddpm-train needs sampler=ddim, sampler=ddpm or sampler=dpmpp")
     sampler = build(cfg.sampler, key="sampler")
     learn_sigma = learn_sigma_of(cfg)
     with at_key("sampler"):
@@ -325,6 +330,7 @@ def _fit_and_evaluate(cfg: DictConfig, context: RunContext) -> dict[str, Any]:
             eval_opts = end_of_run_options(cfg, result["last_ckpt"], out)
             eval_opts.overwrite = True  # what is there is an interrupted evaluation of this same checkpoint: redo it
             result["evaluation"] = evaluation.evaluate(eval_opts)
+        result["metrics"].update(evaluation_metrics(result["evaluation"]))
     hparams_session.log_final(trainer, final_metrics(result["metrics"], result.get("evaluation")))
     if trainer.is_global_zero:
         print(

@@ -1,4 +1,5 @@
-"""``ddpm-report``: summarise a Hydra multirun sweep of ``ddpm-train`` in a table and one plot per metric.
+"""``ddpm-report``: summarise a Hydra multirun sweep of ``ddpm-train`` in a table and one plot per metric (an Optuna
+search too: its best trial is marked and named under the table).
 
 Usage::
 
@@ -18,7 +19,8 @@ from ddpm_lightning.report import report
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ddpm-report", description="Summarise a ddpm-train -m sweep.")
-    parser.add_argument("sweep", type=Path, help="Hydra multirun directory (hydra.sweep.dir) of ddpm-train -m")
+    parser.add_argument("sweep", type=Path, help="Hydra multirun directory (hydra.sweep.dir) of ddpm-train -m, "
+                        "an Optuna search (hparams_search=...) included")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the sweep directory)")
     parser.add_argument(
         "--metric",

@@ -3,19 +3,26 @@
 Usage (see README): ``ddpm-train experiment=seed data.root=../shared/data``;
 sweeps: ``ddpm-train -m schedule.beta_end=0.02,0.1,0.2``; resume: ``ddpm-train ckpt_path=<run>/checkpoints/last.ckpt``.
 
+Hyperparameter search: ``ddpm-train -m hparams_search=beta_optuna ...`` (``pip install -e ".[search]"``); each job
+returns its ``optimized_metric`` to the sweeper (:mod:`ddpm_lightning.search`).
+
 Exit statuses: 2 for bad input (one line on stderr, before any work); 3 for a non-finite loss or non-finite weights
-after a step (the newest checkpoint is the last good one); 143 for SIGTERM; 1 on a DDP rank whose peer has ended.
+after a step (the newest checkpoint is the last good one; under an optimising sweeper the trial reports the worst
+value instead and the search goes on); 143 for SIGTERM; 1 on a DDP rank whose peer has ended.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm_lightning.config import command
-from ddpm_lightning.errors import invalid
+from ddpm_lightning.config import command, compose_config
+from ddpm_lightning.errors import ConfigError, NonFiniteError, invalid, print_error
+from ddpm_lightning.search import check_optimized_metric, objective, sweeper_direction, warn, worst
 
 #: conf/sampler/checkpoint.yaml is for ddpm-sample / ddpm-evaluate only (ddpm-train refuses it in one line)
 TRAIN_EXCLUDED_SAMPLER = "checkpoint"
@@ -38,20 +45,72 @@ def refuse_local_multirun_ddp(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig) -> float | None:
-    """Train as configured; returns ``val/loss`` (what Hydra sweepers optimise)."""
+    """Train as configured; returns the value of ``optimized_metric`` (what an optimising sweeper such as Optuna
+    minimises; see :func:`ddpm_lightning.search.objective`), None on DDP ranks other than 0.
+
+    Under an optimising sweeper, a trial that diverges (:class:`~ddpm_lightning.errors.NonFiniteError`) returns the
+    worst value of the search's direction (``inf`` when minimising) with a ``warning:`` line, so the study goes on."""
     from ddpm_lightning.training import RunContext, train  # Lightning: imported after the command line is checked
 
     refuse_local_multirun_ddp(cfg)
-    context = RunContext()
+    context, direction = RunContext(), None
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
         context = RunContext(hydra_cfg.runtime.output_dir, OmegaConf.to_container(hydra_cfg.runtime.choices),
                              list(hydra_cfg.overrides.task))
-    result: dict[str, Any] = train(cfg, context)
-    return result["metrics"].get("val/loss")
+        direction = sweeper_direction(hydra_cfg)
+    try:
+        result: dict[str, Any] = train(cfg, context)
+    except NonFiniteError as err:
+        if direction is None:
+            raise
+        value = worst(direction)
+        warn(f"{err}; this trial reports optimized_metric={value} (ranked last) and the search goes on")
+        return value
+    if not result["trainer"].is_global_zero:
+        return None
+    return objective(cfg, result["metrics"], direction)
 
 
-main = command("train", exclude={"sampler": [TRAIN_EXCLUDED_SAMPLER]})(run)
+EXCLUDE = {"sampler": [TRAIN_EXCLUDED_SAMPLER]}
+_entry = command("train", exclude=EXCLUDE)(run)
+
+
+def has_optuna_sweeper() -> bool:
+    """Whether hydra-optuna-sweeper (the ``search`` extra) is installed."""
+    try:
+        return importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None
+    except ModuleNotFoundError:  # no hydra_plugins namespace at all
+        return False
+
+
+def check_search(args: list[str]) -> None:
+    """Before Hydra starts (no sweep folder, no study yet): an ``hparams_search`` needs the Optuna sweeper installed,
+    and ``optimized_metric`` must be a metric the composed config can produce.
+
+    Raises:
+        ConfigError: one line naming ``hparams_search`` or ``optimized_metric`` (and any error of the command line,
+            as :func:`~ddpm_lightning.config.compose_config` reports it).
+    """
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") == "hparams_search" and value != "null" and not has_optuna_sweeper():
+            raise invalid("hparams_search", value, 'needs the Optuna sweeper: pip install -e ".[search]"')
+    check_optimized_metric(compose_config("train", args, EXCLUDE))
+
+
+def main() -> Any:
+    """Console entry point: :func:`check_search`, then the command's own checks and Hydra (one ``error:`` line on
+    stderr and exit status 2 for bad input)."""
+    args = sys.argv[1:]
+    if not any(a in ("-h", "--help", "--hydra-help", "--info", "-i") or a.startswith("--cfg") for a in args):
+        try:
+            check_search(args)
+        except ConfigError as err:
+            print_error(err)
+            sys.exit(2)
+    return _entry()
+
 
 if __name__ == "__main__":
     main()
