@@ -4,6 +4,7 @@ with the project's classifier FID (and its real-vs-real floor) and confident fra
 * ``ddpm``: ancestral sampling respaced to S steps (``sampler=ddpm sampler.steps=S``, fixed_small);
 * ``ddim0`` / ``ddim1``: DDIM with eta = 0 and eta = 1 (``sampler=ddim sampler.eta=...``, leading spacing);
 * ``dpmpp``: DPM-Solver++(2M) (``sampler=dpmpp``, trailing spacing);
+* ``dpmpp_sde``: its SDE form (``sampler=dpmpp sampler.algorithm=sde-dpmsolver++``);
 
 at S = 10, 20, 50 and 100 (S network evaluations per sample: none of these samplers calls the network twice a step).
 Every arm runs ``ddpm-evaluate``'s own code path (the real ``conf/evaluate.yaml`` composed with the arm's overrides),
@@ -35,8 +36,10 @@ SAMPLERS = {
     "ddim0": ["sampler=ddim", "sampler.eta=0.0"],
     "ddim1": ["sampler=ddim", "sampler.eta=1.0"],
     "dpmpp": ["sampler=dpmpp"],
+    "dpmpp_sde": ["sampler=dpmpp", "sampler.algorithm=sde-dpmsolver++"],
 }
-LABELS = {"ddpm": "DDPM (respaced)", "ddim0": "DDIM eta=0", "ddim1": "DDIM eta=1", "dpmpp": "DPM-Solver++(2M)"}
+LABELS = {"ddpm": "DDPM (respaced)", "ddim0": "DDIM eta=0", "ddim1": "DDIM eta=1", "dpmpp": "DPM-Solver++(2M)",
+          "dpmpp_sde": "SDE-DPM-Solver++(2M)"}
 KEPT = ("fid", "fid_floor", "confident_fraction", "inception_score", "normalised_entropy", "seconds")
 
 
@@ -100,8 +103,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sampler_fid.json"))
     p.add_argument("--plot", default=str(ROOT / "docs" / "images" / "sampler_fid.png"))
+    p.add_argument("--append", action="store_true", help="add to the rows already in --out (other arms)")
     args = p.parse_args()
-    rows = []
+    rows = json.loads(Path(args.out).read_text())["rows"] if args.append and Path(args.out).is_file() else []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.samplers:
             for steps in args.steps:

@@ -11,7 +11,8 @@
   eta = 0 is deterministic, eta = 1 with every step is DDPM with ``fixed_small``.
 
 * :class:`DPMSolverSampler`: DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095, Algorithm 2, the multistep
-  second-order solver in data prediction, with the midpoint form of diffusers' ``DPMSolverMultistepScheduler``).
+  second-order solver in data prediction, with the midpoint form of diffusers' ``DPMSolverMultistepScheduler``), and
+  its SDE form SDE-DPM-Solver++(2M) (diffusers' ``algorithm_type="sde-dpmsolver++"``).
 
 All three walk a descending list of 0-based timesteps and finish at abar = 1 (the clean image). Every per-step
 coefficient is read from the float64 buffers of the schedule respaced to the visited steps (the full schedule
@@ -335,6 +336,9 @@ class DDIMSampler(Sampler):
         )
 
 
+DPM_ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")  #: diffusers' names: the ODE and the SDE form
+
+
 def _log_snr(abar: float) -> float:
     """lambda = log(alpha / sigma) = log(abar / (1 - abar)) / 2 of a VP schedule: -inf at abar = 0, +inf at abar = 1."""
     if abar <= 0.0:
@@ -355,27 +359,36 @@ class DPMSolverSampler(Sampler):
       with ``r = h_prev / h`` in place of x0_hat_t: the midpoint form of diffusers' ``DPMSolverMultistepScheduler``
       (``solver_type="midpoint"``) and k-diffusion's ``sample_dpmpp_2m``.
 
+    ``algorithm="sde-dpmsolver++"`` solves the reverse SDE instead with the same data-prediction exponential integrator
+    (diffusers' ``sde-dpmsolver++``, k-diffusion's ``sample_dpmpp_2m_sde``): ``x_next = (sigma_next / sigma_t) exp(-h) x_t + alpha_next (1 - exp(-2h)) D +
+    sigma_next sqrt(1 - exp(-2h)) z`` with fresh noise z at every step but the last, D as above (order 1: x0_hat_t).
+
     The first step is first order (no history). The last step, into abar = 1 (sigma = 0, h = infinity), is first order
     as well and returns x0_hat of the last visited step: diffusers' ``final_sigmas_type="zero"``, where its
     ``lower_order_final`` is always in effect for this final step (at any S, not only below 15 steps). One network
-    evaluation per step, deterministic given x_T.
+    evaluation per step; ``dpmsolver++`` is deterministic given x_T.
 
     Args:
         steps: S, an integer in [1, T].
         order: 1 (DPM-Solver++(1), which is DDIM eta = 0 in closed form) or 2 (DPM-Solver++(2M)).
+        algorithm: ``"dpmsolver++"`` (the probability-flow ODE) or ``"sde-dpmsolver++"`` (the reverse SDE).
         timestep_spacing: ``"trailing"`` (default: starts at T-1, as a zero-terminal-SNR schedule needs),
             ``"leading"`` or ``"linspace"`` (see :func:`ddim_timesteps`).
         clip_denoised: clip every x0_hat to [-1, 1] (the static thresholding of Lu et al. Sec. 4.2) before it enters
             the update. diffusers' default (``thresholding=False``) is ``clip_denoised=False``.
 
     Raises:
-        ConfigError (a ValueError): one line naming ``steps``, ``order`` or ``timestep_spacing``.
+        ConfigError (a ValueError): one line naming ``steps``, ``order``, ``algorithm`` or ``timestep_spacing``.
     """
 
-    def __init__(self, steps: int = 20, order: int = 2, timestep_spacing: str = "trailing", clip_denoised: bool = True):
+    def __init__(self, steps: int = 20, order: int = 2, timestep_spacing: str = "trailing", clip_denoised: bool = True,
+                 algorithm: str = "dpmsolver++"):
         _check_steps(steps, None)
         if not is_int(order) or order not in (1, 2):
             raise invalid("order", order, "must be 1 or 2 (DPM-Solver++(2M) is order 2)")
+        if algorithm not in DPM_ALGORITHMS:
+            raise invalid("algorithm", algorithm, f"must be one of {list(DPM_ALGORITHMS)}")
+        self.algorithm = algorithm
         if timestep_spacing not in TIMESTEP_SPACINGS:
             raise invalid("timestep_spacing", timestep_spacing, f"must be one of {list(TIMESTEP_SPACINGS)}")
         self.steps = steps
@@ -387,7 +400,7 @@ class DPMSolverSampler(Sampler):
         return ddim_timesteps(num_timesteps, self.steps, self.timestep_spacing)
 
     def _needs_noise(self, c: dict[str, float]) -> bool:
-        return False
+        return self.algorithm == "sde-dpmsolver++" and c["alphas_cumprod_prev"] < 1.0
 
     def _step(self, x: Tensor, pred: Prediction, c: dict[str, float], z: Tensor | None, v: Tensor | None,
               state: dict) -> Tensor:
@@ -403,10 +416,14 @@ class DPMSolverSampler(Sampler):
         state["x0"], state["lambda"] = x0, lam
         # sigma_next / sigma_t, with sigma_t = sqrt(1 - abar_t) > 0 at every t >= 0; -expm1(-h) = 1 - exp(-h)
         ratio = sigma_next / c["sqrt_one_minus_alphas_cumprod"]
-        return ratio * x + (alpha_next * -math.expm1(-h)) * data
+        if self.algorithm == "dpmsolver++":
+            return ratio * x + (alpha_next * -math.expm1(-h)) * data
+        keep = -math.expm1(-2.0 * h)  # 1 - exp(-2h)
+        x_next = (ratio * math.exp(-h)) * x + (alpha_next * keep) * data
+        return x_next if z is None else x_next + (sigma_next * math.sqrt(keep)) * z
 
     def __repr__(self) -> str:
         return (
             f"DPMSolverSampler(steps={self.steps}, order={self.order}, timestep_spacing={self.timestep_spacing!r}, "
-            f"clip_denoised={self.clip_denoised})"
+            f"clip_denoised={self.clip_denoised}, algorithm={self.algorithm!r})"
         )

@@ -113,3 +113,32 @@ def test_dpmpp_steps_are_checked_against_the_schedule():
 def test_sampler_objective_is_checked():
     with pytest.raises(ConfigError, match=r"^objective='epsilon' is invalid"):
         DPMSolverSampler(2)(lambda x, t: x, NoiseSchedule(), torch.zeros(1, 1, 2, 2), objective="epsilon")
+
+
+@pytest.mark.parametrize("objective", list(PREDICTION_TYPES))
+@pytest.mark.parametrize("steps, order", [(1, 2), (5, 1), (10, 2), (20, 2)])
+def test_sde_dpmpp_2m_matches_diffusers_with_the_same_noise(objective, steps, order):
+    """SDE-DPM-Solver++(2M): the noise z of every step is drawn from the same generator in the same order and handed
+    to diffusers as ``variance_noise``; the final samples agree to float32 tolerance."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    schedule = NoiseSchedule("linear", 1000)
+    fn = toy_network(3)
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sampler = DPMSolverSampler(steps, order, "trailing", clip_denoised=False, algorithm="sde-dpmsolver++")
+    ours = sampler(fn, schedule, noise, generator=torch.Generator().manual_seed(9), objective=objective).x0
+    scheduler = DPMSolverMultistepScheduler(trained_betas=schedule.betas.numpy(), prediction_type=PREDICTION_TYPES[objective],
+                                            solver_order=order, algorithm_type="sde-dpmsolver++", final_sigmas_type="zero")
+    scheduler.set_timesteps(timesteps=ddim_timesteps(1000, steps, "trailing"))
+    g, x = torch.Generator().manual_seed(9), noise.clone()
+    for i, t in enumerate(scheduler.timesteps):
+        z = torch.randn(x.shape, generator=g, dtype=torch.float64) if i + 1 < steps else torch.zeros_like(x)
+        x = scheduler.step(fn(x, torch.full((x.shape[0],), int(t))), t, x, variance_noise=z).prev_sample.double()
+    torch.testing.assert_close(ours, x.clamp(-1, 1), rtol=0, atol=1e-4)
+    ode = DPMSolverSampler(steps, order, "trailing", clip_denoised=False)(fn, schedule, noise).x0
+    assert steps == 1 or float((ode - ours).abs().max()) > 1e-2  # the noise does enter
+
+
+def test_sde_algorithm_is_checked():
+    with pytest.raises(ConfigError, match=r"^algorithm='sde' is invalid: must be one of \['dpmsolver\+\+', 'sde-dpmsolver\+\+'\]$"):
+        DPMSolverSampler(algorithm="sde")

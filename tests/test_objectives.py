@@ -260,3 +260,18 @@ def test_v_zero_snr_run_trains_samples_and_refuses_a_resume_with_another_objecti
     sample = subprocess.run([str(Path(sys.executable).with_name("ddpm-sample")), f"ckpt_path={ckpt}", "num_samples=2", "sampler.steps=3", f"out_dir={tmp_path / 's'}"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert sample.returncode == 0, sample.stderr[-2000:]
+
+
+def test_a_checkpoint_from_before_the_objective_existed_resumes_as_eps():
+    """Keys a checkpoint predates count as the value it was trained with (checkpoint.ADDED_KEYS)."""
+    from ddpm_lightning.checkpoint import resume_mismatch
+
+    old = {"model": {"model_channels": 32}, "schedule": {"kind": "linear", "beta_end": 0.02}, "diffusion": {"loss": "simple"}}
+    new = {"model": {"model_channels": 32},
+           "schedule": {"kind": "linear", "beta_end": 0.02, "rescale_zero_terminal_snr": False},
+           "diffusion": {"loss": "simple", "objective": "eps"}}
+    assert resume_mismatch(old, new) is None
+    v = {**new, "diffusion": {"objective": "v"}}
+    assert resume_mismatch(old, v) == "diffusion.objective='eps' in the checkpoint, 'v' in the config"
+    zero = {**new, "schedule": {**new["schedule"], "rescale_zero_terminal_snr": True}}
+    assert resume_mismatch(old, zero) == "schedule.rescale_zero_terminal_snr=False in the checkpoint, True in the config"
