@@ -71,6 +71,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for name in SAMPLERS:
@@ -82,6 +83,11 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.axhline(floor, color="grey", linestyle="--", label=f"floor (real vs real) {floor:.2f}")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xticks([10, 20, 50, 100])
+    ax.set_yticks([2, 5, 10, 20, 50])
     ax.set_xlabel("network evaluations per sample")
     ax.set_ylabel("classifier FID (1,000 samples)")
     ax.set_title("FID against network evaluations, experiment=mnist_cpu")
