@@ -310,8 +310,8 @@ def check_loss(loss: object, learn_sigma: bool, min_snr_gamma: float | None) -> 
 def training_vb(schedule: NoiseSchedule, x0: Tensor, x_t: Tensor, t: Tensor, x0_hat: Tensor, v: Tensor | None,
                 stop_grad_mean: bool) -> Tensor:
     """The VLB term of each sample's timestep for training, in bits per pixel (``(N,)`` float32 with gradients): the
-    mean of p_theta from the network's ``x0_hat`` (:func:`predict_x0`; detached for L_hybrid, ``stop_grad_mean``: only the variance learns from it,
-    Nichol & Dhariwal Sec. 3.1), the variance learned from ``v`` (or ``fixed_small`` when ``v`` is None), in float64.
+    mean of p_theta from the network's ``x0_hat`` (:func:`predict_x0`; detached for L_hybrid, ``stop_grad_mean``: only
+    the variance learns from it, Nichol & Dhariwal Sec. 3.1), the variance learned from ``v`` (or ``fixed_small`` when ``v`` is None), in float64.
     ``T * training_vb`` is an unbiased one-sample estimate of L_vlb - L_T in bits/dim."""
     mean = model_mean(schedule, x_t, t, x0_hat.detach() if stop_grad_mean else x0_hat)
     log_var = model_log_variance(schedule, t, x_t, "learned" if v is not None else "fixed_small", v)
