@@ -43,7 +43,8 @@ def test_short_run_writes_checkpoint_tensorboard_and_pngs(tiny_train_overrides):
     # the checkpoint is self-describing with plain containers only
     config = ckpt["hyper_parameters"]["config"]
     assert type(config) is dict and config["schedule"]["beta_end"] == 0.02
-    assert any(k.startswith("schedule.") for k in ckpt["state_dict"])
+    assert not any(k.startswith("schedule.") for k in ckpt["state_dict"])  # rebuilt from config["schedule"]
+    assert any(k.startswith("net.") for k in ckpt["state_dict"])
     assert result["best_ckpt"] is not None and result["best_ckpt"].is_file()
     for name in ["epoch_000.png", "epoch_001.png", "trajectory_000.png", "trajectory_001.png"]:
         assert (run / "samples" / name).stat().st_size > 100
