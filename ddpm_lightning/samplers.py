@@ -69,6 +69,12 @@ def _check_steps(steps: object, num_timesteps: int | None) -> int:
     return steps
 
 
+def _check_spacing(spacing: object) -> None:
+    """``timestep_spacing`` must be one of :data:`TIMESTEP_SPACINGS`."""
+    if spacing not in TIMESTEP_SPACINGS:
+        raise invalid("timestep_spacing", spacing, f"must be one of {list(TIMESTEP_SPACINGS)}")
+
+
 def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "leading") -> list[int]:
     """Descending timesteps visited by DDIM, as diffusers defines the three spacings.
 
@@ -88,7 +94,7 @@ def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "leading") -> 
     elif spacing == "linspace":
         ts = np.round(np.linspace(0, num_timesteps - 1, steps)).astype(np.int64)
     else:
-        raise invalid("timestep_spacing", spacing, f"must be one of {list(TIMESTEP_SPACINGS)}")
+        _check_spacing(spacing)
     return sorted({int(t) for t in ts}, reverse=True)
 
 
@@ -307,8 +313,7 @@ class DDIMSampler(Sampler):
         _check_steps(steps, None)
         if not is_number(eta) or not eta >= 0 or math.isinf(eta):
             raise invalid("eta", eta, "must be a finite number >= 0")
-        if timestep_spacing not in TIMESTEP_SPACINGS:
-            raise invalid("timestep_spacing", timestep_spacing, f"must be one of {list(TIMESTEP_SPACINGS)}")
+        _check_spacing(timestep_spacing)
         self.steps = steps
         self.eta = float(eta)
         self.timestep_spacing = timestep_spacing
@@ -388,9 +393,8 @@ class DPMSolverSampler(Sampler):
             raise invalid("order", order, "must be 1 or 2 (DPM-Solver++(2M) is order 2)")
         if algorithm not in DPM_ALGORITHMS:
             raise invalid("algorithm", algorithm, f"must be one of {list(DPM_ALGORITHMS)}")
+        _check_spacing(timestep_spacing)
         self.algorithm = algorithm
-        if timestep_spacing not in TIMESTEP_SPACINGS:
-            raise invalid("timestep_spacing", timestep_spacing, f"must be one of {list(TIMESTEP_SPACINGS)}")
         self.steps = steps
         self.order = int(order)
         self.timestep_spacing = timestep_spacing
