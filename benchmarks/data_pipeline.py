@@ -31,7 +31,7 @@ from torchvision import datasets, transforms
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import DEFAULT_DATA_ROOT, mnist_root  # noqa: E402
+from common import DEFAULT_DATA_ROOT, machine, mnist_root, result_path  # noqa: E402
 from ddpm_lightning.data import MNISTDataModule, PaddedMNISTDataset  # noqa: E402
 
 
@@ -58,8 +58,9 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="100 batches per round")
     parser.add_argument("--smoke", action="store_true", help="5 batches, synthetic data when MNIST is absent (CI)")
-    parser.add_argument("--json", default="data_pipeline.json")
+    parser.add_argument("--json", default=result_path("data_pipeline.json"), help="where the JSON goes (default: %(default)s)")
     args = parser.parse_args()
+    info = machine(args.smoke)
     batches = 5 if args.smoke else (100 if args.quick else args.batches)
     with tempfile.TemporaryDirectory() as tmp:
         root = mnist_root(args.data_root, args.smoke, Path(tmp), n_train=512)
@@ -88,8 +89,9 @@ def main() -> None:
     for r in rows:
         print(f"{r['path']:18} {r['images_per_s']:12.0f} {r['ratio_vs_pil']:8.1f}")
     print(f"max |project - torchvision| on the first batch: {max_abs_diff:.2e}")
-    out = dict(batch_size=args.batch_size, batches=batches, num_workers=args.num_workers, rows=rows,
+    out = dict(machine=info, batch_size=args.batch_size, batches=batches, num_workers=args.num_workers, rows=rows,
                max_abs_diff_vs_torchvision=max_abs_diff)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -29,7 +30,8 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=256, help="images for the DDIM-50 timing")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--smoke", action="store_true", help="tiny network, 2 steps, CPU allowed")
-    parser.add_argument("--json", default="gpu_check.json")
+    parser.add_argument("--json", default=str(Path(__file__).resolve().parent / "results" / "gpu_check.json"),
+                        help="where the JSON goes (default: %(default)s)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
@@ -81,6 +83,7 @@ def main() -> None:
     }
     for key, value in result.items():
         print(f"{key:32}: {value:.2f}" if isinstance(value, float) else f"{key:32}: {value}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)
 

@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import DEFAULT_DATA_ROOT, REPO, mnist_root
+from common import DEFAULT_DATA_ROOT, REPO, machine, mnist_root, result_path
 
 _CHILD = r"""
 import json, sys, tempfile, torch
@@ -73,8 +73,9 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="1 training step, DiffUNet sampling at batch 64")
     parser.add_argument("--smoke", action="store_true", help="adm_tiny, batch 8, synthetic data if needed (CI)")
-    parser.add_argument("--json", default="memory.json")
+    parser.add_argument("--json", default=result_path("memory.json"), help="where the JSON goes (default: %(default)s)")
     args = parser.parse_args()
+    info = machine(args.smoke)
     with tempfile.TemporaryDirectory() as tmp:
         root = mnist_root(args.data_root, args.smoke, Path(tmp), n_train=64)
         nets = ["adm_tiny"] if args.smoke else args.networks.split(",")
@@ -89,7 +90,8 @@ def main() -> None:
     for r in rows:
         gpu = f"{r['peak_gpu_gib']:.2f}" if r["peak_gpu_gib"] is not None else "-"
         print(f"{r['case']:20} {r['batch_size'] or '':>5} {r['peak_rss_gib']:13.2f} {gpu:>13}")
-    Path(args.json).write_text(json.dumps(rows, indent=2))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(dict(machine=info, rows=rows), indent=2))
 
 
 if __name__ == "__main__":

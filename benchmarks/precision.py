@@ -28,6 +28,7 @@ import copy
 import json
 import statistics
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
 
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common import NETS, randomize_zero_init
+from common import NETS, machine, randomize_zero_init, result_path
 from ddpm_lightning.networks import count_parameters
 from ddpm_lightning.samplers import DDIMSampler
 from ddpm_lightning.schedule import NoiseSchedule
@@ -71,8 +72,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="add a torch.compile variant (minutes on a CPU)")
     parser.add_argument("--quick", action="store_true", help="~2 minutes on a CPU: adm_small only, 1 step x 2 reps, DDIM-10 of 8 images")
     parser.add_argument("--smoke", action="store_true", help="tiny network, batch 2, DDIM-2: proves the script runs")
-    parser.add_argument("--json", default="precision.json")
+    parser.add_argument("--json", default=result_path("precision.json"), help="where the JSON goes (default: %(default)s)")
     args = parser.parse_args()
+    info = machine(args.smoke)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     names, batch, num_samples, ddim_steps, reps = (args.networks.split(","), args.batch_size, args.num_samples,
@@ -166,9 +168,10 @@ def main() -> None:
               f"{r['loss_rel_diff']:9.1e} {r['grad_rel_l2']:10.1e} {r['sample_images_per_s']:10.2f} "
               f"{r['sample_speedup']:7.2f} {r['sample_rel_l2']:12.1e}"
               + (f" {r['peak_train_gib']:7.2f} / {r['peak_sample_gib']:6.2f}" if cuda else ""))
-    result = dict(device=torch.cuda.get_device_name() if cuda else "cpu", threads=torch.get_num_threads(),
+    result = dict(machine=info, device=torch.cuda.get_device_name() if cuda else "cpu", threads=torch.get_num_threads(),
                   torch=torch.__version__, quick=args.quick, smoke=args.smoke, batch_size=batch,
                   train_steps_per_rep=train_steps, num_samples=num_samples, ddim_steps=ddim_steps, reps=reps, rows=rows)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)
 

@@ -27,12 +27,13 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from common import NETS, randomize_zero_init
+from common import NETS, machine, randomize_zero_init, result_path
 from ddpm_lightning.module import DDPM
 from ddpm_lightning.networks import count_parameters
 from ddpm_lightning.samplers import DDIMSampler, DDPMSampler, strided_timesteps
@@ -172,8 +173,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="~2 minutes: 5 steps x 5 reps, batches <= 64; DiffUNet at batch 2, 2 steps x 3 reps")
     parser.add_argument("--smoke", action="store_true", help="a tiny network and 2 steps: proves the script runs")
-    parser.add_argument("--json", default="sampling_speed.json")
+    parser.add_argument("--json", default=result_path("sampling_speed.json"), help="where the JSON goes (default: %(default)s)")
     args = parser.parse_args()
+    info = machine(args.smoke)
     names = args.networks.split(",")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     steps, reps, ddim_steps, ddpm_steps = args.timed_steps, args.reps, args.ddim_steps, args.ddpm_steps
@@ -187,7 +189,7 @@ def main() -> None:
     notes = [] if scheds is not None else ["diffusers not installed: skipped"]
     if scheds is None:
         print("diffusers not installed: skipped")
-    result = dict(device="cpu", threads=torch.get_num_threads(), torch=torch.__version__, quick=args.quick,
+    result = dict(machine=info, device="cpu", threads=torch.get_num_threads(), torch=torch.__version__, quick=args.quick,
                   smoke=args.smoke, diffusers=None, step_time=[], cross_check=[], batch_sweep=[], notes=notes)
     if scheds is not None:
         import diffusers
@@ -225,6 +227,7 @@ def main() -> None:
         print(f"{r['network']:10} {r['sampler']:8} batch {r['batch_size']:4d} {r['seconds']:8.2f} s {r['images_per_s']:8.2f} images/s")
     for n in notes:
         print("note:", n)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)
 

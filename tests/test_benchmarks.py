@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -66,20 +67,51 @@ def _smoke(tmp_path, script: str, *extra: str):
     return json.loads(out.read_text())
 
 
+def _assert_machine(info: dict) -> None:
+    assert info["cpu_model"] and info["torch_threads"] >= 1 and isinstance(info["cpu_flags"], list)
+    assert info["gemm_fp32_gflops"] > 0 and info["gemm_bf16_gflops"] > 0
+
+
 def test_train_overhead_smoke(tmp_path):
-    rows = _smoke(tmp_path, "train_overhead.py", "--batch-size", "8")
+    result = _smoke(tmp_path, "train_overhead.py", "--batch-size", "8")
+    _assert_machine(result["machine"])
+    rows = result["rows"]
     assert [r["network"] for r in rows] == ["adm_tiny"]
-    assert rows[0]["bare_images_per_s"] > 0 and rows[0]["project_images_per_s"] > 0 and rows[0]["ratio"] > 0
+    row = rows[0]
+    assert row["bare_images_per_s"] > 0 and row["project_images_per_s"] > 0 and row["ratio"] > 0
+    # ABAB rounds, one thread count for both arms, the median of the rounds reported
+    assert row["rounds"] == 2 == len(row["bare_runs"]) == len(row["project_runs"])
+    assert row["bare_images_per_s"] == statistics.median(row["bare_runs"])
+    assert row["project_images_per_s"] == statistics.median(row["project_runs"])
+    assert row["gflop_per_image"] > 0 and row["project_gflops"] == row["project_images_per_s"] * row["gflop_per_image"]
+    assert [p.name for p in tmp_path.glob("*.json")] == ["train_overhead.py.json"]  # only the --json file
+
+
+def test_benchmark_outputs_default_to_results():
+    """Run without --json, every benchmark writes under benchmarks/results/, never into the current folder."""
+    for script in ("train_overhead.py", "data_pipeline.py", "sampling_speed.py", "precision.py", "memory.py", "gpu_check.py"):
+        proc = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "benchmarks/results/" in " ".join(proc.stdout.split()), script
+
+
+def test_train_overhead_refuses_too_few_rounds(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "train_overhead.py"), "--rounds", "3"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and "--rounds=3: must be >= 5" in proc.stderr
 
 
 def test_data_pipeline_smoke(tmp_path):
     result = _smoke(tmp_path, "data_pipeline.py")
+    _assert_machine(result["machine"])
     assert {r["path"] for r in result["rows"]} == {"project", "project per-item", "torchvision PIL"}
     assert result["max_abs_diff_vs_torchvision"] == 0.0  # same pixels as torchvision's Pad + ToTensor + Normalize
 
 
 def test_memory_smoke(tmp_path):
-    rows = _smoke(tmp_path, "memory.py")
+    result = _smoke(tmp_path, "memory.py")
+    _assert_machine(result["machine"])
+    rows = result["rows"]
     assert [r["case"] for r in rows] == ["baseline", "train adm_tiny", "sample adm_tiny"]
     assert all(r["peak_rss_gib"] > 0.05 for r in rows)
 
