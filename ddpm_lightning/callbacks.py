@@ -3,6 +3,7 @@ during training, and the run's row in TensorBoard's HParams tab."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -92,6 +93,7 @@ def sample_across_ranks(
     sampler: Sampler | None,
     trajectory_frames: int | None = None,
     trajectory_rows: int = 0,
+    guidance_scale: float = 1.0,
 ) -> tuple[Tensor, list[Tensor]]:
     """Draw ``num_samples`` images with every DDP rank drawing a share, so that no rank waits alone in a collective
     while another computes (and a SIGTERM reaches every rank while it runs Python code, see
@@ -101,7 +103,8 @@ def sample_across_ranks(
     :func:`~ddpm_lightning.sampling.draw_samples` (the one sampling loop), seeded with ``seed + 7919 * rank``; one
     ``all_gather`` collects them on every rank. With one process this is exactly
     ``draw_samples(module, num_samples, batch_size=num_samples, seed=seed)``. Every rank must call it (it is a
-    collective under DDP).
+    collective under DDP). A class-conditional module draws the classes in turn (sample j of a rank's share gets
+    class ``j % num_classes``), with classifier-free guidance at ``guidance_scale`` (1 = none).
 
     Returns:
         ``(x0, frames)``: x0 ``(num_samples, C, H, W)`` in [-1, 1] on the CPU, in rank order; ``frames`` the trajectory
@@ -111,7 +114,7 @@ def sample_across_ranks(
     world, rank = trainer.world_size, trainer.global_rank
     share = -(-num_samples // world)
     drawn = draw_samples(module, share, sampler=sampler, batch_size=share, seed=seed + 7919 * rank,
-                         trajectory_frames=trajectory_frames, trajectory_rows=trajectory_rows)
+                         guidance_scale=guidance_scale, trajectory_frames=trajectory_frames, trajectory_rows=trajectory_rows)
     x0 = drawn.x0.to(module.device)
     frames = torch.stack(drawn.frames).to(module.device) if drawn.frames else None  # (F, rows, C, H, W)
     if world > 1:
@@ -126,6 +129,7 @@ class SampleCallback(L.Callback):
 
     Writes ``<dirpath>/epoch_XXX.png`` (a grid) and ``<dirpath>/trajectory_XXX.png`` (rows = samples,
     columns = x_t from pure noise to x0), and logs both as images ``samples`` and ``trajectory`` to TensorBoard.
+    A class-conditional model's grid has ``num_classes`` columns, so that each row reads 0, 1, ..., 9.
     Samples come from the EMA weights when an :class:`EMA` callback is active, else from the raw weights.
     Under DDP every rank draws a share of the samples (:func:`sample_across_ranks`), so no rank idles in a collective
     while another computes; global rank zero writes the files and the TensorBoard images.
@@ -138,6 +142,9 @@ class SampleCallback(L.Callback):
         trajectory_frames: about this many x_t frames per row (start and end included).
         seed: seed of x_T and of the per-step noise, so that grids are comparable across epochs.
         sampler: overrides the module's sampler for these pictures (e.g. DDIM-50 to save time); None uses it.
+        guidance_scale: class-conditional models: the classifier-free guidance scale of the pictures (Ho & Salimans
+            2022; 1 = plain conditional, 0 = unconditional). Must be 1 for an unconditional model (checked by
+            ``ddpm-train`` before training).
     """
 
     def __init__(
@@ -149,7 +156,10 @@ class SampleCallback(L.Callback):
         trajectory_frames: int = 10,
         seed: int = 1234,
         sampler: Sampler | None = None,
+        guidance_scale: float = 1.0,
     ) -> None:
+        if not is_number(guidance_scale) or not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise invalid("guidance_scale", guidance_scale, "must be a finite number >= 0 (1 = no guidance)")
         for key, value, low in [
             ("every_n_epochs", every_n_epochs, 0),
             ("num_samples", num_samples, 1),
@@ -164,6 +174,7 @@ class SampleCallback(L.Callback):
         self.trajectory_frames = trajectory_frames
         self.seed = seed
         self.sampler = sampler
+        self.guidance_scale = float(guidance_scale)
         self.last_paths: list[Path] = []
         self._drawn_epoch: int | None = None
 
@@ -185,11 +196,11 @@ class SampleCallback(L.Callback):
                        + (f" on {trainer.world_size} ranks" if trainer.world_size > 1 else ""))
         x0, frames = sample_across_ranks(trainer, module, self.num_samples, self.seed, sampler,
                                          self.trajectory_frames if self.trajectory_samples else None,
-                                         self.trajectory_samples)
+                                         self.trajectory_samples, self.guidance_scale)
         self._drawn_epoch = epoch
         if not trainer.is_global_zero:
             return
-        grid = sample_grid(x0)
+        grid = sample_grid(x0, nrow=getattr(module, "num_classes", None))  # conditional: one row per 0..9
         self.dirpath.mkdir(parents=True, exist_ok=True)
         paths = [save_png(grid, self.dirpath / f"epoch_{epoch:03d}.png")]
         traj: Tensor | None = None

@@ -29,6 +29,7 @@ from ddpm_lightning.images import atomic_write, nhwc_to_nchw, to_model_range, to
 from ddpm_lightning.losses import Bound, digit_mask
 from ddpm_lightning.metrics import evaluate_images
 from ddpm_lightning.mnist import MNIST_NUM_TEST, check_mnist_files, load_mnist_split
+from ddpm_lightning.module import check_conditioning
 from ddpm_lightning.schedule import VARIANCES, check_variance
 from ddpm_lightning.sampling import (SAMPLES_FILE, build_sampler, checkpoint_ddpm, draw_samples, learn_sigma_of,
                                      open_checkpoint, resolve_device, write_samples)
@@ -116,10 +117,13 @@ def check(opts: EvaluateConfig, ckpt_must_exist: bool = True) -> Path:
     return clf
 
 
-def check_before_training(opts: EvaluateConfig, num_timesteps: int, run_sampler: Any, learn_sigma: bool = False) -> None:
-    """Check an end-of-run evaluation before training starts (the checkpoint does not exist yet): the options, and
-    the sampler it will build from the run's ``sampler`` node (which the checkpoint will store)."""
+def check_before_training(opts: EvaluateConfig, num_timesteps: int, run_sampler: Any, learn_sigma: bool = False,
+                          num_classes: int | None = None) -> None:
+    """Check an end-of-run evaluation before training starts (the checkpoint does not exist yet): the options, the
+    guidance scale against the network's ``num_classes`` (None = unconditional), and the sampler it will build from
+    the run's ``sampler`` node (which the checkpoint will store)."""
     check(opts, ckpt_must_exist=False)
+    check_conditioning(num_classes, None, opts.guidance_scale)
     build_sampler(opts.sampler, run_sampler, num_timesteps, learn_sigma)
     if opts.nll and opts.nll_variance is not None:
         check_variance(opts.nll_variance, learn_sigma, key="nll_variance")
@@ -156,6 +160,7 @@ def format_table(m: dict[str, Any]) -> str:
         f"\nEvaluated {m['n']} images ({m['source']}) with {which} classifier {sha[:16]} (test accuracy {acc * 100:.2f}%)"
         if acc is not None else f"\nEvaluated {m['n']} images ({m['source']})",
         *([f"  {'sampler':<34}: {m['sampler']} ({m['sampler_source']})"] if m.get("sampler") else []),
+        *([f"  {'classifier-free guidance scale':<34}: {m['guidance_scale']:g}"] if m.get("guidance_scale") is not None else []),
         f"  {'FID vs ' + str(m['n_test']) + ' test images':<34}: {m['fid']:.4f}",
         f"  {'FID floor (' + str(m['floor_n']) + ' train vs test)':<34}: {m['fid_floor']:.4f}",
         f"  {'Inception Score':<34}: {m['inception_score']:.3f}  (real test images: {m['inception_score_test']:.3f})",
@@ -230,7 +235,7 @@ def _images(opts: EvaluateConfig, real_train: torch.Tensor) -> tuple[torch.Tenso
                          guidance_scale=opts.guidance_scale, progress=True)
     written = write_samples(opts.out_dir / "samples", drawn, overwrite=opts.overwrite)
     info = {"sampler": repr(opened.sampler), "sampler_source": opened.sampler_source, "samples": str(written["samples"]),
-            "ddpm": ddpm}
+            "guidance_scale": float(opts.guidance_scale) if ddpm.num_classes is not None else None, "ddpm": ddpm}
     return to_uint8(drawn.x0), drawn.labels, f"{opts.num_samples} samples from {ckpt} -> {written['samples']}", info
 
 

@@ -27,7 +27,7 @@ from ddpm_lightning.config import (FROM_CHECKPOINT, EvaluateConfig, EvaluateOpti
                                    one_line_omegaconf, options, unknown_key_error)
 from ddpm_lightning.errors import ConfigError, check_bool, check_int, PeerRankFailed, StoppedBySignal, first_line, invalid, is_int, is_number
 from ddpm_lightning.hparams import evaluation_metrics, final_metrics, run_hparams
-from ddpm_lightning.module import DDPM
+from ddpm_lightning.module import DDPM, check_conditioning
 from ddpm_lightning.runlock import RunDirLock
 from ddpm_lightning.sampling import learn_sigma_of
 from ddpm_lightning.search import check_optimized_metric
@@ -154,14 +154,18 @@ def _check_resume(cfg: DictConfig) -> None:
         )
 
 
-def _check_callback_samplers(callbacks: dict[str, Any], num_timesteps: int, learn_sigma: bool) -> None:
-    """The pictures' and FID's samplers must fit the schedule and the network: checked before training, not at the
-    first epoch end."""
+def _check_callback_samplers(callbacks: dict[str, Any], num_timesteps: int, learn_sigma: bool,
+                             num_classes: int | None) -> None:
+    """The pictures' and FID's samplers (and the pictures' guidance scale) must fit the schedule and the network:
+    checked before training, not at the first epoch end."""
     for name, callback in callbacks.items():
         sampler = getattr(callback, "sampler", None)
         if sampler is not None:
             with at_key(f"callbacks.{name}.sampler"):
                 sampler.check(num_timesteps, learn_sigma)
+        if hasattr(callback, "guidance_scale"):
+            with at_key(f"callbacks.{name}"):
+                check_conditioning(num_classes, None, callback.guidance_scale)
 
 
 def _check_val_check_interval(cfg: DictConfig, batches_per_epoch: int) -> None:
@@ -293,9 +297,10 @@ def _fit_and_evaluate(cfg: DictConfig, context: RunContext) -> dict[str, Any]:
         eval_opts = end_of_run_options(cfg, run_dir / "checkpoints" / "last.ckpt", eval_dir)
         with at_key("evaluate"):
             evaluation.check_before_training(eval_opts, schedule.num_timesteps,
-                                             OmegaConf.to_container(cfg.sampler, resolve=True), learn_sigma)
+                                             OmegaConf.to_container(cfg.sampler, resolve=True), learn_sigma,
+                                             ddpm.num_classes)
     named = {k: build(c, key=f"callbacks.{k}") for k, c in cfg.get("callbacks", {}).items() if c is not None}
-    _check_callback_samplers(named, schedule.num_timesteps, learn_sigma)
+    _check_callback_samplers(named, schedule.num_timesteps, learn_sigma, ddpm.num_classes)
     for name, callback in named.items():
         if hasattr(callback, "check_datamodule"):
             with at_key(f"callbacks.{name}"):

@@ -54,6 +54,8 @@ TRAIN_BAD_INPUTS: list[tuple[list[str], str]] = [
     (["diffusion.objective=noise"], "diffusion.objective='noise' is invalid: must be one of ['eps', 'x0', 'v']"),
     (["callbacks.samples.sampler.steps=2000"], "callbacks.samples.sampler.steps=2000 is invalid"),
     (["callbacks.samples.num_samples=0"], "callbacks.samples.num_samples=0 is invalid"),
+    (["++callbacks.samples.guidance_scale=-1"], "callbacks.samples.guidance_scale=-1 is invalid: must be a finite number >= 0"),
+    (["++callbacks.samples.guidance_scale=3"], "callbacks.samples.guidance_scale=3.0 is invalid: the model is unconditional"),
     (["+callbacks.fid.sampler.eta=-1"], "callbacks.fid.sampler.eta=-1 is invalid: must be a finite number >= 0"),
     (["callbacks.fid.sampler.steps=0"], "callbacks.fid.sampler.steps=0 is invalid: must be a positive integer"),
     (["callbacks.fid.sampler.steps=2000"], "callbacks.fid.sampler.steps=2000 is invalid: must be an integer in [1, 1000]"),
@@ -95,6 +97,7 @@ TRAIN_BAD_INPUTS: list[tuple[list[str], str]] = [
     (["callbacks.bpd.every_n_epochs=1", "callbacks.bpd.num_images=9"],
      "callbacks.bpd.num_images=9 is invalid: must be <= data.val_size=8"),
     (["++evaluate.nll=true", "++evaluate.nll_n=1"], "evaluate.nll_n=1 is invalid"),
+    (["++evaluate.guidance_scale=3"], "evaluate.guidance_scale=3.0 is invalid: the model is unconditional"),
     (["++evaluate.nll=true", "++evaluate.nll_variance=learned"], "evaluate.nll_variance='learned' is invalid: the model has no variance output"),
     (["++evaluate.nll=true", "++evaluate.nll_variance=wide"], "evaluate.nll_variance='wide' is invalid: must be null or one of"),
 ]

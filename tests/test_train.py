@@ -389,6 +389,39 @@ def test_the_preset_with_a_step_budget_off_the_validation_interval_still_saves_a
     assert metrics["n"] == 8 and metrics["classifier_reference"] is True
 
 
+def test_the_guided_preset_draws_rows_of_0_to_9_with_guidance_and_scores_the_requested_labels(
+        fake_mnist_root, tmp_path, monkeypatch):
+    """experiment=mnist_cpu_cfg: a class-conditional network; its pictures are guided (the callback hands its
+    guidance_scale to the sampling loop) in a 10-column grid, so each row reads 0..9; the end-of-run evaluation is
+    guided too and records the scale and the fraction classified as the requested digit."""
+    import json
+
+    from PIL import Image
+
+    from ddpm_lightning import callbacks
+
+    seen = []
+    real_draw = callbacks.draw_samples
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["guidance_scale"])
+        return real_draw(*args, **kwargs)
+
+    monkeypatch.setattr(callbacks, "draw_samples", spy)
+    cfg = compose_train(["experiment=mnist_cpu_cfg", "model=adm_tiny", f"data.root={fake_mnist_root}",
+                         "data.val_size=8", "trainer.max_steps=2", "trainer.enable_progress_bar=false",
+                         "sampler.steps=3", "callbacks.samples.num_samples=20", "evaluate.num_samples=10",
+                         "evaluate.sampler.steps=3", f"run_dir={tmp_path / 'run'}"])
+    assert cfg.model.num_classes == 10 and cfg.callbacks.samples.guidance_scale == cfg.evaluate.guidance_scale != 1
+    result = train(cfg)
+    assert seen and set(seen) == {cfg.callbacks.samples.guidance_scale}
+    grid = Image.open(tmp_path / "run" / "samples" / "epoch_000.png")
+    assert grid.size == (10 * 34 + 2, 2 * 34 + 2)  # 10 columns (0..9) x 2 rows, 2-pixel padding
+    metrics = json.loads((tmp_path / "run" / "evaluate" / "step_000002" / "metrics.json").read_text())
+    assert metrics["guidance_scale"] == cfg.evaluate.guidance_scale and 0 <= metrics["label_accuracy"] <= 1
+    assert result["metrics"]["label_accuracy"] == pytest.approx(metrics["label_accuracy"])
+
+
 def test_a_checkpoint_from_before_the_diffusion_node_still_samples_and_resumes(tiny_train_overrides, tmp_path):
     """Checkpoints written before conf/diffusion/ store label_dropout and min_snr_gamma at the top of their config and
     no diffusion node: they load and sample as before, and a run resumes from them."""
