@@ -329,6 +329,24 @@ def test_class_label_and_guidance_on_a_conditional_checkpoint(conditional_ckpt, 
         assert f["arr_1"].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]  # all classes in turn across batches
 
 
+def test_the_guidance_curve_benchmark_scores_each_scale_and_plots(conditional_ckpt, tmp_path):
+    """benchmarks/guidance_curve.py: one ddpm-evaluate per guidance scale, each recording its scale, the label
+    accuracy and the entropy, and the plot (not a timed test)."""
+    import json
+
+    root = write_fake_mnist(tmp_path / "data", n_train=16, n_test=8)
+    out, png = tmp_path / "curve.json", tmp_path / "curve.png"
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "guidance_curve.py"),
+                           "--ckpt", str(conditional_ckpt), "--data-root", str(root), "--scales", "1", "3",
+                           "--num-samples", "10", "--batch-size", "10", "--steps", "2", "--out", str(out), "--plot", str(png)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["guidance_scale"] for r in rows] == [1.0, 3.0]
+    assert all(0 <= r["label_accuracy"] <= 1 and 0 <= r["normalised_entropy"] <= 1 and r["fid"] > 0 for r in rows)
+    assert Image.open(png).size[0] > 0 and "| guidance scale | FID |" in proc.stdout
+
+
 @pytest.mark.parametrize(
     "override, needle",
     [("class_label=7", "class_label=7 is invalid"), ("guidance_scale=3", "guidance_scale=3.0 is invalid")],
