@@ -375,7 +375,7 @@ def test_lr_scheduler_without_a_step_budget_is_one_line_before_training(tiny_tra
 
 def test_the_preset_with_a_step_budget_off_the_validation_interval_still_saves_and_evaluates_its_final_state(
         fake_mnist_root, tmp_path):
-    """experiment=mnist_cpu validates every 1,000 steps; stopped at step 2 (max_steps, or max_time on a slow machine)
+    """experiment=mnist_cpu validates every 1,500 steps; stopped at step 2 (max_steps, or max_time on a slow machine)
     it must still write last.ckpt at that step, which the end-of-run evaluation then scores. Before, last.ckpt was
     written only at validation ends, and the evaluation failed with 'no such checkpoint file'."""
     import json
@@ -387,6 +387,20 @@ def test_the_preset_with_a_step_budget_off_the_validation_interval_still_saves_a
     assert torch.load(result["last_ckpt"], map_location="cpu", weights_only=True)["global_step"] == 2
     metrics = json.loads((tmp_path / "run" / "evaluate" / "step_000002" / "metrics.json").read_text())
     assert metrics["n"] == 8 and metrics["classifier_reference"] is True
+
+
+@pytest.mark.parametrize("experiment", ["mnist_cpu", "mnist_cpu_cfg"])
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp", "sde_dpmpp"])
+def test_the_presets_take_any_sampler(experiment, sampler):
+    """The presets choose their sampler as a group option (sampler=sde_dpmpp) and set no sampler keys of their own, so
+    that sampler=<other> on their command line builds that sampler (before, the preset's algorithm or eta followed
+    into it: 'unexpected keyword argument')."""
+    from hydra.utils import instantiate
+
+    cfg = compose_train([f"experiment={experiment}", f"sampler={sampler}"])
+    built = instantiate(cfg.sampler)
+    assert type(built).__name__ == {"ddim": "DDIMSampler", "ddpm": "DDPMSampler"}.get(sampler, "DPMSolverSampler")
+    assert getattr(built, "algorithm", None) == {"dpmpp": "dpmsolver++", "sde_dpmpp": "sde-dpmsolver++"}.get(sampler)
 
 
 def test_the_guided_preset_draws_rows_of_0_to_9_with_guidance_and_scores_the_requested_labels(
