@@ -158,8 +158,8 @@ class SampleCallback(L.Callback):
         sampler: Sampler | None = None,
         guidance_scale: float = 1.0,
     ) -> None:
-        if not is_number(guidance_scale) or not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise invalid("guidance_scale", guidance_scale, "must be a finite number >= 0 (1 = no guidance)")
+        if not is_number(guidance_scale) or not math.isfinite(guidance_scale):
+            raise invalid("guidance_scale", guidance_scale, "must be a finite number (1 = no guidance)")
         for key, value, low in [
             ("every_n_epochs", every_n_epochs, 0),
             ("num_samples", num_samples, 1),

@@ -154,7 +154,7 @@ def _check_resume(cfg: DictConfig) -> None:
         )
 
 
-def _check_callback_samplers(callbacks: dict[str, Any], num_timesteps: int, learn_sigma: bool,
+def _check_callback_sampling(callbacks: dict[str, Any], num_timesteps: int, learn_sigma: bool,
                              num_classes: int | None) -> None:
     """The pictures' and FID's samplers (and the pictures' guidance scale) must fit the schedule and the network:
     checked before training, not at the first epoch end."""
@@ -300,7 +300,7 @@ def _fit_and_evaluate(cfg: DictConfig, context: RunContext) -> dict[str, Any]:
                                              OmegaConf.to_container(cfg.sampler, resolve=True), learn_sigma,
                                              ddpm.num_classes)
     named = {k: build(c, key=f"callbacks.{k}") for k, c in cfg.get("callbacks", {}).items() if c is not None}
-    _check_callback_samplers(named, schedule.num_timesteps, learn_sigma, ddpm.num_classes)
+    _check_callback_sampling(named, schedule.num_timesteps, learn_sigma, ddpm.num_classes)
     for name, callback in named.items():
         if hasattr(callback, "check_datamodule"):
             with at_key(f"callbacks.{name}"):

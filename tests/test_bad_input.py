@@ -54,7 +54,7 @@ TRAIN_BAD_INPUTS: list[tuple[list[str], str]] = [
     (["diffusion.objective=noise"], "diffusion.objective='noise' is invalid: must be one of ['eps', 'x0', 'v']"),
     (["callbacks.samples.sampler.steps=2000"], "callbacks.samples.sampler.steps=2000 is invalid"),
     (["callbacks.samples.num_samples=0"], "callbacks.samples.num_samples=0 is invalid"),
-    (["++callbacks.samples.guidance_scale=-1"], "callbacks.samples.guidance_scale=-1 is invalid: must be a finite number >= 0"),
+    (["++callbacks.samples.guidance_scale=inf"], "callbacks.samples.guidance_scale=inf is invalid: must be a finite number"),
     (["++callbacks.samples.guidance_scale=3"], "callbacks.samples.guidance_scale=3.0 is invalid: the model is unconditional"),
     (["+callbacks.fid.sampler.eta=-1"], "callbacks.fid.sampler.eta=-1 is invalid: must be a finite number >= 0"),
     (["callbacks.fid.sampler.steps=0"], "callbacks.fid.sampler.steps=0 is invalid: must be a positive integer"),
