@@ -278,3 +278,18 @@ def test_another_deepinv_denoiser_is_refused_in_one_line():
 
     with pytest.raises(ConfigError, match=r"^net=TVDenoiser is invalid: a deepinv denoiser without an eps path"):
         DDPM(net=TVDenoiser(), schedule=NoiseSchedule())
+
+
+def test_first_non_finite_names_the_first_bad_tensor_and_never_flags_a_large_finite_one():
+    from ddpm_lightning.module import first_non_finite
+
+    big = torch.full((3, 3), 3e38)  # its 2-norm overflows float32; its max-norm does not
+    ok = [("a", big), ("b", torch.tensor(2.0)), ("c", torch.zeros(0)), ("d", torch.tensor([1, 2])),
+          ("e", torch.randn(4, dtype=torch.float64)), ("f", "not a tensor")]
+    assert first_non_finite(ok) is None
+    for bad_value in (float("nan"), float("inf"), float("-inf")):
+        x = torch.randn(5, 5)
+        x[3, 1] = bad_value
+        assert first_non_finite([*ok, ("x", x), ("y", torch.tensor(float("nan")))]) == "x"
+    assert first_non_finite([*ok, ("y", torch.tensor(float("nan"), dtype=torch.float64))]) == "y"
+    assert first_non_finite([]) is None
