@@ -71,8 +71,10 @@ def plot(rows: list[dict], path: Path, title: str, num_samples: int) -> None:
     twin = left.twinx()
     twin.plot(s, [r["normalised_entropy"] for r in rows], marker="s", color="C3", label="class entropy")
     twin.set_ylabel("normalised class entropy", color="C3")
-    left.legend(loc="upper left", fontsize=8)
-    twin.legend(loc="upper right", fontsize=8)
+    twin.set_ylim(min(0.9, *(r["normalised_entropy"] - 0.01 for r in rows)), 1.005)
+    left.set_ylim(bottom=0)
+    left.legend(loc="center left", fontsize=8)
+    twin.legend(loc="lower right", fontsize=8)
     left.set_title("FID and entropy")
     right.plot(s, [r["confident_fraction"] for r in rows], marker="o", label="confident fraction (p >= 0.9)")
     right.plot(s, [r["label_accuracy"] for r in rows], marker="s", label="label accuracy")
@@ -93,7 +95,8 @@ def plot(rows: list[dict], path: Path, title: str, num_samples: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ckpt", required=True)
+    p.add_argument("--ckpt", help="the class-conditional checkpoint (required unless --replot)")
+    p.add_argument("--replot", action="store_true", help="only redraw the plot and table from the rows in --out")
     p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--scales", nargs="+", type=float, default=[1.0, 1.5, 2.0, 3.0, 4.0, 5.0])
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the checkpoint's sampler)")
@@ -104,6 +107,13 @@ def main() -> None:
     p.add_argument("--plot", default=str(ROOT / "docs" / "images" / "mnist_cpu_cfg_guidance.png"))
     p.add_argument("--title", default="classifier-free guidance, experiment=mnist_cpu_cfg")
     args = p.parse_args()
+    if args.replot:
+        rows = json.loads(Path(args.out).read_text())["rows"]
+        plot(rows, Path(args.plot), args.title, json.loads(Path(args.out).read_text())["num_samples"])
+        print(table(rows))
+        return
+    if not args.ckpt:
+        p.error("--ckpt is required (or --replot)")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for scale in args.scales:

@@ -345,6 +345,10 @@ def test_the_guidance_curve_benchmark_scores_each_scale_and_plots(conditional_ck
     assert [r["guidance_scale"] for r in rows] == [1.0, 3.0]
     assert all(0 <= r["label_accuracy"] <= 1 and 0 <= r["normalised_entropy"] <= 1 and r["fid"] > 0 for r in rows)
     assert Image.open(png).size[0] > 0 and "| guidance scale | FID |" in proc.stdout
+    png.unlink()  # --replot redraws the plot from the JSON alone
+    replot = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "guidance_curve.py"),
+                             "--replot", "--out", str(out), "--plot", str(png)], capture_output=True, text=True, timeout=120)
+    assert replot.returncode == 0 and png.is_file() and "| 3 |" in replot.stdout, replot.stderr[-2000:]
 
 
 @pytest.mark.parametrize(
