@@ -135,7 +135,7 @@ def test_cli_prints_the_line_and_exits_2_without_traceback(fake_mnist_root, tmp_
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["sampler=dim"], "sampler='dim' is invalid: must be one of ['ddim', 'ddpm', 'dpmpp']"),
+        (["sampler=dim"], "sampler='dim' is invalid: must be one of ['ddim', 'ddpm', 'dpmpp', 'sde_dpmpp']"),
         (["schedule=quadratic"], "schedule='quadratic' is invalid: must be one of ['cosine', 'linear', 'sigmoid']"),
         (["-m", "model=adm_tiny,adm_smal"], "model='adm_smal' is invalid: must be one of ['adm_fast', 'adm_small', 'adm_tiny', 'diffunet']"),
         (["experiment=mnist_gpu"], "experiment='mnist_gpu' is invalid: must be one of ["),
@@ -148,7 +148,7 @@ def test_an_unknown_group_option_is_one_line(args, message):
 
 
 def test_the_checkpoint_sampler_is_offered_to_ddpm_sample_but_refused_by_ddpm_train(tiny_train_overrides):
-    with pytest.raises(ConfigError, match=r"must be one of \['checkpoint', 'ddim', 'ddpm', 'dpmpp'\]"):
+    with pytest.raises(ConfigError, match=r"must be one of \['checkpoint', 'ddim', 'ddpm', 'dpmpp', 'sde_dpmpp'\]"):
         check_group_choices(["sampler=dim"], CONF_DIR)
     with pytest.raises(ConfigError, match=r"^sampler='checkpoint' is invalid: only ddpm-sample and ddpm-evaluate"):
         train(compose_train([*tiny_train_overrides, "sampler=checkpoint"]))
@@ -220,7 +220,7 @@ def test_known_group_options_and_other_overrides_pass_the_group_check():
 def test_cli_unknown_group_option_exits_2_before_hydra(tmp_path):
     proc = run_train_cli(["sampler=dim"], cwd=tmp_path, timeout=60)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: sampler='dim' is invalid: must be one of ['ddim', 'ddpm', 'dpmpp']"
+    assert proc.stderr.strip() == "error: sampler='dim' is invalid: must be one of ['ddim', 'ddpm', 'dpmpp', 'sde_dpmpp']"
     assert not (tmp_path / "outputs").exists()
 
 
