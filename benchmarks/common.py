@@ -117,3 +117,12 @@ def training_gflop_per_image(net: nn.Module, image_size: int = 32, channels: int
         torch.nn.functional.mse_loss(net(x, t), x).backward()
     net.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch_size / 1e9
+
+
+def write_rows(path: str | Path, header: dict, rows: list[dict]) -> None:
+    """``{**header, "rows": rows}`` as indented JSON at ``path`` (folders created), rewritten after every arm so that an
+    interrupted sweep keeps what it measured."""
+    import json
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({**header, "rows": rows}, indent=2) + "\n")

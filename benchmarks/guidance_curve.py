@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import write_rows  # noqa: E402
 KEPT = ("fid", "fid_floor", "normalised_entropy", "confident_fraction", "label_accuracy", "inception_score", "seconds")
 
 
@@ -108,9 +112,9 @@ def main() -> None:
     p.add_argument("--title", default="classifier-free guidance, experiment=mnist_cpu_cfg")
     args = p.parse_args()
     if args.replot:
-        rows = json.loads(Path(args.out).read_text())["rows"]
-        plot(rows, Path(args.plot), args.title, json.loads(Path(args.out).read_text())["num_samples"])
-        print(table(rows))
+        saved = json.loads(Path(args.out).read_text())
+        plot(saved["rows"], Path(args.plot), args.title, saved["num_samples"])
+        print(table(saved["rows"]))
         return
     if not args.ckpt:
         p.error("--ckpt is required (or --replot)")
@@ -121,9 +125,7 @@ def main() -> None:
                             Path(tmp) / f"s{scale:g}")
             rows.append(row)
             print(json.dumps(row), flush=True)
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps({"ckpt": args.ckpt, "num_samples": args.num_samples,
-                                                  "seed": args.seed, "rows": rows}, indent=2) + "\n")
+            write_rows(args.out, {"ckpt": args.ckpt, "num_samples": args.num_samples, "seed": args.seed}, rows)
     plot(rows, Path(args.plot), args.title, args.num_samples)
     print(table(rows))
 

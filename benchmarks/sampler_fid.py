@@ -25,11 +25,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import write_rows  # noqa: E402
 
 SAMPLERS = {
     "ddpm": ["sampler=ddpm"],
@@ -119,9 +123,7 @@ def main() -> None:
                               Path(tmp) / f"{name}_{steps}")
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps({"ckpt": args.ckpt, "num_samples": args.num_samples,
-                                                      "seed": args.seed, "rows": rows}, indent=2) + "\n")
+                write_rows(args.out, {"ckpt": args.ckpt, "num_samples": args.num_samples, "seed": args.seed}, rows)
     plot(rows, Path(args.plot))
     print(table(rows))
 

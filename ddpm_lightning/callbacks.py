@@ -3,7 +3,6 @@ during training, and the run's row in TensorBoard's HParams tab."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from ddpm_lightning.errors import check_int, invalid, is_number
 from ddpm_lightning.hparams import HP_METRICS, log_final_metrics, write_session_start
 from ddpm_lightning.images import save_png, sample_grid, trajectory_grid
 from ddpm_lightning.mnist import load_mnist_split
+from ddpm_lightning.module import check_guidance_scale
 from ddpm_lightning.samplers import Sampler
 from ddpm_lightning.sampling import draw_samples
 
@@ -158,8 +158,7 @@ class SampleCallback(L.Callback):
         sampler: Sampler | None = None,
         guidance_scale: float = 1.0,
     ) -> None:
-        if not is_number(guidance_scale) or not math.isfinite(guidance_scale):
-            raise invalid("guidance_scale", guidance_scale, "must be a finite number (1 = no guidance)")
+        check_guidance_scale(guidance_scale)
         for key, value, low in [
             ("every_n_epochs", every_n_epochs, 0),
             ("num_samples", num_samples, 1),

@@ -453,6 +453,16 @@ def _label_repr(labels: Any) -> Any:
     return labels.tolist() if isinstance(labels, Tensor) else labels
 
 
+def check_guidance_scale(guidance_scale: Any) -> None:
+    """The classifier-free guidance scale must be a finite number (1 = no guidance).
+
+    Raises:
+        ConfigError: naming ``guidance_scale``.
+    """
+    if not is_number(guidance_scale) or not math.isfinite(guidance_scale):
+        raise invalid("guidance_scale", guidance_scale, "must be a finite number (1 = no guidance)")
+
+
 def check_conditioning(num_classes: int | None, class_labels: Any, guidance_scale: float) -> None:
     """Class labels and the guidance scale against a network's ``num_classes`` (None = unconditional).
 
@@ -464,8 +474,7 @@ def check_conditioning(num_classes: int | None, class_labels: Any, guidance_scal
     Raises:
         ConfigError: naming ``class_label`` or ``guidance_scale``.
     """
-    if not is_number(guidance_scale) or not math.isfinite(guidance_scale):
-        raise invalid("guidance_scale", guidance_scale, "must be a finite number (1 = no guidance)")
+    check_guidance_scale(guidance_scale)
     if num_classes is None:
         if class_labels is not None:
             raise invalid("class_label", _label_repr(class_labels), "the model is unconditional (model.num_classes=null)")
