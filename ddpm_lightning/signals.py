@@ -15,13 +15,17 @@ Lightning's SLURM requeue checkpoint (``hpc_ckpt_*.ckpt`` on SIGUSR1, ``#SBATCH 
 A DDP child that dies (OOM killer, SIGKILL) is noticed by Lightning's child-process observer in rank zero, which
 polls every 5 seconds and then SIGKILLs the children and rank zero itself: rank zero would end with status -9 and
 no word, unless its own collective failed first. :class:`PeerWatch` does the same clean-up but first prints the
-one-line ``error:`` and ends rank zero with status 1, whichever notices first.
+one-line ``error:`` and ends rank zero with status 1, whichever notices first. After a SIGTERM the children ending
+is expected, not a peer failure: PeerWatch then gives rank zero's own exit (its ``stopped by SIGTERM`` line and
+143) :attr:`PeerWatch.grace_s` seconds before it ends rank zero with that status itself.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from types import FrameType
 from typing import Any
 
@@ -33,6 +37,12 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from ddpm_lightning.errors import print_error
 
 log = logging.getLogger(__name__)
+
+#: Set by :class:`SafeSignalConnector` when this process receives SIGTERM (read by :class:`PeerWatch`).
+SIGTERM_RECEIVED = threading.Event()
+
+#: The one line of a SIGTERM stop (the same start as training's StoppedBySignal, which adds the checkpoint).
+STOPPED = "stopped by SIGTERM; the newest complete checkpoint is kept"
 
 
 class SafeSignalConnector(_SignalConnector):
@@ -46,6 +56,7 @@ class SafeSignalConnector(_SignalConnector):
             if launcher is not None:
                 launcher.kill(signum)  # the local DDP children (a no-op where there are none)
         self.received_sigterm = True
+        SIGTERM_RECEIVED.set()
         raise SIGTERMException()
 
 
@@ -57,10 +68,20 @@ class PeerWatch(_ChildProcessObserver):
     """Lightning's child-process observer, ending rank zero with the one-line error and exit status 1 (after
     killing the other local ranks, as Lightning does) instead of SIGKILLing it silently."""
 
+    #: After a SIGTERM, seconds rank zero gets to end by itself once a child has ended (this thread is a daemon,
+    #: so it goes with the process); then PeerWatch ends it with :data:`STOPPED` and 143.
+    grace_s: float = 60.0
+
     def _terminate_all(self) -> None:
+        stopping = SIGTERM_RECEIVED.is_set()  # the children end because this rank forwarded the SIGTERM
+        if stopping:
+            time.sleep(self.grace_s)
         codes = ", ".join(str(p.returncode) for p in self._child_processes if p.returncode)
         for p in self._child_processes:
             p.send_signal(self._termination_signal)
+        if stopping:
+            print_error(f"{STOPPED} (this rank did not end within {self.grace_s:g} s of its DDP children)")
+            os._exit(143)
         print_error(PEER_GONE.format(why=f"a local DDP child exited with status {codes}"))
         os._exit(1)
 

@@ -227,7 +227,7 @@ def train(cfg: DictConfig, context: RunContext | None = None) -> dict[str, Any]:
     except SIGTERMException:
         last = Path(str(cfg.run_dir)) / "checkpoints" / "last.ckpt"
         resume = f"resume with ckpt_path={last}" if last.is_file() else "no checkpoint was written yet"
-        raise StoppedBySignal(f"stopped by SIGTERM; the newest complete checkpoint is kept ({resume})") from None
+        raise StoppedBySignal(f"{signals.STOPPED} ({resume})") from None
     except RuntimeError as err:
         if not _peer_failed(err):
             raise

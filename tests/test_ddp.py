@@ -225,7 +225,7 @@ def test_sigterm_ends_every_ddp_rank_within_seconds_in_the_grid_and_in_training(
     touches no collective, and both ranks end within seconds with one line and a non-zero exit."""
     proc, lines, gone, ranks = _sigterm_rank_zero(fake_mnist_root, tmp_path, phase)
     assert gone < 60, f"ranks {ranks} still alive {gone:.0f} s after SIGTERM"
-    assert proc.returncode == 143
+    assert proc.returncode == 143, "".join(lines)[-3000:]
     errors = [line.strip() for line in lines if line.startswith("error:")]
     assert len(errors) == 2 and all(e.startswith("error: stopped by SIGTERM; the newest complete checkpoint is kept")
                                     for e in errors), "".join(lines)[-3000:]
@@ -295,6 +295,38 @@ child.wait()
 PeerWatch(main_pid=os.getpid(), child_processes=[child])._run()  # as Lightning's observer thread does every 5 s
 print("not reached")
 """
+
+
+_OBSERVER_AFTER_SIGTERM = """
+import os, subprocess, sys, time
+from ddpm_lightning import signals
+signals.SIGTERM_RECEIVED.set()  # as SafeSignalConnector does when rank zero gets SIGTERM
+child = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(143)"])  # the child leaves as forwarded
+child.wait()
+watch = signals.PeerWatch(main_pid=os.getpid(), child_processes=[child], sleep_period=0)
+watch.grace_s = float(sys.argv[1])
+watch.start()
+time.sleep(1.0)  # rank zero's own teardown after the SIGTERM, slower than the observer's poll
+print("main ends by itself", flush=True)
+sys.exit(143)
+"""
+
+
+@pytest.mark.parametrize("grace_s", [30.0, 0.1])
+def test_after_a_sigterm_the_observer_lets_rank_zero_end_by_itself_then_ends_it_with_143(grace_s):
+    """CI race (11dabb8): rank zero forwarded SIGTERM, the child left with 143 while rank zero was still tearing
+    down, and PeerWatch took it for a dead peer (status 1, a second wrong line). Now it waits ``grace_s`` for rank
+    zero's own 143; only a rank zero that does not end in time is ended by PeerWatch, with the SIGTERM line and 143."""
+    proc = subprocess.run([sys.executable, "-c", _OBSERVER_AFTER_SIGTERM, str(grace_s)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert "another rank ended" not in proc.stderr
+    if grace_s > 1:
+        assert proc.stdout.strip() == "main ends by itself" and "error:" not in proc.stderr, proc.stderr[-2000:]
+    else:
+        assert "main ends by itself" not in proc.stdout
+        assert proc.stderr.strip().splitlines()[-1] == ("error: stopped by SIGTERM; the newest complete checkpoint is "
+                                                        "kept (this rank did not end within 0.1 s of its DDP children)")
 
 
 def test_when_lightnings_child_observer_notices_a_dead_rank_first_rank_zero_still_ends_with_one_line_and_1():
