@@ -481,7 +481,7 @@ def sampler_node(requested: Any, stored: Any) -> tuple[dict[str, Any], str]:
         if key not in base:
             raise invalid(
                 key, value, f"the checkpoint's sampler {target} has no such option; "
-                "choose another sampler with sampler=ddim, sampler=ddpm or sampler=dpmpp"
+                "choose another sampler with sampler=ddim, sampler=ddpm, sampler=dpmpp or sampler=sde_dpmpp"
             )
     changed = {k: v for k, v in changes.items() if base[k] != v}
     base.update(changes)

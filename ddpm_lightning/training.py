@@ -181,6 +181,10 @@ def _check_val_check_interval(cfg: DictConfig, batches_per_epoch: int) -> None:
         )
 
 
+#: Schedules of at most this many steps are run through on a throwaway optimizer before training.
+_LR_DRY_RUN_STEPS = 10_000
+
+
 def _build_lr_scheduler(cfg: DictConfig) -> Any:
     """The ``lr_scheduler`` partial, tried once on a throwaway optimizer so that a bad value (e.g. OneCycleLR with
     ``trainer.max_steps=-1``) is one line before training rather than an exception at the first step."""
@@ -190,8 +194,17 @@ def _build_lr_scheduler(cfg: DictConfig) -> Any:
     if "total_steps" in cfg.lr_scheduler and (not is_int(total) or total < 1):
         raise invalid("lr_scheduler.total_steps", total, "must be an integer >= 1 (it follows trainer.max_steps: set one)")
     factory = build(cfg.lr_scheduler, key="lr_scheduler")
+    # Short schedules are stepped through to the end too (~0.1 s per 10,000 steps): OneCycleLR divides by zero with
+    # some step counts (trainer.max_steps=20 at pct_start=0.05: a warm-up of zero length), when built or at a later step.
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     try:
-        factory(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0))
+        scheduler = factory(optimizer)
+        for _ in range(min(int(total), _LR_DRY_RUN_STEPS) if is_int(total) else 0):
+            optimizer.step()
+            scheduler.step()
+    except ZeroDivisionError as err:
+        raise invalid("lr_scheduler.total_steps", total, f"{cfg.lr_scheduler.get('_target_')} cannot run {total} steps "
+                      f"({first_line(err)}); choose another trainer.max_steps") from None
     except Exception as err:  # noqa: BLE001 - any refusal by the library becomes one line naming the key
         raise ConfigError(f"lr_scheduler is invalid: cannot build {cfg.lr_scheduler.get('_target_')}: {first_line(err)}") from None
     return factory
@@ -272,7 +285,7 @@ def _fit_and_evaluate(cfg: DictConfig, context: RunContext) -> dict[str, Any]:
     schedule = build(cfg.schedule, key="schedule")
     if cfg.get("sampler") is not None and cfg.sampler.get(FROM_CHECKPOINT):
         raise invalid("sampler", "checkpoint", "only ddpm-sample and ddpm-evaluate take the sampler from a "
-                      "checkpoint; ddpm-train needs sampler=ddim, sampler=ddpm or sampler=dpmpp")
+                      "checkpoint; ddpm-train needs sampler=ddim, sampler=ddpm, sampler=dpmpp or sampler=sde_dpmpp")
     sampler = build(cfg.sampler, key="sampler")
     learn_sigma = learn_sigma_of(cfg)
     with at_key("sampler"):

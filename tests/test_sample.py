@@ -396,6 +396,6 @@ def test_sampler_node_merges_keys_into_the_stored_sampler_or_refuses_unknown_one
     assert sampler_node({**marker, "steps": 100}, stored)[1] == "the checkpoint's sampler"  # the stored value: no change
     assert sampler_node(marker, None)[0] == DEFAULT_SAMPLER_NODE  # an old checkpoint that stored no sampler
     with pytest.raises(ConfigError, match=r"^eta=0.5 is invalid: the checkpoint's sampler DDPMSampler has no "
-                                          r"such option; choose another sampler with sampler=ddim, sampler=ddpm or sampler=dpmpp$") as err:
+                                          r"such option; choose another sampler with sampler=ddim, sampler=ddpm, sampler=dpmpp or sampler=sde_dpmpp$") as err:
         sampler_node({**marker, "eta": 0.5}, stored)
     assert str(err.value.at("sampler")).startswith("sampler.eta=0.5 is invalid: the checkpoint's sampler")  # as printed
