@@ -297,6 +297,13 @@ def _group_options(config_dir: Path, group: str, exclude: Mapping[str, Iterable[
     return sorted(p.stem for p in (config_dir / group).glob("*.yaml") if p.stem not in skip)
 
 
+def training_samplers() -> str:
+    """The samplers ``ddpm-train`` builds, as the command line names them, read from ``conf/sampler/`` (all but
+    ``checkpoint``, which only ddpm-sample and ddpm-evaluate take): ``sampler=ddim, sampler=ddpm, ... or sampler=...``."""
+    names = [f"sampler={n}" for n in _group_options(Path(CONFIG_DIR), "sampler", {"sampler": ["checkpoint"]})]
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
 def _overrides(argv: list[str]) -> list[tuple[str, str, str]]:
     """``(prefix, key, value)`` of each ``key=value`` word (``prefix`` is ``+``, ``++``, ``~`` or empty)."""
     out = []
@@ -481,7 +488,7 @@ def sampler_node(requested: Any, stored: Any) -> tuple[dict[str, Any], str]:
         if key not in base:
             raise invalid(
                 key, value, f"the checkpoint's sampler {target} has no such option; "
-                "choose another sampler with sampler=ddim, sampler=ddpm, sampler=dpmpp or sampler=sde_dpmpp"
+                f"choose another sampler with {training_samplers()}"
             )
     changed = {k: v for k, v in changes.items() if base[k] != v}
     base.update(changes)

@@ -24,7 +24,7 @@ from ddpm_lightning import evaluation, signals
 from ddpm_lightning.callbacks import HParamsSession
 from ddpm_lightning.checkpoint import checkpoint_file, load_checkpoint, resume_mismatch
 from ddpm_lightning.config import (FROM_CHECKPOINT, EvaluateConfig, EvaluateOptions, at_key, build, compose_config,
-                                   one_line_omegaconf, options, unknown_key_error)
+                                   one_line_omegaconf, options, training_samplers, unknown_key_error)
 from ddpm_lightning.errors import ConfigError, check_bool, check_int, PeerRankFailed, StoppedBySignal, first_line, invalid, is_int, is_number
 from ddpm_lightning.hparams import evaluation_metrics, final_metrics, run_hparams
 from ddpm_lightning.module import DDPM, check_conditioning
@@ -285,7 +285,7 @@ def _fit_and_evaluate(cfg: DictConfig, context: RunContext) -> dict[str, Any]:
     schedule = build(cfg.schedule, key="schedule")
     if cfg.get("sampler") is not None and cfg.sampler.get(FROM_CHECKPOINT):
         raise invalid("sampler", "checkpoint", "only ddpm-sample and ddpm-evaluate take the sampler from a "
-                      "checkpoint; ddpm-train needs sampler=ddim, sampler=ddpm, sampler=dpmpp or sampler=sde_dpmpp")
+                      f"checkpoint; ddpm-train needs {training_samplers()}")
     sampler = build(cfg.sampler, key="sampler")
     learn_sigma = learn_sigma_of(cfg)
     with at_key("sampler"):
