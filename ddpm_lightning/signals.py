@@ -76,12 +76,12 @@ class PeerWatch(_ChildProcessObserver):
         stopping = SIGTERM_RECEIVED.is_set()  # the children end because this rank forwarded the SIGTERM
         if stopping:
             time.sleep(self.grace_s)
-        codes = ", ".join(str(p.returncode) for p in self._child_processes if p.returncode)
         for p in self._child_processes:
             p.send_signal(self._termination_signal)
         if stopping:
             print_error(f"{STOPPED} (this rank did not end within {self.grace_s:g} s of its DDP children)")
             os._exit(143)
+        codes = ", ".join(str(p.returncode) for p in self._child_processes if p.returncode)
         print_error(PEER_GONE.format(why=f"a local DDP child exited with status {codes}"))
         os._exit(1)
 
