@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -89,6 +90,14 @@ def write_fake_mnist(root: Path, n_train: int = 64, n_test: int = 32, seed: int 
         write_idx_images(raw / img_name, images)
         write_idx_labels(raw / lbl_name, labels)
     return root
+
+
+def padded(n: int, seed: int) -> Any:
+    """n fake digits as uint8 (n, 1, 32, 32), zero-padded like ``load_mnist_split``."""
+    import torch
+
+    x = torch.from_numpy(make_fake_digits(n, seed)).unsqueeze(1)
+    return torch.nn.functional.pad(x, (2, 2, 2, 2))
 
 
 def read_idx(path: Path) -> np.ndarray:

@@ -19,13 +19,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from conftest import CONF_DIR, TINY_TRAIN, compose_train, run_train_cli
 
 from ddpm_lightning.checkpoint import AtomicCheckpointIO, load_checkpoint
 from ddpm_lightning.config import check_group_choices
-from ddpm_lightning.errors import MNISTDataError
-from ddpm_lightning.errors import ConfigError
+from ddpm_lightning.errors import ConfigError, MNISTDataError
 from ddpm_lightning.training import train
+
+from conftest import CONF_DIR, TINY_CKPT_TRAIN, TINY_TRAIN, compose_train, run_train_cli
 
 REPO = CONF_DIR.parent
 
@@ -126,7 +126,9 @@ def test_bad_train_input_is_one_line_before_any_work(tiny_train_overrides, tmp_p
     assert _run_dir_untouched(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_cli_prints_the_line_and_exits_2_without_traceback(fake_mnist_root, tmp_path):
+    """The one real interpreter behind the in-process command tests: the line, exit status 2, no traceback."""
     proc = run_train_cli([*TINY_TRAIN, f"data.root={fake_mnist_root}", "schedule.beta_start=0.05"], cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
@@ -230,48 +232,47 @@ def test_cli_unknown_group_option_exits_2_before_hydra(tmp_path):
 # -- checkpoints -------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> Path:
-    """A finished 2-step TINY_TRAIN run (run_dir with checkpoints/last.ckpt)."""
-    from mnist_fixtures import write_fake_mnist
-
-    base = tmp_path_factory.mktemp("trained")
-    root = write_fake_mnist(base / "data")
-    run = base / "run"
-    train(compose_train([*TINY_TRAIN, f"data.root={root}", f"run_dir={run}"]))
-    assert (run / "checkpoints" / "last.ckpt").is_file()
-    return run
+@pytest.fixture
+def trained_run(tiny_run) -> Path:
+    """The session's finished 2-step run (conftest.tiny_run: TINY_CKPT_TRAIN, T = 50), its run_dir with
+    checkpoints/last.ckpt. Read only."""
+    return tiny_run["run_dir"]
 
 
-def _resume(trained_run: Path, tmp_path: Path, *overrides: str):
-    root = next(trained_run.parent.glob("data"))
-    return compose_train(
-        [*TINY_TRAIN, f"data.root={root}", f"run_dir={tmp_path / 'resumed'}", "trainer.max_epochs=2",
-         f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", *overrides]
-    )
+@pytest.fixture
+def resume(trained_run, session_mnist_root, tmp_path):
+    """``resume(*overrides)``: the composed config of a 2-epoch resume from :func:`trained_run` into
+    ``tmp_path/resumed``, with the checkpoint's network, schedule and data."""
+
+    def compose(*overrides: str):
+        return compose_train([*TINY_CKPT_TRAIN, f"data.root={session_mnist_root}", f"run_dir={tmp_path / 'resumed'}",
+                              "trainer.max_epochs=2", f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}",
+                              *overrides])
+
+    return compose
 
 
 @pytest.mark.parametrize(
     "override, message",
     [
         ("schedule.beta_end=0.03", "schedule.beta_end=0.02 in the checkpoint, 0.03 in the config"),
-        ("schedule.timesteps=500", "schedule.timesteps=1000 in the checkpoint, 500 in the config"),
+        ("schedule.timesteps=500", "schedule.timesteps=50 in the checkpoint, 500 in the config"),
         ("model.model_channels=16", "model.model_channels=32 in the checkpoint, 16 in the config"),
         ("model=adm_small", "model.attn_resolutions=[] in the checkpoint, [8] in the config"),
         ("diffusion.objective=v", "diffusion.objective='eps' in the checkpoint, 'v' in the config"),
         ("schedule=sigmoid", "schedule.kind='linear' in the checkpoint, 'sigmoid' in the config"),
     ],
 )
-def test_resume_with_a_different_network_or_schedule_says_which_differs(trained_run, tmp_path, override, message):
+def test_resume_with_a_different_network_or_schedule_says_which_differs(resume, tmp_path, override, message):
     with pytest.raises(ConfigError) as excinfo:
-        train(_resume(trained_run, tmp_path, override))
+        train(resume(override))
     text = _one_line(excinfo.value)
     assert "the checkpoint does not match the config" in text and message in text, text
     assert _run_dir_untouched(tmp_path / "resumed")
 
 
-def test_resume_with_the_same_network_and_schedule_is_accepted(trained_run, tmp_path):
-    out = train(_resume(trained_run, tmp_path, "sampler=ddim", "data.batch_size=4"))  # sampler/data may change
+def test_resume_with_the_same_network_and_schedule_is_accepted(resume):
+    out = train(resume("sampler=ddpm", "data.batch_size=4"))  # sampler/data may change
     assert out["trainer"].current_epoch == 2
 
 
@@ -286,7 +287,7 @@ class _RunsCode:
 
 
 @pytest.mark.parametrize("entry", ["train", "sample"])
-def test_a_checkpoint_that_would_run_code_is_refused(trained_run, tmp_path, entry):
+def test_a_checkpoint_that_would_run_code_is_refused(trained_run, resume, tmp_path, entry):
     marker = tmp_path / "code_ran"
     ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     ckpt["hyper_parameters"]["payload"] = _RunsCode(marker)
@@ -296,7 +297,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(trained_run, tmp_path, entr
         torch.load(evil, weights_only=True)
     with pytest.raises(ConfigError) as excinfo:
         if entry == "train":
-            train(_resume(trained_run, tmp_path, f"ckpt_path={evil}"))
+            train(resume(f"ckpt_path={evil}"))
         else:
             from ddpm_lightning.cli.sample import sample
             from ddpm_lightning.config import compose_config
@@ -310,7 +311,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(trained_run, tmp_path, entr
 
 
 @pytest.mark.parametrize("kind", ["truncated", "empty", "not_ddpm"])
-def test_truncated_or_foreign_resume_checkpoint_is_one_line(trained_run, tmp_path, kind):
+def test_truncated_or_foreign_resume_checkpoint_is_one_line(trained_run, resume, tmp_path, kind):
     bad = tmp_path / "bad.ckpt"
     good = (trained_run / "checkpoints" / "last.ckpt").read_bytes()
     if kind == "truncated":
@@ -320,7 +321,7 @@ def test_truncated_or_foreign_resume_checkpoint_is_one_line(trained_run, tmp_pat
     else:
         torch.save({"state_dict": {}}, bad)
     with pytest.raises(ConfigError) as excinfo:
-        train(_resume(trained_run, tmp_path, f"ckpt_path={bad}"))
+        train(resume(f"ckpt_path={bad}"))
     why = "not written by ddpm-train" if kind == "not_ddpm" else "not a readable checkpoint"
     assert _one_line(excinfo.value).startswith(f"ckpt_path='{bad}' is invalid: {why}")
 
@@ -358,6 +359,7 @@ AtomicCheckpointIO().save_checkpoint({"state_dict": {}}, sys.argv[1])
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_save_leaves_the_previous_checkpoint(trained_run, tmp_path):
     last = tmp_path / "checkpoints" / "last.ckpt"
     last.parent.mkdir()
@@ -390,16 +392,17 @@ def test_training_saves_through_the_atomic_io(tiny_train_overrides, tmp_path, mo
 # -- outputs never clobbered ---------------------------------------------------------------------------------------
 
 
-def test_a_fresh_run_refuses_a_run_dir_with_checkpoints(trained_run, tmp_path):
-    root = next(trained_run.parent.glob("data"))
+def test_a_fresh_run_refuses_a_run_dir_with_checkpoints(trained_run, session_mnist_root):
+    root = session_mnist_root
     before = (trained_run / "checkpoints" / "last.ckpt").read_bytes()
     with pytest.raises(ConfigError) as excinfo:
-        train(compose_train([*TINY_TRAIN, f"data.root={root}", f"run_dir={trained_run}"]))
+        train(compose_train([*TINY_CKPT_TRAIN, f"data.root={root}", f"run_dir={trained_run}"]))
     assert _one_line(excinfo.value).startswith(f"run_dir='{trained_run}' is invalid: already holds")
     assert "overwrite=true" in str(excinfo.value)
     assert (trained_run / "checkpoints" / "last.ckpt").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_two_runs_started_in_the_same_second_get_different_directories(fake_mnist_root, tmp_path):
     """Hydra's run directory carries microseconds: two ddpm-train processes started together write apart."""
     args = [*TINY_TRAIN, f"data.root={fake_mnist_root}"]
@@ -435,6 +438,7 @@ _FUZZ_VALUES = st.one_of(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(st.dictionaries(st.sampled_from(FUZZ_KEYS), _FUZZ_VALUES, min_size=1, max_size=3))
 def test_fuzzed_overrides_train_one_step_or_fail_with_one_line(fake_mnist_root, overrides):
@@ -492,10 +496,11 @@ def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path):
         ("1e37", "non-finite"),  # the first steps pass; the weights then overflow the forward pass
     ],
 )
-def test_a_huge_learning_rate_exits_3_and_writes_no_non_finite_checkpoint(fake_mnist_root, tmp_path, lr, needle):
+def test_a_huge_learning_rate_exits_3_and_writes_no_non_finite_checkpoint(fake_mnist_root, tmp_path, lr, needle,
+                                                                        run_command):
     run = tmp_path / "run"
-    proc = run_train_cli([*TINY_TRAIN, "trainer.max_epochs=3", f"data.root={fake_mnist_root}", f"run_dir={run}",
-                          f"optimizer.lr={lr}"], cwd=tmp_path)
+    proc = run_command("ddpm-train", [*TINY_TRAIN, "trainer.max_epochs=3", f"data.root={fake_mnist_root}",
+                                      f"run_dir={run}", f"optimizer.lr={lr}"], cwd=tmp_path)
     assert proc.returncode == 3, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: training stopped: ") and needle in last and "Traceback" not in proc.stderr
@@ -535,6 +540,7 @@ def test_weights_that_overflow_after_a_few_steps_stop_the_run_and_keep_the_last_
         assert all(torch.isfinite(v).all() for v in ckpt[key].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_a_second_ddpm_train_on_a_held_run_dir_is_refused_in_one_line_and_can_resume_afterwards(fake_mnist_root, tmp_path):
     """Two `ddpm-train ... run_dir=X ckpt_path=last` at once: one run and one one-line refusal naming the holder
     (pid, host, start time); the same command after the first has ended resumes its checkpoint."""
@@ -548,7 +554,7 @@ def test_a_second_ddpm_train_on_a_held_run_dir_is_refused_in_one_line_and_can_re
                 "ckpt_path=last"]
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen([sys.executable, "-m", "ddpm_lightning.cli.train", *args(20)], cwd=tmp_path, env=env,
+    first = subprocess.Popen([sys.executable, "-m", "ddpm_lightning.cli.train", *args(8)], cwd=tmp_path, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -560,7 +566,7 @@ def test_a_second_ddpm_train_on_a_held_run_dir_is_refused_in_one_line_and_can_re
         holder = json.loads((run / ".ddpm-train.lock").read_text())
         assert holder["pid"] == first.pid
         with pytest.raises(ConfigError) as refused:  # the same command, in-process: it reaches the lock at once
-            train(compose_train(args(20)))
+            train(compose_train(args(8)))
         line = _one_line(refused.value)
         assert line.startswith(f"run_dir='{run}' is invalid: another ddpm-train is writing it (pid {first.pid} on host ")
         assert f"started {holder['started']}" in line and first.poll() is None
@@ -568,9 +574,9 @@ def test_a_second_ddpm_train_on_a_held_run_dir_is_refused_in_one_line_and_can_re
         _, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-2000:]
     assert len({f.name.split(".")[-2] for f in run.glob("tensorboard/events.out.tfevents.*")}) == 1  # one writer
-    again = run_train_cli(args(21), cwd=tmp_path)  # the lock is free again: the requeue resumes
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 20
+    again = train(compose_train(args(9)))  # the lock is free again: the requeue resumes
+    assert again["trainer"].current_epoch == 9
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 8
 
 
 def test_the_run_dir_lock_is_an_os_lock_released_by_a_crash(tmp_path):

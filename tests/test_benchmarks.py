@@ -1,25 +1,41 @@
-"""Benchmarks are not timed tests: CI only proves that each one runs (``--quick --smoke``)."""
+"""Benchmarks are not timed tests: CI only proves that each one runs (``--quick --smoke``). ``run_all.py`` runs them
+all once, one after the other, as a user would (each script in a process of its own); the tests read its JSON files."""
 
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SMOKE_JSON = ["train_overhead.json", "data_pipeline.json", "sampling_speed.json", "precision.json", "memory.json"]
 
 
-def test_sampling_speed_smoke(tmp_path):
-    out = tmp_path / "speed.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "sampling_speed.py"), "--quick", "--smoke", "--num-samples", "2", "--json", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(out.read_text())
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> dict:
+    """``python benchmarks/run_all.py --quick --smoke --out <dir>`` run once, from an empty working folder:
+    ``{"out": <dir>, "cwd": <folder>, "stdout": ..., "<name>.json": <its JSON>}``."""
+    out, cwd = tmp_path_factory.mktemp("bench_out"), tmp_path_factory.mktemp("bench_cwd")
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "run_all.py"), "--quick", "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"out": out, "cwd": cwd, "stdout": proc.stdout,
+            **{p.name: json.loads(p.read_text()) for p in out.glob("*.json")}}
+
+
+@pytest.mark.slow
+def test_run_all_smoke_writes_one_json_per_benchmark_and_nothing_else(smoke):
+    assert sorted(p.name for p in smoke["out"].iterdir()) == sorted(SMOKE_JSON)
+    assert not list(smoke["cwd"].iterdir())  # nothing in the folder it was started from
+
+
+@pytest.mark.slow
+def test_sampling_speed_smoke(smoke):
+    result = smoke["sampling_speed.json"]
     assert {"step_time", "cross_check", "batch_sweep", "notes", "diffusers"} <= set(result)
     rows = {r["variant"]: r for r in result["step_time"]}
     assert {"forward", "ours DDIM", "ours DDPM"} <= set(rows)
@@ -28,19 +44,16 @@ def test_sampling_speed_smoke(tmp_path):
     assert all(rows[k]["images_per_s"] > 0 and rows[k]["overhead_pct"] is not None for k in ("ours DDIM", "ours DDPM"))
     assert all(r["images_per_s"] > 0 for r in result["batch_sweep"])
     if result["diffusers"] is None:
-        assert "diffusers not installed: skipped" in proc.stdout
+        assert "diffusers not installed: skipped" in smoke["stdout"]
     else:  # same noise (and generator): ours and diffusers agree up to float32 rounding
         assert rows["ours DDIM"]["ratio_ours_over_diffusers"] > 0
         matched = [r for r in result["cross_check"] if "default" not in r["setting"]]
         assert len(matched) == 2 and all(r["max_abs_diff"] < 1e-3 for r in matched)
 
 
-def test_precision_smoke(tmp_path):
-    out = tmp_path / "precision.json"
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / "precision.py"), "--quick", "--smoke", "--json", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(out.read_text())
+@pytest.mark.slow
+def test_precision_smoke(smoke):
+    result = smoke["precision.json"]
     rows = {r["variant"]: r for r in result["rows"]}
     assert set(rows) == {"fp32", "bf16", "channels_last"}  # torch.compile only with --compile
     for r in rows.values():
@@ -50,6 +63,7 @@ def test_precision_smoke(tmp_path):
     assert rows["bf16"]["sample_rel_l2"] < 0.5 and rows["channels_last"]["sample_rel_l2"] < 1e-3
 
 
+@pytest.mark.slow
 def test_gpu_check_smoke(tmp_path):
     out = tmp_path / "gpu.json"
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py"), "--smoke", "--batch-size", "2",
@@ -60,21 +74,14 @@ def test_gpu_check_smoke(tmp_path):
     assert result["projected_100_epochs_60k_hours"] > 0
 
 
-def _smoke(tmp_path, script: str, *extra: str):
-    out = tmp_path / f"{script}.json"
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick", "--smoke", *extra, "--json", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(out.read_text())
-
-
 def _assert_machine(info: dict) -> None:
     assert info["cpu_model"] and info["torch_threads"] >= 1 and isinstance(info["cpu_flags"], list)
     assert info["gemm_fp32_gflops"] > 0 and info["gemm_bf16_gflops"] > 0
 
 
-def test_train_overhead_smoke(tmp_path):
-    result = _smoke(tmp_path, "train_overhead.py", "--batch-size", "8")
+@pytest.mark.slow
+def test_train_overhead_smoke(smoke):
+    result = smoke["train_overhead.json"]  # run_all passes --batch-size 8 with --smoke
     _assert_machine(result["machine"])
     rows = result["rows"]
     assert [r["network"] for r in rows] == ["adm_tiny"]
@@ -85,43 +92,37 @@ def test_train_overhead_smoke(tmp_path):
     assert row["bare_images_per_s"] == statistics.median(row["bare_runs"])
     assert row["project_images_per_s"] == statistics.median(row["project_runs"])
     assert row["gflop_per_image"] > 0 and row["project_gflops"] == row["project_images_per_s"] * row["gflop_per_image"]
-    assert [p.name for p in tmp_path.glob("*.json")] == ["train_overhead.py.json"]  # only the --json file
+    # only the --json file: test_run_all_smoke_writes_one_json_per_benchmark_and_nothing_else
 
 
-def test_benchmark_outputs_default_to_results():
+@pytest.mark.parametrize("script", ["train_overhead.py", "data_pipeline.py", "sampling_speed.py", "precision.py",
+                                    "memory.py", "gpu_check.py"])
+def test_benchmark_outputs_default_to_results(script, run_script):
     """Run without --json, every benchmark writes under benchmarks/results/, never into the current folder."""
-    for script in ("train_overhead.py", "data_pipeline.py", "sampling_speed.py", "precision.py", "memory.py", "gpu_check.py"):
-        # argparse wraps help at $COLUMNS, inside a long path too (CI's clone at /check/... broke "benchma\nrks")
-        proc = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
-                              timeout=120, env={**os.environ, "COLUMNS": "10000"})
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        assert f"(default: {BENCHMARKS / 'results'}/" in proc.stdout, script
+    # argparse wraps help at $COLUMNS, inside a long path too (CI's clone at /check/... broke "benchma\nrks")
+    proc = run_script(BENCHMARKS / script, ["--help"], env={"COLUMNS": "10000"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"(default: {BENCHMARKS / 'results'}/" in proc.stdout, script
 
 
-def test_train_overhead_refuses_too_few_rounds(tmp_path):
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / "train_overhead.py"), "--rounds", "3"],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+def test_train_overhead_refuses_too_few_rounds(tmp_path, run_script, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    proc = run_script(BENCHMARKS / "train_overhead.py", ["--rounds", "3"])
     assert proc.returncode == 2 and "--rounds=3: must be >= 5" in proc.stderr
 
 
-def test_data_pipeline_smoke(tmp_path):
-    result = _smoke(tmp_path, "data_pipeline.py")
+@pytest.mark.slow
+def test_data_pipeline_smoke(smoke):
+    result = smoke["data_pipeline.json"]
     _assert_machine(result["machine"])
     assert {r["path"] for r in result["rows"]} == {"project", "project per-item", "torchvision PIL"}
     assert result["max_abs_diff_vs_torchvision"] == 0.0  # same pixels as torchvision's Pad + ToTensor + Normalize
 
 
-def test_memory_smoke(tmp_path):
-    result = _smoke(tmp_path, "memory.py")
+@pytest.mark.slow
+def test_memory_smoke(smoke):
+    result = smoke["memory.json"]
     _assert_machine(result["machine"])
     rows = result["rows"]
     assert [r["case"] for r in rows] == ["baseline", "train adm_tiny", "sample adm_tiny"]
     assert all(r["peak_rss_gib"] > 0.05 for r in rows)
-
-
-def test_run_all_smoke(tmp_path):
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / "run_all.py"), "--quick", "--smoke", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert {p.name for p in tmp_path.glob("*.json")} >= {"train_overhead.json", "data_pipeline.json",
-                                                          "sampling_speed.json", "precision.json", "memory.json"}

@@ -1,44 +1,23 @@
 """The reference MNIST classifier (ddpm_lightning/classifier.py): network, training recipe, weights file, sha256,
-paths, and ddpm-train-classifier. The fixtures ``fake_root`` / ``fake_clf`` and ``padded`` serve test_metrics.py too."""
+paths, and ddpm-train-classifier. The fixtures ``fake_root`` and ``fake_clf`` (conftest.py) serve test_metrics.py too."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from mnist_fixtures import make_fake_digits, write_fake_mnist
 
 from ddpm_lightning import classifier as C
 from ddpm_lightning import metrics as M
 from ddpm_lightning.errors import ConfigError
 from ddpm_lightning.images import as_model_input
 
+from mnist_fixtures import padded
+
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
-
-
-def padded(n: int, seed: int) -> torch.Tensor:
-    """n fake digits as uint8 (n, 1, 32, 32), zero-padded like load_mnist_split."""
-    x = torch.from_numpy(make_fake_digits(n, seed)).unsqueeze(1)
-    return torch.nn.functional.pad(x, (2, 2, 2, 2))
-
-
-@pytest.fixture(scope="module")
-def fake_root(tmp_path_factory) -> Path:
-    return write_fake_mnist(tmp_path_factory.mktemp("data"), n_train=64, n_test=32)
-
-
-@pytest.fixture(scope="module")
-def fake_clf(fake_root, tmp_path_factory) -> Path:
-    """A classifier trained for 3 steps on the fake MNIST (only the plumbing is tested with it)."""
-    path = tmp_path_factory.mktemp("clf") / "clf.pt"
-    result = C.train_classifier(fake_root, path, max_steps=3, batch_size=32, verbose=False)
-    assert result["steps"] == 3 and result["path"] == path
-    return path
 
 
 def test_classifier_shapes_and_roundtrip(fake_clf):
@@ -142,15 +121,6 @@ def test_as_model_input_layouts_and_errors():
         as_model_input(u8.int())
 
 
-def test_neither_module_imports_hydra_or_lightning():
-    code = (
-        "import sys, ddpm_lightning.classifier, ddpm_lightning.metrics; "
-        "print(sorted({m.split('.')[0] for m in sys.modules} & {'hydra', 'lightning', 'pytorch_lightning', 'omegaconf'}))"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
-
-
 def test_trained_classifier_path_respects_env(monkeypatch, tmp_path):
     monkeypatch.setenv("DDPM_LIGHTNING_CACHE", str(tmp_path))
     assert C.trained_classifier_path() == tmp_path / "mnist_classifier.pt"
@@ -180,19 +150,13 @@ def test_the_packaged_reference_classifier_is_the_default_and_its_sha256_is_pinn
     assert "\n" not in str(info.value)
 
 
-def run_console(cmd: str, *args: str, env_cache: Path | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    if env_cache is not None:
-        env["DDPM_LIGHTNING_CACHE"] = str(env_cache)
-    return subprocess.run([str(BIN / cmd), *args], capture_output=True, text=True, timeout=300, env=env)
-
-
-def test_train_classifier_cli(fake_root, tmp_path):
+def test_train_classifier_cli(fake_root, tmp_path, run_command):
     out = tmp_path / "c.pt"
-    proc = run_console("ddpm-train-classifier", f"data.root={fake_root}", f"out={out}", "max_steps=2", "batch_size=16")
+    proc = run_command("ddpm-train-classifier", [f"data.root={fake_root}", f"out={out}", "max_steps=2", "batch_size=16"],
+                       cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "test accuracy" in proc.stdout and C.load_classifier(out)[1]["sha256_of_weights"] in proc.stdout
-    bad = run_console("ddpm-train-classifier", f"data.root={fake_root}", "epochs=zero")
+    bad = run_command("ddpm-train-classifier", [f"data.root={fake_root}", "epochs=zero"], cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: epochs='zero' is invalid: must be an integer"
-    missing = run_console("ddpm-train-classifier", f"data.root={tmp_path / 'none'}", f"out={out}")
+    missing = run_command("ddpm-train-classifier", [f"data.root={tmp_path / 'none'}", f"out={out}"], cwd=tmp_path)
     assert missing.returncode == 2 and "\n" not in missing.stderr.strip() and "data.root" in missing.stderr

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TRAIN
 
 from ddpm_lightning.data import EpochShuffleSampler
 from ddpm_lightning.module import derive_seed
+
+from conftest import TINY_TRAIN
 
 
 def _cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -30,9 +31,8 @@ def test_ranks_draw_different_but_reproducible_noise():
 
 def test_shuffle_sampler_is_replaced_by_a_distributed_sampler_under_ddp():
     """A RandomSampler subclass: Lightning swaps in DistributedSampler(shuffle=True), also a function of seed+epoch."""
-    from torch.utils.data import DataLoader, RandomSampler
-
     from lightning.pytorch.utilities.data import _is_dataloader_shuffled
+    from torch.utils.data import DataLoader, RandomSampler
 
     sampler = EpochShuffleSampler(10, seed=3)
     assert isinstance(sampler, RandomSampler)
@@ -43,9 +43,10 @@ def test_shuffle_sampler_is_replaced_by_a_distributed_sampler_under_ddp():
     assert sorted(first) == list(range(10)) and list(sampler) != first
 
 
-def test_local_multirun_with_ddp_is_refused_before_any_work(fake_mnist_root, tmp_path):
-    proc = _cli(["-m", "trainer=ddp_sim", "schedule.beta_end=0.02,0.2", *TINY_TRAIN, f"data.root={fake_mnist_root}",
-                 f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path, timeout=180)
+def test_local_multirun_with_ddp_is_refused_before_any_work(fake_mnist_root, tmp_path, run_command):
+    proc = run_command("ddpm-train", ["-m", "trainer=ddp_sim", "schedule.beta_end=0.02,0.2", *TINY_TRAIN,
+                                      f"data.root={fake_mnist_root}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                       cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: trainer.strategy='ddp' is invalid") and "hydra/launcher=slurm" in last
@@ -53,10 +54,15 @@ def test_local_multirun_with_ddp_is_refused_before_any_work(fake_mnist_root, tmp
 
 
 @pytest.mark.slow
-def test_two_process_cpu_ddp_trains_into_one_run_directory(fake_mnist_root, tmp_path):
+def test_two_process_cpu_ddp_trains_into_one_run_directory_and_the_ranks_share_one_importance_history(fake_mnist_root,
+                                                                                                   tmp_path):
+    """One 2-rank run shows both: rank zero alone writes the run directory, and with the importance sampler
+    (loss-second-moment) the saved history holds every rank's losses (2 ranks x batch 8 x 2 steps = 32; each rank
+    alone saw 16)."""
     run = tmp_path / "run"
     proc = _cli(["trainer=ddp_sim", *TINY_TRAIN, "trainer.max_epochs=2", f"data.root={fake_mnist_root}",
-                 f"run_dir={run}", f"hydra.run.dir={tmp_path / 'hydra'}"], cwd=tmp_path)
+                 f"run_dir={run}", f"hydra.run.dir={tmp_path / 'hydra'}", "diffusion.timestep_sampler=loss-second-moment",
+                 "schedule.timesteps=200"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     # 16 images, batch 8, 2 ranks: 1 step per epoch on each rank
@@ -65,96 +71,88 @@ def test_two_process_cpu_ddp_trains_into_one_run_directory(fake_mnist_root, tmp_
     # rank zero alone writes TensorBoard: its training events and, after fit, the final hp/* metrics (same pid)
     assert len({f.name.split(".")[-2] for f in (run / "tensorboard").glob("events.out.tfevents.*")}) == 1
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    assert int(ckpt["timestep_sampler"]["counts"].sum()) == 32
 
 
-@pytest.mark.slow
-def test_killed_run_resumes_with_the_same_command_and_matches_an_uninterrupted_run(fake_mnist_root, tmp_path):
-    """SIGKILL a CPU training run after its first checkpoint (mid-training); the same command with ckpt_path=last
-    resumes from last.ckpt and ends at the same step with the same weights as a run that was never killed."""
-    import signal
+def _start(args: list[str], cwd: Path) -> tuple[subprocess.Popen, list[str]]:
+    """A ddpm-train process (one thread) whose output lines are collected as they come."""
+    import threading
+
+    proc = subprocess.Popen([sys.executable, "-m", "ddpm_lightning.cli.train", *args], cwd=cwd,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+    return proc, lines
+
+
+def _kill_when(proc: subprocess.Popen, lines: list[str], ready) -> None:
+    """SIGKILL ``proc`` as soon as ``ready()`` holds (polled every 10 ms); the test fails if the run ends first."""
     import time
 
-    common = [*TINY_TRAIN, "data.subset_size=64", "trainer.max_epochs=12", "callbacks.samples.every_n_epochs=0",
-              f"data.root={fake_mnist_root}", "ckpt_path=last"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "ddpm_lightning.cli.train", *common, f"run_dir={run}", f"hydra.run.dir={tmp_path / 'h1'}"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = run / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 300
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+    deadline = time.monotonic() + 300
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    killed_at = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
-    assert 0 < killed_at < 96  # 8 steps per epoch, 12 epochs
-
-    again = subprocess.run([*cmd[:-1], f"hydra.run.dir={tmp_path / 'h2'}"], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "Restored all states from the checkpoint" in again.stderr + again.stdout
-    straight = _cli([*common, f"run_dir={tmp_path / 'straight'}", f"hydra.run.dir={tmp_path / 'h3'}"], cwd=tmp_path)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    a = torch.load(last, map_location="cpu", weights_only=True)
-    b = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert a["global_step"] == b["global_step"] == 96
-    for key in ["state_dict", "current_model_state"]:
-        for name, value in b[key].items():
-            assert torch.equal(a[key][name], value), f"{key}: {name}"
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed:\n" + "".join(lines)[-3000:]
 
 
 @pytest.mark.slow
-def test_a_run_killed_in_the_grid_or_in_the_final_evaluation_resumes_to_the_same_weights_and_metrics(fake_mnist_root,
-                                                                                                   tmp_path):
-    """SIGKILL during the epoch-end sampling (the grid of the last epoch, 4 samples with all 1000 DDPM steps) and,
-    in another run, during the end-of-run evaluation; the same command with ckpt_path=last then ends with the weights
-    and the complete metrics.json of a run that was never killed."""
+def test_a_run_killed_in_training_in_the_grid_or_in_the_evaluation_resumes_to_the_same_weights_and_metrics(
+        fake_mnist_root, tmp_path, run_command):
+    """SIGKILL a CPU training run at three points: mid-training (right after its first checkpoint, in epoch 1's
+    steps), while it draws the last epoch's grid (before that epoch's checkpoint), and during the end-of-run
+    evaluation. The same command with ckpt_path=last then ends, every time, at the same step with the same raw and
+    EMA weights and the complete metrics.json of a run that was never killed (one uninterrupted run is the reference
+    for all three). The killed runs are real processes; the uninterrupted and the resumed ones run the same command
+    in this process, with the same one thread (bit-identical results need the same thread count)."""
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _killed_and_resumed(fake_mnist_root, tmp_path, run_command)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _killed_and_resumed(fake_mnist_root: Path, tmp_path: Path, run_command) -> None:
     import json
-    import signal
-    import threading
-    import time
 
-    common = [*[o for o in TINY_TRAIN if not o.startswith("callbacks.samples.sampler")], "trainer.max_epochs=2",
-              "callbacks.samples.sampler=null", f"data.root={fake_mnist_root}", "ckpt_path=last",
-              "evaluate={num_samples: 16, batch_size: 4, sampler: {steps: 250}}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def start(run: Path, hydra_dir: str) -> tuple[subprocess.Popen, list[str]]:
-        proc = subprocess.Popen([sys.executable, "-m", "ddpm_lightning.cli.train", *common, f"run_dir={run}",
-                                 f"hydra.run.dir={tmp_path / hydra_dir}"], cwd=tmp_path, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        lines: list[str] = []
-        threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
-        return proc, lines
-
-    def kill_when(proc: subprocess.Popen, lines: list[str], marker: str) -> None:
-        deadline = time.monotonic() + 300
-        while not any(marker in line for line in lines) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(1.0)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-        assert proc.returncode == -signal.SIGKILL, "".join(lines)[-3000:]
-
-    straight = _cli([*common, f"run_dir={tmp_path / 'straight'}", f"hydra.run.dir={tmp_path / 'h0'}"], cwd=tmp_path)
+    common = [*[o for o in TINY_TRAIN if not o.startswith("callbacks.samples.sampler")], "+model.patch_size=2",
+              "data.subset_size=64", "trainer.max_epochs=2", "sampler.steps=100", "callbacks.samples.sampler=null",
+              f"data.root={fake_mnist_root}", "ckpt_path=last",
+              "evaluate={num_samples: 8, batch_size: 4, sampler: {steps: 50}}"]
+    straight = run_command("ddpm-train", [*common, f"run_dir={tmp_path / 'straight'}", f"hydra.run.dir={tmp_path / 'h0'}"],
+                           cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr[-3000:]
     reference = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert reference["global_step"] == 16  # 64 images / batch 8 = 8 steps per epoch, 2 epochs
     metrics = json.loads(next((tmp_path / "straight" / "evaluate").glob("step_*/metrics.json")).read_text())
-    for phase, marker in [("grid", "[samples] epoch 1: drawing"), ("evaluation", "evaluating ")]:
+    for phase in ("training", "grid", "evaluation"):
         run = tmp_path / phase
-        proc, lines = start(run, f"h_{phase}")
-        kill_when(proc, lines, marker)
+        proc, lines = _start([*common, f"run_dir={run}", f"hydra.run.dir={tmp_path / ('h1_' + phase)}"], tmp_path)
+        ready = {
+            "training": lambda: (run / "checkpoints" / "last.ckpt").is_file(),
+            "grid": lambda: any("[samples] epoch 1: drawing" in line for line in lines),
+            "evaluation": lambda: any(line.startswith("evaluating ") for line in lines),
+        }[phase]
+        _kill_when(proc, lines, ready)
+        killed_at = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+        assert killed_at == (16 if phase == "evaluation" else 8), phase  # the newest complete checkpoint
         assert not list(run.glob("evaluate/step_*/metrics.json"))
-        again = _cli([*common, f"run_dir={run}", f"hydra.run.dir={tmp_path / ('h2_' + phase)}"], cwd=tmp_path)
+        again = run_command("ddpm-train", [*common, f"run_dir={run}", f"hydra.run.dir={tmp_path / ('h2_' + phase)}"],
+                            cwd=tmp_path)
         assert again.returncode == 0, again.stderr[-3000:]
+        if phase != "evaluation":
+            assert "Restored all states from the checkpoint" in again.stderr + again.stdout
         state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-        assert state["global_step"] == reference["global_step"] == 4
+        assert state["global_step"] == reference["global_step"]
         for key in ["state_dict", "current_model_state"]:
             for name, value in reference[key].items():
                 assert torch.equal(state[key][name], value), f"{phase} {key}: {name}"
         resumed = json.loads(next((run / "evaluate").glob("step_*/metrics.json")).read_text())
-        assert resumed["n"] == 16 and resumed["fid"] == metrics["fid"], phase
+        assert resumed["n"] == 8 and resumed["fid"] == metrics["fid"], phase
         assert resumed["class_histogram"] == metrics["class_histogram"]
 
 
@@ -312,6 +310,7 @@ sys.exit(143)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grace_s", [30.0, 0.1])
 def test_after_a_sigterm_the_observer_lets_rank_zero_end_by_itself_then_ends_it_with_143(grace_s):
     """CI race (11dabb8): rank zero forwarded SIGTERM, the child left with 143 while rank zero was still tearing
@@ -329,6 +328,7 @@ def test_after_a_sigterm_the_observer_lets_rank_zero_end_by_itself_then_ends_it_
                                                         "kept (this rank did not end within 0.1 s of its DDP children)")
 
 
+@pytest.mark.slow
 def test_when_lightnings_child_observer_notices_a_dead_rank_first_rank_zero_still_ends_with_one_line_and_1():
     """The race the test above can lose under load: Lightning's observer (5 s polls) sees the dead child before rank
     zero's collective fails. It used to SIGKILL rank zero (status -9, no word); PeerWatch ends it with the line and 1."""

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -56,15 +54,6 @@ def test_layout_helpers_swap_the_channel_axis_and_round_trip():
     assert back.is_contiguous() and torch.equal(back, x)
     with pytest.raises(ValueError, match="4-d"):
         nchw_to_nhwc(torch.zeros(3, 4, 5))
-
-
-def test_images_and_mnist_modules_do_not_import_lightning():
-    code = (
-        "import sys, ddpm_lightning.images, ddpm_lightning.mnist; "
-        "print(any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
 
 
 # --------------------------------------------------------------------------- atomic_write

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_classifier import BIN, fake_clf, fake_root, padded, run_console  # noqa: F401 - fixtures used by name
 
 from ddpm_lightning import classifier as C
 from ddpm_lightning import metrics as M
 from ddpm_lightning.errors import ConfigError
+
+from mnist_fixtures import padded
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 METRIC_KEYS = {
@@ -151,51 +150,45 @@ def samples_npz(tmp_path_factory) -> Path:
     return path
 
 
-def test_evaluate_cli_writes_metrics(fake_root, fake_clf, samples_npz, tmp_path):
+def test_evaluate_cli_writes_metrics(fake_root, fake_clf, samples_npz, tmp_path, run_command):
     out = tmp_path / "eval"
-    proc = run_console(
-        "ddpm-evaluate",
-        f"samples={samples_npz}",
-        f"data.root={fake_root}",
-        f"classifier_path={fake_clf}",
-        f"out_dir={out}",
-    )
+    args = [f"samples={samples_npz}", f"data.root={fake_root}", f"classifier_path={fake_clf}", f"out_dir={out}"]
+    proc = run_command("ddpm-evaluate", args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     data = json.loads((out / "metrics.json").read_text())
     assert METRIC_KEYS <= set(data) and data["n"] == 16 and data["mode"] == "samples"
     assert "FID vs 32 test images" in proc.stdout and "Inception Score" in proc.stdout
     # the same out_dir again: refused (one line, exit 2) unless overwrite=true
-    again = run_console("ddpm-evaluate", f"samples={samples_npz}", f"data.root={fake_root}", f"classifier_path={fake_clf}", f"out_dir={out}")
+    again = run_command("ddpm-evaluate", args, cwd=tmp_path)
     assert again.returncode == 2 and again.stderr.strip().count("\n") == 0 and "overwrite=true" in again.stderr
     assert "Traceback" not in again.stderr
 
 
-def test_evaluate_needs_no_classifier_of_the_users(fake_root, samples_npz, tmp_path):
+def test_evaluate_needs_no_classifier_of_the_users(fake_root, samples_npz, tmp_path, run_command, monkeypatch):
     """An empty HOME and cache: the packaged reference classifier scores, and metrics.json names its sha256."""
-    import os
-
-    env = {**os.environ, "HOME": str(tmp_path / "home")}
-    env.pop("DDPM_LIGHTNING_CACHE", None)
-    proc = subprocess.run([str(BIN / "ddpm-evaluate"), f"samples={samples_npz}", f"data.root={fake_root}",
-                           f"out_dir={tmp_path / 'e'}"], capture_output=True, text=True, timeout=300, env=env)
+    monkeypatch.delenv("DDPM_LIGHTNING_CACHE", raising=False)
+    proc = run_command("ddpm-evaluate", [f"samples={samples_npz}", f"data.root={fake_root}", f"out_dir={tmp_path / 'e'}"],
+                       cwd=tmp_path, env={"HOME": str(tmp_path / "home")})
     assert proc.returncode == 0, proc.stderr
     data = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert data["classifier_sha256"] == C.REFERENCE_CLASSIFIER_SHA256 and data["classifier_reference"] is True
     assert f"the reference classifier {C.REFERENCE_CLASSIFIER_SHA256[:16]}" in proc.stdout
+    assert not (tmp_path / "home").exists() or not any((tmp_path / "home").rglob("*.pt"))  # nothing in the cache
 
 
-def test_a_missing_classifier_file_exits_2_with_a_hint_that_works(fake_root, samples_npz, tmp_path):
+def test_a_missing_classifier_file_exits_2_with_a_hint_that_works(fake_root, samples_npz, tmp_path, run_command):
     missing = tmp_path / "mine" / "clf.pt"
     args = [f"samples={samples_npz}", f"data.root={fake_root}", f"out_dir={tmp_path / 'e'}", f"classifier_path={missing}"]
-    proc = run_console("ddpm-evaluate", *args)
+    proc = run_command("ddpm-evaluate", args, cwd=tmp_path)
     assert proc.returncode == 2
     line = proc.stderr.strip()
     assert "\n" not in line and f"ddpm-train-classifier data.root={fake_root} out={missing}," in line
     assert "leave it unset (null) for the packaged reference classifier" in line
     hint = line.split("train one there with ", 1)[1].split(",", 1)[0].split()  # the suggested command, as printed
-    assert run_console(*hint).returncode == 0 and missing.is_file()
-    assert run_console("ddpm-evaluate", *args).returncode == 0
-    assert run_console("ddpm-evaluate", *args[:-1], "classifier_path=null", "overwrite=true").returncode == 0
+    assert run_command(hint[0], hint[1:], cwd=tmp_path).returncode == 0 and missing.is_file()
+    assert run_command("ddpm-evaluate", args, cwd=tmp_path).returncode == 0
+    assert run_command("ddpm-evaluate", [*args[:-1], "classifier_path=null", "overwrite=true"],
+                       cwd=tmp_path).returncode == 0
 
 
 def _evaluate(overrides: list[str]):
@@ -260,28 +253,9 @@ def test_evaluate_real_mode_and_training_if_missing(fake_root, tmp_path, monkeyp
 
 
 
-def test_evaluate_from_checkpoint(fake_root, fake_clf, tmp_path):
-    """ckpt_path mode: ddpm-sample's sample() into out_dir/samples, then the metrics."""
-    from ddpm_lightning.config import compose_config
-    from ddpm_lightning.training import train
-
-    cfg = compose_config(
-        "train",
-        [
-            "model=adm_tiny",
-            f"data.root={fake_root}",
-            "data.batch_size=8",
-            "data.subset_size=8",
-            "data.val_size=8",
-            "schedule.timesteps=20",
-            "trainer.max_epochs=1",
-            "trainer.enable_progress_bar=false",
-            "callbacks.samples.num_samples=1",
-            "callbacks.samples.trajectory_samples=0",
-            f"run_dir={tmp_path / 'run'}",
-        ],
-    )
-    ckpt = train(cfg)["last_ckpt"]
+def test_evaluate_from_checkpoint(fake_root, fake_clf, tiny_ckpt, tmp_path):
+    """ckpt_path mode: ddpm-sample's sample() into out_dir/samples, then the metrics (the session's tiny checkpoint)."""
+    ckpt = tiny_ckpt
     out = _evaluate(
         [
             f"ckpt_path={ckpt}",

@@ -5,19 +5,21 @@ Golden values are written out here in float64 from the papers' formulas (math / 
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import run_train_cli
 from ddpm_lightning.errors import ConfigError
 from ddpm_lightning.module import DDPM, derive_seed
 from ddpm_lightning.networks import ADMUNetEps
-from ddpm_lightning.objectives import OBJECTIVES, check_objective, min_snr_weights, predict, target
+from ddpm_lightning.objectives import (
+    OBJECTIVES,
+    check_objective,
+    min_snr_weights,
+    predict,
+    target,
+)
 from ddpm_lightning.samplers import DDIMSampler, DDPMSampler, DPMSolverSampler
 from ddpm_lightning.schedule import NoiseSchedule, rescale_zero_terminal_snr
 
@@ -122,7 +124,9 @@ def test_zero_terminal_snr_on_the_papers_linear_schedule():
 
 
 def test_zero_terminal_snr_matches_diffusers():
-    from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as diffusers_rescale
+    from diffusers.schedulers.scheduling_ddim import (
+        rescale_zero_terminal_snr as diffusers_rescale,
+    )
 
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
     torch.testing.assert_close(rescale_zero_terminal_snr(betas), diffusers_rescale(betas.clone()), rtol=1e-12, atol=1e-15)
@@ -228,24 +232,25 @@ def test_sample_and_bound_use_the_models_objective():
 
 
 # ------------------------------------------------------------------------------------------------ the command line
-def test_cli_refuses_eps_with_zero_terminal_snr_in_one_line(tiny_train_overrides, tmp_path):
-    proc = run_train_cli([*tiny_train_overrides, "schedule.rescale_zero_terminal_snr=true"], cwd=tmp_path)
+def test_cli_refuses_eps_with_zero_terminal_snr_in_one_line(tiny_train_overrides, tmp_path, run_command):
+    proc = run_command("ddpm-train", [*tiny_train_overrides, "schedule.rescale_zero_terminal_snr=true"], cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: diffusion.objective='eps' is invalid: schedule.rescale_zero_terminal_snr"), lines
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_cli_refuses_an_unknown_objective_in_one_line(tiny_train_overrides, tmp_path):
-    proc = run_train_cli([*tiny_train_overrides, "diffusion.objective=noise"], cwd=tmp_path)
+def test_cli_refuses_an_unknown_objective_in_one_line(tiny_train_overrides, tmp_path, run_command):
+    proc = run_command("ddpm-train", [*tiny_train_overrides, "diffusion.objective=noise"], cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip() == "error: diffusion.objective='noise' is invalid: must be one of ['eps', 'x0', 'v']"
 
 
-def test_v_zero_snr_run_trains_samples_and_refuses_a_resume_with_another_objective(tiny_train_overrides, tmp_path):
+def test_v_zero_snr_run_trains_samples_and_refuses_a_resume_with_another_objective(tiny_train_overrides, tmp_path,
+                                                                                   run_command):
     base = [*tiny_train_overrides, "schedule=sigmoid", "schedule.rescale_zero_terminal_snr=true", "diffusion.objective=v",
             "sampler=dpmpp", "sampler.steps=4", "callbacks.samples.sampler=null", "trainer.max_steps=2"]
-    proc = run_train_cli(base, cwd=tmp_path)
+    proc = run_command("ddpm-train", base, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     from ddpm_lightning.checkpoint import load_ddpm
@@ -253,12 +258,13 @@ def test_v_zero_snr_run_trains_samples_and_refuses_a_resume_with_another_objecti
     model = load_ddpm(ckpt)
     assert model.objective == "v" and float(model.schedule.alphas_cumprod[-1]) == 0.0
     assert bool(torch.isfinite(model.sample(2, generator=torch.Generator().manual_seed(0)).x0).all())
-    resume = run_train_cli([*base, "diffusion.objective=x0", f"ckpt_path={ckpt}", "trainer.max_steps=3"], cwd=tmp_path)
+    resume = run_command("ddpm-train", [*base, "diffusion.objective=x0", f"ckpt_path={ckpt}", "trainer.max_steps=3"],
+                         cwd=tmp_path)
     assert resume.returncode == 2, resume.stderr[-2000:]
     lines = resume.stderr.strip().splitlines()
     assert len(lines) == 1 and "diffusion.objective='v' in the checkpoint, 'x0' in the config" in lines[0], lines
-    sample = subprocess.run([str(Path(sys.executable).with_name("ddpm-sample")), f"ckpt_path={ckpt}", "num_samples=2", "sampler.steps=3", f"out_dir={tmp_path / 's'}"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    sample = run_command("ddpm-sample", [f"ckpt_path={ckpt}", "num_samples=2", "sampler.steps=3",
+                                         f"out_dir={tmp_path / 's'}"], cwd=tmp_path)
     assert sample.returncode == 0, sample.stderr[-2000:]
 
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,9 +25,10 @@ def optuna_sweeper():
     return pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
 
 
-def _search(args: list[str], root: Path, sweep: Path, cwd: Path) -> subprocess.CompletedProcess:
-    return run_train_cli(["-m", "hparams_search=beta_optuna", *TINY, *args, f"data.root={root}",
-                          f"hydra.sweep.dir={sweep}"], cwd=cwd, timeout=300)
+def _search(run_command, args: list[str], root: Path, sweep: Path, cwd: Path):
+    """The search as ``ddpm-train -m hparams_search=beta_optuna ...`` runs it (its entry point, in this process)."""
+    return run_command("ddpm-train", ["-m", "hparams_search=beta_optuna", *TINY, *args, f"data.root={root}",
+                                      f"hydra.sweep.dir={sweep}"], cwd=cwd)
 
 
 def _trial_states(db: Path) -> list[str]:
@@ -38,12 +37,12 @@ def _trial_states(db: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_three_trial_fid_search_end_to_end_and_its_report(optuna_sweeper, fake_mnist_root, tmp_path):
+def test_a_three_trial_fid_search_end_to_end_and_its_report(optuna_sweeper, fake_mnist_root, tmp_path, run_command):
     """The default objective: the FID of the end-of-run evaluation (8 samples here). Three job folders, the sqlite
     study next to them, optimization_results.yaml with the three searched keys and the lowest FID; ddpm-report
     tables the trials and names Optuna's best."""
     sweep = tmp_path / "sweep"
-    proc = _search(["hydra.sweeper.n_trials=3", "evaluate.num_samples=8", "evaluate.batch_size=8",
+    proc = _search(run_command, ["hydra.sweeper.n_trials=3", "evaluate.num_samples=8", "evaluate.batch_size=8",
                     "evaluate.sampler.steps=2"], fake_mnist_root, sweep, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1", "2"]
@@ -57,8 +56,7 @@ def test_a_three_trial_fid_search_end_to_end_and_its_report(optuna_sweeper, fake
     for key, value in results["best_params"].items():
         assert float(next(o for o in overrides if o.startswith(f"{key}=")).split("=", 1)[1]) == pytest.approx(value)
 
-    report = subprocess.run([sys.executable, "-m", "ddpm_lightning.cli.report", str(sweep)], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300)
+    report = run_command("ddpm-report", [str(sweep)], cwd=tmp_path)
     assert report.returncode == 0, report.stderr[-3000:]
     md = (sweep / "report.md").read_text()
     rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ") and line[2].isdigit()}
@@ -69,12 +67,12 @@ def test_a_three_trial_fid_search_end_to_end_and_its_report(optuna_sweeper, fake
 
 
 @pytest.mark.slow
-def test_a_diverged_trial_ranks_last_and_the_search_goes_on(optuna_sweeper, fake_mnist_root, tmp_path):
+def test_a_diverged_trial_ranks_last_and_the_search_goes_on(optuna_sweeper, fake_mnist_root, tmp_path, run_command):
     """optimized_metric=val/loss without evaluation; lr drawn from {1e-3, 1e30}: with TPE seed 0 trial 1 draws 1e30
     and its loss is NaN at step 1. It reports inf (a completed trial ranked last) with a warning line; the other
     trials run and the best is a finite one."""
     sweep = tmp_path / "sweep"
-    proc = _search(["hydra.sweeper.n_trials=3", "optimized_metric=val/loss", "evaluate=null", "data.subset_size=16",
+    proc = _search(run_command, ["hydra.sweeper.n_trials=3", "optimized_metric=val/loss", "evaluate=null", "data.subset_size=16",
                     "optimizer.lr=choice(1e-3,1e30)"], fake_mnist_root, sweep, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]

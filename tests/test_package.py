@@ -12,6 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
 from conftest import CONF_DIR, TINY_TRAIN
 
 REPO = CONF_DIR.parent
@@ -84,4 +85,10 @@ def test_the_installed_wheel_trains_and_evaluates_outside_the_repo(installed, fa
                                                        "num_samples=2", f"out_dir={elsewhere / 's'}"], elsewhere, home)
     assert sample.returncode == 0, sample.stderr[-3000:]
     assert "the checkpoint's sampler" in sample.stdout and (elsewhere / "s" / "samples.npz").is_file()
+    # the other three console scripts start from the wheel too (their bodies run in-process in the other tests)
+    for script, usage in [("ddpm-evaluate", "evaluate is powered by Hydra"),
+                          ("ddpm-train-classifier", "train_classifier is powered by Hydra"),
+                          ("ddpm-report", "usage: ddpm-report")]:
+        helped = _run_installed(installed, script, ["--help"], elsewhere, home)
+        assert helped.returncode == 0 and usage in helped.stdout, (script, helped.stderr[-2000:])
     assert not any(home.rglob("*.pt"))  # nothing was needed in, or written to, the user's cache

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import CONF_DIR, TINY_TRAIN
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
 from ddpm_lightning.cli.report import main
 from ddpm_lightning.report import report
+
+from conftest import CONF_DIR
 
 REPO = CONF_DIR.parent
 QUARTILES = [f"val/loss_q{q}" for q in range(4)]
@@ -212,34 +210,25 @@ def test_not_a_sweep_is_one_line_and_exit_2(tmp_path, capsys, layout):
 
 
 @pytest.mark.slow
-def test_real_tiny_sweep_end_to_end(fake_mnist_root, tmp_path):
+def test_real_tiny_sweep_end_to_end(tiny_sweep, tmp_path, run_command):
+    """The session's real 3-job sweep (conftest.tiny_sweep), copied (the report writes into the sweep folder), then
+    ddpm-report on it."""
+    import shutil
+
     sweep = tmp_path / "sweep"
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
-    tiny = [o for o in TINY_TRAIN if not o.startswith("callbacks.samples.sampler")]
-    train = subprocess.run(
-        [
-            sys.executable, "-m", "ddpm_lightning.cli.train", "-m", "schedule.beta_end=0.02,0.2", *tiny,
-            "callbacks.samples.sampler={_target_: ddpm_lightning.samplers.DDIMSampler, steps: 2}",
-            "data.subset_size=8", f"data.root={fake_mnist_root}", f"hydra.sweep.dir={sweep}",
-        ],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert train.returncode == 0, train.stderr[-3000:]
-    proc = subprocess.run(
-        [sys.executable, "-m", "ddpm_lightning.cli.report", str(sweep)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    shutil.copytree(tiny_sweep, sweep)
+    proc = run_command("ddpm-report", [str(sweep)], cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _md_rows((sweep / "report.md").read_text())
-    assert list(rows) == ["0", "1"]
-    assert [rows[j]["schedule.beta_end"] for j in rows] == ["0.02", "0.2"]
+    assert list(rows) == ["0", "1", "2"]
+    assert [rows[j]["schedule.beta_end"] for j in rows] == ["0.02", "0.1", "0.2"]
     for row in rows.values():
         assert row["status"] == "ok" and row["step"] == "1" and row["epoch"] == "0"  # 8 images / batch 8
         assert all(float(row[c]) > 0 for c in ["val/loss", "q0", "q1", "q2", "q3", "train/loss"])
     assert sum(r["best"] == "**best**" for r in rows.values()) == 1
     assert "| job | schedule.beta_end |" in proc.stdout and f"wrote {sweep / 'report.csv'}" in proc.stdout
     _assert_png(sweep / "report_val_loss.png")
-    assert len(_rows(sweep / "report.csv")) == 2
+    assert len(_rows(sweep / "report.csv")) == 3
 
 
 def test_bits_per_dim_columns_from_the_evaluation_or_the_callback(fake_sweep):

@@ -1,28 +1,25 @@
-"""ddpm-sample and checkpoint loading: a tiny checkpoint trained once per module, the real conf/sample.yaml."""
+"""ddpm-sample and checkpoint loading: the session's tiny checkpoints (conftest.py), the real conf/sample.yaml."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from mnist_fixtures import write_fake_mnist
 from PIL import Image
 
 from ddpm_lightning import sampling
-from ddpm_lightning.cli import sample as sample_module
 from ddpm_lightning.checkpoint import load_checkpoint, load_ddpm
+from ddpm_lightning.cli import sample as sample_module
 from ddpm_lightning.errors import ConfigError
 from ddpm_lightning.samplers import DDIMSampler
-from ddpm_lightning.training import train
+
+from conftest import TINY_T as T
+from mnist_fixtures import write_fake_mnist
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-T = 50  #: schedule.timesteps of the test checkpoint: full DDPM sampling stays cheap and T is not the default
-DDPM_SAMPLE = Path(sys.executable).with_name("ddpm-sample")
 
 
 def _compose(name: str, overrides: list[str]):
@@ -31,33 +28,15 @@ def _compose(name: str, overrides: list[str]):
     return compose_config(name, overrides)  # as the command composes (one-line errors for bad keys and types)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict:
-    """One 1-epoch run of the tiny ADMUNet on fake MNIST (2 steps), T = 50."""
-    root = write_fake_mnist(tmp_path_factory.mktemp("data"), n_train=16, n_test=8)
-    cfg = _compose(
-        "train",
-        [
-            "model=adm_tiny",
-            f"data.root={root}",
-            "data.batch_size=8",
-            "data.val_size=8",
-            f"schedule.timesteps={T}",
-            "sampler=ddim",
-            "sampler.steps=3",
-            "trainer.max_epochs=1",
-            "trainer.enable_progress_bar=false",
-            "callbacks.samples.num_samples=1",
-            "callbacks.samples.trajectory_samples=0",
-            f"run_dir={tmp_path_factory.mktemp('run')}",
-        ],
-    )
-    return train(cfg)
+@pytest.fixture
+def trained(tiny_run) -> dict:
+    """The session's tiny run (conftest.tiny_run): T = 50, the run's sampler DDIM-3, 2 steps."""
+    return tiny_run
 
 
-@pytest.fixture(scope="module")
-def ckpt(trained) -> Path:
-    return trained["last_ckpt"]
+@pytest.fixture
+def ckpt(tiny_ckpt) -> Path:
+    return tiny_ckpt
 
 
 def _sample_cfg(ckpt: Path, out_dir: Path, *overrides: str):
@@ -269,21 +248,19 @@ def test_ckpt_path_is_required(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
-def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([str(DDPM_SAMPLE), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
-def test_cli_samples_and_refuses_to_overwrite(ckpt, tmp_path):
+def test_cli_samples_and_refuses_to_overwrite(ckpt, tmp_path, run_command):
+    """The command's entry point as the console script runs it (the installed script itself: test_package.py)."""
     out = tmp_path / "cli"
-    proc = _run_cli([f"ckpt_path={ckpt}", "num_samples=2", "sampler.steps=3", f"out_dir={out}"], tmp_path)
+    proc = run_command("ddpm-sample", [f"ckpt_path={ckpt}", "num_samples=2", "sampler.steps=3", f"out_dir={out}"],
+                       cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "images/s" in proc.stdout and "Sampled 2 images with DDIMSampler(steps=3" in proc.stdout
     assert str(out / "samples.npz") in proc.stdout and str(out / "grid.png") in proc.stdout
     assert _arr(out / "samples.npz").shape == (2, 32, 32, 1)
     before = (out / "samples.npz").read_bytes()
 
-    proc = _run_cli([f"ckpt_path={ckpt}", "num_samples=2", "sampler.steps=3", f"out_dir={out}", "seed=5"], tmp_path)
+    proc = run_command("ddpm-sample", [f"ckpt_path={ckpt}", "num_samples=2", "sampler.steps=3", f"out_dir={out}",
+                                       "seed=5"], cwd=tmp_path)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [
@@ -292,30 +269,6 @@ def test_cli_samples_and_refuses_to_overwrite(ckpt, tmp_path):
     ]
     assert "Traceback" not in proc.stderr
     assert (out / "samples.npz").read_bytes() == before
-
-
-@pytest.fixture(scope="module")
-def conditional_ckpt(tmp_path_factory) -> Path:
-    """A 1-epoch class-conditional tiny ADMUNet (model.num_classes=10), T = 50."""
-    root = write_fake_mnist(tmp_path_factory.mktemp("cdata"), n_train=16, n_test=8)
-    cfg = _compose(
-        "train",
-        [
-            "model=adm_tiny",
-            "model.num_classes=10",
-            f"data.root={root}",
-            "data.batch_size=8",
-            "data.val_size=8",
-            f"schedule.timesteps={T}",
-            "trainer.max_epochs=1",
-            "trainer.enable_progress_bar=false",
-            "callbacks.samples.num_samples=2",
-            "callbacks.samples.trajectory_samples=0",
-            "callbacks.samples.sampler={_target_: ddpm_lightning.samplers.DDIMSampler, steps: 2}",
-            f"run_dir={tmp_path_factory.mktemp('crun')}",
-        ],
-    )
-    return train(cfg)["last_ckpt"]
 
 
 def test_class_label_and_guidance_on_a_conditional_checkpoint(conditional_ckpt, tmp_path):
@@ -329,25 +282,23 @@ def test_class_label_and_guidance_on_a_conditional_checkpoint(conditional_ckpt, 
         assert f["arr_1"].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]  # all classes in turn across batches
 
 
-def test_the_guidance_curve_benchmark_scores_each_scale_and_plots(conditional_ckpt, tmp_path):
+def test_the_guidance_curve_benchmark_scores_each_scale_and_plots(conditional_ckpt, tmp_path, run_script):
     """benchmarks/guidance_curve.py: one ddpm-evaluate per guidance scale, each recording its scale, the label
     accuracy and the entropy, and the plot (not a timed test)."""
     import json
 
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "guidance_curve.py"
     root = write_fake_mnist(tmp_path / "data", n_train=16, n_test=8)
     out, png = tmp_path / "curve.json", tmp_path / "curve.png"
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "guidance_curve.py"),
-                           "--ckpt", str(conditional_ckpt), "--data-root", str(root), "--scales", "1", "3",
-                           "--num-samples", "10", "--batch-size", "10", "--steps", "2", "--out", str(out), "--plot", str(png)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_script(script, ["--ckpt", conditional_ckpt, "--data-root", root, "--scales", "1", "3", "--num-samples",
+                               "10", "--batch-size", "10", "--steps", "2", "--out", out, "--plot", png])
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert [r["guidance_scale"] for r in rows] == [1.0, 3.0]
     assert all(0 <= r["label_accuracy"] <= 1 and 0 <= r["normalised_entropy"] <= 1 and r["fid"] > 0 for r in rows)
     assert Image.open(png).size[0] > 0 and "| guidance scale | FID |" in proc.stdout
     png.unlink()  # --replot redraws the plot from the JSON alone
-    replot = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "guidance_curve.py"),
-                             "--replot", "--out", str(out), "--plot", str(png)], capture_output=True, text=True, timeout=120)
+    replot = run_script(script, ["--replot", "--out", out, "--plot", png])
     assert replot.returncode == 0 and png.is_file() and "| 3 |" in replot.stdout, replot.stderr[-2000:]
 
 

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF_DIR, TINY_TRAIN, compose_train, run_train_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ddpm_lightning.errors import ConfigError
 from ddpm_lightning.training import train
+
+from conftest import CONF_DIR, TINY_TRAIN, compose_train
 
 REPO = CONF_DIR.parent
 
@@ -86,7 +86,6 @@ def test_resume_matches_an_uninterrupted_run(tiny_train_overrides, tmp_path):
     assert any(not torch.equal(ema[k], raw[k]) for k in ema)  # the EMA is not the raw weights
 
 
-@pytest.mark.slow
 def hparams_of_run(tensorboard_dir: Path) -> tuple[dict, list[str], dict[str, float]]:
     """What TensorBoard's HParams plugin reads from one run folder: the session's hyperparameters, the declared
     metric columns, and the latest value of each ``hp/*`` scalar."""
@@ -108,22 +107,11 @@ def hparams_of_run(tensorboard_dir: Path) -> tuple[dict, list[str], dict[str, fl
     return params, columns, values
 
 
-def test_multirun_over_beta_end_writes_three_job_directories(fake_mnist_root, tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = run_train_cli(
-        [
-            "-m",
-            "schedule.beta_end=0.02,0.1,0.2",
-            *[o for o in TINY_TRAIN if not o.startswith("callbacks.samples.sampler")],
-            "callbacks.samples.sampler={_target_: ddpm_lightning.samplers.DDIMSampler, steps: 2}",
-            "data.subset_size=8",
-            f"data.root={fake_mnist_root}",
-            f"hydra.sweep.dir={sweep}",
-            "evaluate={num_samples: 4, batch_size: 4, sampler: {steps: 2}}",  # the packaged reference classifier
-        ],
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+@pytest.mark.slow
+def test_multirun_over_beta_end_writes_three_job_directories(tiny_sweep):
+    """The session's sweep (conftest.tiny_sweep): three jobs, each its own run, and one HParams row per job in a
+    running TensorBoard."""
+    sweep = tiny_sweep
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name for p in jobs] == ["0", "1", "2"]
     seen = []
@@ -201,12 +189,12 @@ def hparams_rows_in_a_running_tensorboard(logdir: Path) -> dict[str, dict]:
         ("ckpt_path=/nonexistent/last.ckpt", "ckpt_path='/nonexistent/last.ckpt' is invalid"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(fake_mnist_root, tmp_path, override, needle):
+def test_bad_input_is_one_line_and_exit_2(fake_mnist_root, tmp_path, override, needle, run_command):
     if needle is None:
         cfg = compose_train([*TINY_TRAIN, f"data.root={fake_mnist_root}", f"run_dir={tmp_path}", override])
         assert cfg.sampler.steps == 50
         return
-    proc = run_train_cli([*TINY_TRAIN, f"data.root={fake_mnist_root}", override], cwd=tmp_path, timeout=120)
+    proc = run_command("ddpm-train", [*TINY_TRAIN, f"data.root={fake_mnist_root}", override], cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines[-1].startswith("error: ") and needle in lines[-1], proc.stderr[-2000:]
@@ -214,8 +202,8 @@ def test_bad_input_is_one_line_and_exit_2(fake_mnist_root, tmp_path, override, n
     assert not list(tmp_path.glob("outputs/*/*/checkpoints"))
 
 
-def test_missing_mnist_fails_before_training_with_the_data_root_hint(tmp_path):
-    proc = run_train_cli([*TINY_TRAIN, f"data.root={tmp_path / 'nowhere'}"], cwd=tmp_path, timeout=120)
+def test_missing_mnist_fails_before_training_with_the_data_root_hint(tmp_path, run_command):
+    proc = run_command("ddpm-train", [*TINY_TRAIN, f"data.root={tmp_path / 'nowhere'}"], cwd=tmp_path)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert "train-images-idx3-ubyte" in last and "data.root" in last
@@ -436,13 +424,14 @@ def test_the_guided_preset_draws_rows_of_0_to_9_with_guidance_and_scores_the_req
     assert result["metrics"]["label_accuracy"] == pytest.approx(metrics["label_accuracy"])
 
 
-def test_a_checkpoint_from_before_the_diffusion_node_still_samples_and_resumes(tiny_train_overrides, tmp_path):
+def test_a_checkpoint_from_before_the_diffusion_node_still_samples_and_resumes(tiny_run, session_mnist_root, tmp_path):
     """Checkpoints written before conf/diffusion/ store label_dropout and min_snr_gamma at the top of their config and
     no diffusion node: they load and sample as before, and a run resumes from them."""
     from ddpm_lightning.checkpoint import load_ddpm
 
-    first = train(compose_train(tiny_train_overrides))
-    ckpt = torch.load(first["last_ckpt"], map_location="cpu", weights_only=True)
+    from conftest import TINY_CKPT_TRAIN
+
+    ckpt = torch.load(tiny_run["last_ckpt"], map_location="cpu", weights_only=True)
     config = ckpt["hyper_parameters"]["config"]
     config.update(config.pop("diffusion"))  # the old layout
     assert "diffusion" not in config and config["label_dropout"] == 0.1 and config["min_snr_gamma"] is None
@@ -450,8 +439,8 @@ def test_a_checkpoint_from_before_the_diffusion_node_still_samples_and_resumes(t
     old.parent.mkdir(parents=True)
     torch.save(ckpt, old)
     model = load_ddpm(old)
-    x0 = model.sample(2, generator=torch.Generator().manual_seed(0)).x0
+    x0 = model.sample(2, generator=torch.Generator().manual_seed(0)).x0  # with the run's own sampler (DDIM-3)
     assert x0.shape == (2, 1, 32, 32) and torch.isfinite(x0).all()
-    resumed = train(compose_train([*tiny_train_overrides, f"run_dir={tmp_path / 'resumed'}", f"ckpt_path={old}",
-                                   "trainer.max_epochs=2"]))
-    assert resumed["trainer"].current_epoch == 2 and resumed["trainer"].global_step == 2 * first["trainer"].global_step
+    resumed = train(compose_train([*TINY_CKPT_TRAIN, f"data.root={session_mnist_root}", f"run_dir={tmp_path / 'resumed'}",
+                                   f"ckpt_path={old}", "trainer.max_epochs=2"]))
+    assert resumed["trainer"].current_epoch == 2 and resumed["trainer"].global_step == 2 * tiny_run["trainer"].global_step

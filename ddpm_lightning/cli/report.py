@@ -14,7 +14,6 @@ import argparse
 from pathlib import Path
 
 from ddpm_lightning.config import run_command
-from ddpm_lightning.report import report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ddpm_lightning.report import report  # matplotlib, torch, TensorBoard: after the command line is parsed
+
     result = report(args.sweep, args.out, args.metric, args.log_x)
     print(result["markdown"])
     for key in ("md", "csv"):

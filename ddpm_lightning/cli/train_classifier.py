@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from ddpm_lightning.classifier import REFERENCE_CLASSIFIER_SHA256, train_classifier
 from ddpm_lightning.config import TrainClassifierConfig, command, options
 
 
 def run(cfg: Any) -> dict[str, Any]:
+    from ddpm_lightning.classifier import REFERENCE_CLASSIFIER_SHA256, train_classifier  # torch: after the checks
+
     opts = options(cfg, TrainClassifierConfig, "ddpm-train-classifier")
     print(f"training the MNIST classifier on data.root={opts.data.root} ...", flush=True)
     result = train_classifier(opts.data.root, opts.out, epochs=opts.epochs, seed=opts.seed, batch_size=opts.batch_size,
