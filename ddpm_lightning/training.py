@@ -27,6 +27,7 @@ from ddpm_lightning.config import (FROM_CHECKPOINT, EvaluateConfig, EvaluateOpti
                                    one_line_omegaconf, options, training_samplers, unknown_key_error)
 from ddpm_lightning.errors import ConfigError, check_bool, check_int, PeerRankFailed, StoppedBySignal, first_line, invalid, is_int, is_number
 from ddpm_lightning.hparams import evaluation_metrics, final_metrics, run_hparams
+from ddpm_lightning.logs import tidy_lightning_output
 from ddpm_lightning.module import DDPM, check_conditioning
 from ddpm_lightning.runlock import RunDirLock
 from ddpm_lightning.sampling import learn_sigma_of
@@ -230,6 +231,7 @@ def train(cfg: DictConfig, context: RunContext | None = None) -> dict[str, Any]:
         PeerRankFailed: under DDP, another rank has ended.
     """
     context = context or RunContext()
+    tidy_lightning_output()  # each log line once, no advertisement (ddpm_lightning/logs.py)
     cfg = prepare_config(cfg, context)
     # One writer per run directory: the rank that writes files holds an OS lock on it until the run ends.
     lock = RunDirLock(str(cfg.run_dir)) if rank_zero_only.rank == 0 else None

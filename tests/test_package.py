@@ -79,6 +79,8 @@ def test_the_installed_wheel_trains_and_evaluates_outside_the_repo(installed, fa
                            elsewhere, home)
     assert train.returncode == 0, train.stderr[-3000:]
     assert (run / "checkpoints" / "last.ckpt").is_file()
+    out = train.stdout + train.stderr  # each line once; no advertisement; no warning only a dependency can act on
+    assert out.count("[samples] epoch 0: drawing") == 1 and "litlogger" not in out and "LeafSpec" not in out, out[-3000:]
     metrics = json.loads(next((run / "evaluate").glob("step_*/metrics.json")).read_text())
     assert metrics["classifier_reference"] is True and metrics["n"] == 4
     sample = _run_installed(installed, "ddpm-sample", [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",

@@ -444,3 +444,20 @@ def test_a_checkpoint_from_before_the_diffusion_node_still_samples_and_resumes(t
     resumed = train(compose_train([*TINY_CKPT_TRAIN, f"data.root={session_mnist_root}", f"run_dir={tmp_path / 'resumed'}",
                                    f"ckpt_path={old}", "trainer.max_epochs=2"]))
     assert resumed["trainer"].current_epoch == 2 and resumed["trainer"].global_step == 2 * tiny_run["trainer"].global_step
+
+
+def test_every_log_line_is_printed_once_and_no_advertisement(tiny_train_overrides, tmp_path, run_command):
+    """Lightning's own console handler and Hydra's root logger both printed every INFO line; Lightning 2.6.6 adds a
+    litlogger tip. Now each line once (Hydra's format, also in <run>/train.log) and no tip. (The installed wheel's
+    real process is checked for the same and for torch's pytree FutureWarning in test_package.py.)"""
+    proc = run_command("ddpm-train", [*tiny_train_overrides, f"hydra.run.dir={tmp_path / 'hydra'}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    lines = [line for line in out.splitlines() if "[INFO]" in line or line.startswith("INFO:")]
+    assert lines and all(not line.startswith("INFO:") for line in lines), out[-3000:]
+    messages = [line.split("[INFO] ", 1)[1] for line in lines]
+    assert len(messages) == len(set(messages)), out[-3000:]
+    assert any(m.startswith("[samples] epoch 0: drawing") for m in messages)
+    assert "litlogger" not in out and "Tip:" not in out
+    assert "[samples] epoch 0: drawing" in (tmp_path / "hydra" / "train.log").read_text()
+
