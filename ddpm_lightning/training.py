@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ddpm_lightning import evaluation, signals
+from ddpm_lightning.budget import TimeBudget, parse_minutes
 from ddpm_lightning.callbacks import HParamsSession
 from ddpm_lightning.checkpoint import checkpoint_file, load_checkpoint, resume_mismatch
 from ddpm_lightning.config import (FROM_CHECKPOINT, EvaluateConfig, EvaluateOptions, at_key, build, compose_config,
@@ -49,6 +51,8 @@ class RunContext:
     output_dir: str | None = None
     choices: dict[str, Any] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
+    #: ``time.monotonic()`` when the command started (the clock of ``budget.minutes``); default: when this was built.
+    started: float = field(default_factory=time.monotonic)
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -109,6 +113,7 @@ def prepare_config(cfg: DictConfig, context: RunContext | None = None) -> DictCo
                     "choose another run_dir, or set overwrite=true",
                 )
         _check_rates(cfg)
+        _check_budget(cfg)
         check_int("seed", cfg.get("seed"), 0)
         check_optimized_metric(cfg)
         cfg.trainer.precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
@@ -139,6 +144,83 @@ def _check_rates(cfg: DictConfig) -> None:
         if not is_number(found) or not math.isfinite(found) or not (found >= low if inclusive else found > low):
             bound = f">= {low:g}" if inclusive else f"> {low:g}"
             raise invalid(key, found, f"must be a finite number {bound}" + (" or null" if nullable else ""))
+
+
+def _check_budget(cfg: DictConfig) -> None:
+    """``budget.minutes`` (null, minutes > 0 or "HH:MM:SS") and ``budget.reserve`` (``auto`` or seconds >= 0)."""
+    node = cfg.get("budget")
+    if node is None:
+        return
+    parse_minutes(node.get("minutes"))
+    reserve = node.get("reserve", "auto")
+    if reserve != "auto" and not (is_number(reserve) and math.isfinite(reserve) and reserve >= 0):
+        raise invalid("budget.reserve", reserve, "must be auto (measured at start) or a number of seconds >= 0")
+
+
+#: Seconds kept, on top of the measured sampling, for the rest of the end-of-run work (the last checkpoint, the
+#: classifier's pass over the samples, the test images and the floor's training images, writing the files).
+END_OF_RUN_FIXED_S = 30.0
+#: Head-room on the measured sampling time of the end-of-run work.
+END_OF_RUN_MARGIN = 1.3
+
+
+def _time_calls(net: torch.nn.Module, batch: int, shape: tuple[int, ...], classes: int | None) -> float:
+    """Seconds of one no-grad network call at ``batch`` images (the second of two: the first warms up)."""
+    x = torch.zeros(batch, *shape)
+    t = torch.full((batch,), 500, dtype=torch.long)
+    y = (torch.arange(batch) % classes) if classes else None
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            net(x, t, y)
+            start = time.perf_counter()
+            net(x, t, y)
+            return time.perf_counter() - start
+    finally:
+        net.train(was_training)
+
+
+def end_of_run_seconds(ddpm: DDPM, samples: Any, eval_opts: EvaluateConfig | None, eval_steps: int | None) -> float:
+    """What to keep back from a time budget for the work after training: the picture callback's grid and the
+    ``evaluate:`` node's samples, timed from the network's speed here (one call per sampler step and batch; a guided
+    call counts twice), times :data:`END_OF_RUN_MARGIN`, plus :data:`END_OF_RUN_FIXED_S`."""
+    calls: list[tuple[int, int]] = []  # (batch, calls)
+    if samples is not None:
+        sampler = samples.sampler or ddpm.sampler
+        guided = 2 if getattr(samples, "guidance_scale", 1.0) != 1.0 else 1
+        calls.append((samples.num_samples * guided, len(sampler.timesteps(ddpm.schedule.num_timesteps))))
+    if eval_opts is not None and eval_steps:
+        guided = 2 if eval_opts.guidance_scale != 1.0 else 1
+        full, rest = divmod(eval_opts.num_samples, eval_opts.batch_size)
+        calls.append((eval_opts.batch_size * guided, full * eval_steps))
+        if rest:
+            calls.append((rest * guided, eval_steps))
+    seconds = sum(n * _time_calls(ddpm.net, batch, ddpm.image_shape, ddpm.num_classes) for batch, n in calls if n)
+    return END_OF_RUN_MARGIN * seconds + END_OF_RUN_FIXED_S
+
+
+def _build_budget(cfg: DictConfig, context: RunContext, ddpm: DDPM, callbacks: dict[str, Any],
+                  eval_opts: EvaluateConfig | None) -> TimeBudget | None:
+    """The :class:`~ddpm_lightning.budget.TimeBudget` of ``budget.minutes`` (None without one): its deadline is the
+    command's start + the budget - the end-of-run work (``budget.reserve``, measured here when ``auto``)."""
+    node = cfg.get("budget")
+    minutes = parse_minutes(node.get("minutes")) if node is not None else None
+    if minutes is None:
+        return None
+    reserve = node.get("reserve", "auto")
+    if reserve == "auto":
+        eval_steps = None
+        if eval_opts is not None:
+            from ddpm_lightning.config import sampler_node
+
+            node_, _ = sampler_node(eval_opts.sampler, OmegaConf.to_container(cfg.sampler, resolve=True))
+            eval_steps = len(build(node_, key="evaluate.sampler").timesteps(ddpm.schedule.num_timesteps))
+        reserve = end_of_run_seconds(ddpm, callbacks.get("samples"), eval_opts, eval_steps)
+    deadline = context.started + 60.0 * minutes - float(reserve)
+    log.info("time budget: %.1f min for the whole command, %.0f s kept for the end-of-run work; training ends by "
+             "%.0f s from now", minutes, reserve, deadline - time.monotonic())
+    return TimeBudget(deadline=deadline, sync_every=int(cfg.trainer.get("log_every_n_steps") or 10))
 
 
 def _check_resume(cfg: DictConfig) -> None:
@@ -322,6 +404,9 @@ def _fit_and_evaluate(cfg: DictConfig, context: RunContext) -> dict[str, Any]:
                 callback.check_datamodule(datamodule)
     hparams_session = HParamsSession(run_hparams(ddpm.hparams["config"], context.choices, context.overrides))
     callbacks = [*named.values(), hparams_session]
+    budget = _build_budget(cfg, context, ddpm, named, eval_opts if eval_dir is not None else None)
+    if budget is not None:
+        callbacks.append(budget)
     logger = build(cfg.logger, key="logger") if cfg.get("logger") else False
     trainer: L.Trainer = build(cfg.trainer, key="trainer", callbacks=callbacks, logger=logger)
     signals.install(trainer)  # a SIGTERM ends every DDP rank within seconds (no collective in the handler)

@@ -83,7 +83,7 @@ TRAIN_BAD_INPUTS: list[tuple[list[str], str]] = [
     (["trainer.val_check_interval=3"], "trainer.val_check_interval=3 is invalid: must be <= 2"),  # 16 images, batch 8
     (["lr_scheduler=onecycle"], "lr_scheduler.total_steps=-1 is invalid"),  # no trainer.max_steps budget
     (["lr_scheduler=onecycle", "trainer.max_steps=20"],  # OneCycleLR: a warm-up of 0.05 x 20 - 1 = 0 steps
-     "lr_scheduler.total_steps=20 is invalid: torch.optim.lr_scheduler.OneCycleLR cannot run 20 steps "
+     "lr_scheduler.total_steps=20 is invalid: ddpm_lightning.budget.BudgetOneCycleLR cannot run 20 steps "
      "(ZeroDivisionError: float division by zero); choose another trainer.max_steps"),
     (["trainer.precision=bf17"], "trainer is invalid: cannot build lightning.Trainer"),
     (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path='/nonexistent/last.ckpt' is invalid: no such checkpoint file"),

@@ -355,7 +355,7 @@ def test_onecycle_lr_scheduler_steps_after_every_optimizer_step_and_is_checkpoin
 def test_lr_scheduler_without_a_step_budget_is_one_line_before_training(tiny_train_overrides, tmp_path):
     with pytest.raises(ConfigError, match=r"^lr_scheduler.total_steps=-1 is invalid: must be an integer >= 1"):
         train(compose_train([*tiny_train_overrides, "lr_scheduler=onecycle"]))
-    with pytest.raises(ConfigError, match=r"^lr_scheduler is invalid: cannot build torch.optim.lr_scheduler.OneCycleLR: "):
+    with pytest.raises(ConfigError, match=r"^lr_scheduler is invalid: cannot build ddpm_lightning.budget.BudgetOneCycleLR: "):
         train(compose_train([*tiny_train_overrides, "lr_scheduler=onecycle", "trainer.max_steps=4",
                              "lr_scheduler.pct_start=2"]))
     assert not (tmp_path / "run" / "checkpoints").exists()

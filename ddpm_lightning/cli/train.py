@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import time
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
@@ -57,7 +58,7 @@ def run(cfg: DictConfig) -> float | None:
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
         context = RunContext(hydra_cfg.runtime.output_dir, OmegaConf.to_container(hydra_cfg.runtime.choices),
-                             list(hydra_cfg.overrides.task))
+                             list(hydra_cfg.overrides.task), started=_job_started(hydra_cfg))
         direction = sweeper_direction(hydra_cfg)
     try:
         result: dict[str, Any] = train(cfg, context)
@@ -70,6 +71,18 @@ def run(cfg: DictConfig) -> float | None:
     if not result["trainer"].is_global_zero:
         return None
     return objective(cfg, result["metrics"], direction)
+
+
+#: ``time.monotonic()`` when :func:`main` started: the clock of ``budget.minutes`` (ddpm_lightning/budget.py).
+_started: float | None = None
+
+
+def _job_started(hydra_cfg: Any) -> float:
+    """The clock of this job's ``budget.minutes``: the command's start for a single run, now for the jobs of a sweep
+    (each job has the whole budget)."""
+    if _started is None or str(hydra_cfg.mode) == "RunMode.MULTIRUN":
+        return time.monotonic()
+    return _started
 
 
 EXCLUDE = {"sampler": [TRAIN_EXCLUDED_SAMPLER]}
@@ -102,6 +115,8 @@ def check_search(args: list[str]) -> None:
 def main() -> Any:
     """Console entry point: :func:`check_search`, then the command's own checks and Hydra (one ``error:`` line on
     stderr and exit status 2 for bad input)."""
+    global _started
+    _started = time.monotonic()
     args = sys.argv[1:]
     if not any(a in ("-h", "--help", "--hydra-help", "--info", "-i") or a.startswith("--cfg") for a in args):
         try:
