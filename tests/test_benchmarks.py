@@ -126,3 +126,19 @@ def test_memory_smoke(smoke):
     rows = result["rows"]
     assert [r["case"] for r in rows] == ["baseline", "train adm_tiny", "sample adm_tiny"]
     assert all(r["peak_rss_gib"] > 0.05 for r in rows)
+
+
+@pytest.mark.slow
+def test_cpu_parallel_smoke(tmp_path):
+    """benchmarks/cpu_parallel.py: the one-process and the two-process DDP arms, alternated, medians and ratios."""
+    out = tmp_path / "cpu_parallel.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "cpu_parallel.py"), "--quick", "--smoke", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = {r["arm"]: r for r in result["rows"]}
+    assert list(rows) == ["1x2", "2x1 ddp"] and rows["1x2"]["ratio_to_first"] == 1.0
+    assert all(len(r["runs"]) == 2 and r["images_per_s"] == statistics.median(r["runs"]) > 0 for r in rows.values())
+    assert rows["2x1 ddp"]["processes"] == 2 and rows["2x1 ddp"]["ddp"] is True
+    assert result["machine"]["cpu_model"] and "| 2x1 ddp | 2 x 1 | 32 |" in proc.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["cpu_parallel.json"]
