@@ -101,6 +101,9 @@ TRAIN_BAD_INPUTS: list[tuple[list[str], str]] = [
      "callbacks.bpd.num_images=9 is invalid: must be <= data.val_size=8"),
     (["++evaluate.nll=true", "++evaluate.nll_n=1"], "evaluate.nll_n=1 is invalid"),
     (["++evaluate.guidance_scale=3"], "evaluate.guidance_scale=3.0 is invalid: the model is unconditional"),
+    (["sampler=dpmpp", "sampler.timestep_spacing=linspace", "sampler.steps=1000"],
+     "sampler.steps=1000 is invalid: must be an integer in [1, 999] with timestep_spacing='linspace', which spaces "
+     "steps + 1 points"),
     (["++evaluate.nll=true", "++evaluate.nll_variance=learned"], "evaluate.nll_variance='learned' is invalid: the model has no variance output"),
     (["++evaluate.nll=true", "++evaluate.nll_variance=wide"], "evaluate.nll_variance='wide' is invalid: must be null or one of"),
 ]
