@@ -277,20 +277,87 @@ def _paths(node: Any, prefix: str = "") -> list[str]:
     return out
 
 
-def unknown_key_error(key: str, value: Any, known: Iterable[str], parent: str = "", add: str = "") -> ConfigError:
+def unknown_key_error(key: str, value: Any, known: Iterable[str], parent: str = "", add: str = "",
+                      absent: Iterable[str] = (), absent_add: str = "+", text: str | None = None) -> ConfigError:
     """``<key>=<value> is invalid: no such key; did you mean <nearest>?`` (one line), the nearest valid key chosen
-    among ``known`` by its last part first (``label_dropout`` -> ``diffusion.label_dropout``), then by spelling.
-    ``add``: the override prefix the suggestion needs (``++`` below a node that may be null)."""
-    known = sorted(set(known))
+    among ``known`` and ``absent`` by its last part first (``label_dropout`` -> ``diffusion.label_dropout``), then by
+    spelling.
+
+    Args:
+        add: the override prefix the suggestion needs (``++`` below a node that may be null).
+        absent: real options that the composed config does not list (a node's ``_target_`` takes them:
+            :func:`target_options`); a suggestion among them gets ``absent_add`` (``+``, or ``++``) in front, which
+            Hydra needs to add a key.
+        text: the value as typed on the command line, for the suggestion (default: ``value`` written back).
+    """
+    absent = set(absent) - set(known)
+    known = sorted(set(known) | absent)
     leaf = key.rsplit(".", 1)[-1]
     same_leaf = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
     siblings = [k for k in known if (k.rsplit(".", 1)[0] if "." in k else "") == parent]
     nearest = (same_leaf[:1] or difflib.get_close_matches(key, siblings or known, n=1, cutoff=0.5)
                or difflib.get_close_matches(key, known, n=1, cutoff=0.5))
+    shown = _text(value) if text is None else text
     if nearest:
-        return invalid(key, value, f"no such key; did you mean {add}{nearest[0]}={_text(value)}?")
+        prefix = add or (absent_add if nearest[0] in absent else "")
+        return invalid(key, value, f"no such key; did you mean {prefix}{nearest[0]}={shown}?")
     names = ", ".join(k.rsplit(".", 1)[-1] for k in siblings[:12]) or "none"
     return invalid(key, value, f"no such key; the keys{f' of {parent}' if parent else ''} are: {names}")
+
+
+#: Arguments of a target that the code passes itself (a key set for them would be passed twice), by target.
+PASSED_BY_CODE: dict[str, tuple[str, ...]] = {
+    "lightning.Trainer": ("callbacks", "logger"),
+    "lightning.pytorch.Trainer": ("callbacks", "logger"),
+}
+
+#: Nodes without a ``_target_`` whose keys are the arguments of a class (or the fields of a schema), by command:
+#: ``{config name: {node: (class, arguments the code passes itself, the name in messages)}}``.
+NODE_OWNERS: dict[str, dict[str, tuple[str, tuple[str, ...], str]]] = {
+    "train": {
+        "diffusion": ("ddpm_lightning.module.DDPM",
+                      ("net", "schedule", "optimizer", "sampler", "seed", "config", "lr_scheduler"),
+                      "ddpm_lightning.module.DDPM"),
+        "evaluate": ("ddpm_lightning.config.EvaluateOptions", (), "ddpm-evaluate (conf/evaluate.yaml)"),
+    },
+}
+
+
+def _arguments(target: str, skip: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The keyword arguments of ``target`` (a class or function by its dotted name) that have a default, less
+    ``skip`` and :data:`PASSED_BY_CODE`, read from its source without importing it
+    (:func:`ddpm_lightning.targets.keyword_arguments`); () when the source cannot say."""
+    from ddpm_lightning.targets import keyword_arguments
+
+    passed = set(skip) | set(PASSED_BY_CODE.get(target, ()))
+    return tuple(name for name in keyword_arguments(target) or () if name not in passed)
+
+
+def _dict_nodes(node: Any, prefix: str = "") -> Iterator[tuple[str, DictConfig]]:
+    if isinstance(node, DictConfig):
+        yield prefix, node
+        for k, v in node.items_ex(resolve=False):
+            yield from _dict_nodes(v, f"{prefix}.{k}" if prefix else str(k))
+
+
+def target_options(config_name: str, cfg: DictConfig) -> dict[str, str]:
+    """Every real option of ``cfg``'s nodes, listed in the config or not: ``{dotted key: what takes it}``, from the
+    signature of each node's ``_target_`` (``trainer.max_time``: ``lightning.Trainer``; ``callbacks.samples.
+    guidance_scale``: ``ddpm_lightning.callbacks.SampleCallback``) and of the :data:`NODE_OWNERS` of this command
+    (``evaluate.guidance_scale``: ddpm-evaluate's), read from their source files (nothing is imported)."""
+    owners = NODE_OWNERS.get(config_name, {})
+    out: dict[str, str] = {}
+    for path, node in _dict_nodes(cfg):
+        if "_target_" in node and isinstance(node.get("_target_"), str):
+            target = str(node.get("_target_"))
+            names, owner = _arguments(target), target
+        elif path in owners:
+            names, owner = _arguments(owners[path][0], owners[path][1]), owners[path][2]
+        else:
+            continue
+        for name in names:
+            out[f"{path}.{name}" if path else name] = owner
+    return out
 
 
 def _text(value: Any) -> str:
@@ -398,7 +465,14 @@ def compose_config(config_name: str, overrides: list[str] = (), exclude: Mapping
             raise invalid(key, _typed(value), f"{parent} is null in this config; add the key with ++{key}={value}")
         if parent and parent in known and not isinstance(above, DictConfig):
             continue  # below a list or a value: Hydra decides
-        raise unknown_key_error(key, _typed(value), known, parent)
+        # a real option that this config does not list (lightning.Trainer's max_time ...): Hydra adds it with + (++
+        # where a group sweep may compose configs that do list it)
+        options_ = target_options(config_name, base)
+        add = "++" if any(_is_sweep(v) for _, _, v in group_overrides) else "+"
+        if key in options_:
+            raise invalid(key, _typed(value), f"not in this config, but an option of {options_[key]}; add it with "
+                                              f"{add}{key}={value}")
+        raise unknown_key_error(key, _typed(value), known, parent, absent=options_, absent_add=add, text=value)
     plain = [f"{p}{k}={v}" for p, k, v in parsed if not _is_sweep(v)]
     plain += [group for group, (_, _, v) in zip(groups, group_overrides) if _is_sweep(v)]
     try:
@@ -412,9 +486,18 @@ def compose_config(config_name: str, overrides: list[str] = (), exclude: Mapping
 
 
 def _typed(text: str) -> Any:
-    """A command-line value as Hydra reads it (``1.5`` -> 1.5, ``maybe`` -> 'maybe'), for quoting it in a message."""
+    """A command-line value as Hydra reads it (``1.5`` -> 1.5, ``maybe`` -> 'maybe', ``00:00:10:00`` -> the string,
+    where YAML 1.1 would read a base-60 integer), for quoting it in a message; a sweep (``a,b``) as its text."""
     import yaml
 
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parsed = OverridesParser.create().parse_override(f"key={text}")
+        if not parsed.is_sweep_override():
+            return parsed.value()
+    except Exception:  # noqa: BLE001 - Hydra reports what it cannot parse itself; quote it as YAML reads it
+        pass
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
