@@ -24,6 +24,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ddpm_lightning.config import build
 from ddpm_lightning.errors import ConfigError, NonFiniteWeightsError, first_line, invalid
+from ddpm_lightning.filesystem import file_system_error, os_error_behind
 from ddpm_lightning.hparams import flatten
 from ddpm_lightning.images import atomic_write
 from ddpm_lightning.module import DDPM, first_non_finite
@@ -191,7 +192,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     Each local save goes to a hidden temporary file in the same folder (:func:`~ddpm_lightning.images.atomic_write`),
     is fsynced, and is then renamed over the target with ``os.replace`` (atomic on POSIX), so a kill during a save
-    leaves the previous ``last.ckpt`` intact; a checkpoint whose weights (raw or EMA) hold a NaN or an infinity is
+    leaves the previous ``last.ckpt`` intact, and so does a save that the file system refuses (no space left, a
+    read-only file system...): that one raises the one-line :class:`~ddpm_lightning.errors.FileSystemError` of its
+    kind (``cannot write the checkpoint <path>: no space left on the device; the previous last.ckpt is kept as it
+    was; ...``, exit status 7 for no space); a checkpoint whose weights (raw or EMA) hold a NaN or an infinity is
     refused with :class:`~ddpm_lightning.errors.NonFiniteWeightsError` and nothing is written. Lightning's own save
     also uses a temporary file, but fsspec puts it in the system temp folder: on another filesystem the final move
     is a copy into the target, which a kill can cut short (and a 1 GB DiffUNet checkpoint may not fit in ``/tmp``). Remote URLs (``s3://`` ...) use
@@ -213,4 +217,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             with open(tmp, "wb") as f:
                 torch.save(checkpoint, f)
 
-        atomic_write(path, write)
+        target = Path(os.fspath(path))
+        previous = target.is_file()
+        try:
+            atomic_write(target, write)
+        except Exception as err:
+            cause = os_error_behind(err)  # torch's zip writer wraps the file's OSError in a RuntimeError
+            if cause is None:
+                raise
+            kept = f"the previous {target.name} is kept as it was" if previous else f"no {target.name} existed before"
+            raise file_system_error(cause, path=target, action="write the checkpoint", kept=kept) from None

@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-from ddpm_lightning.errors import ConfigError, ProjectError, first_line, invalid, print_error
+from ddpm_lightning.errors import ConfigError, FileSystemError, ProjectError, first_line, invalid, print_error
 
 
 def _config_dir() -> Path:
@@ -205,15 +205,21 @@ def options(cfg: Any, schema: type, command: str) -> Any:
 
 def check_out_dir(out_dir: Path, holds: str, overwrite: bool) -> None:
     """``out_dir`` must be a folder (or not exist yet) and, unless ``overwrite``, not already hold ``holds`` (a
-    file name relative to it): nothing already written is replaced by accident.
+    file name relative to it): nothing already written is replaced by accident. It must also be creatable and
+    writable (:func:`ddpm_lightning.filesystem.check_writable_folder`).
 
     Raises:
         ConfigError: naming ``out_dir``.
+        FileSystemError: naming ``out_dir``: permission denied, read-only file system, a missing folder or a file on
+            the way, no space left (exit statuses 4-8).
     """
     if out_dir.exists() and not out_dir.is_dir():
         raise invalid("out_dir", str(out_dir), "exists and is not a folder")
     if (out_dir / holds).exists() and not overwrite:
         raise invalid("out_dir", str(out_dir), f"already holds {holds}; set overwrite=true to replace it, or choose another out_dir")
+    from ddpm_lightning.filesystem import check_writable_folder
+
+    check_writable_folder("out_dir", str(out_dir))
 
 
 def out_dir_path(cfg: Any, command: str) -> Path:
@@ -271,20 +277,87 @@ def _paths(node: Any, prefix: str = "") -> list[str]:
     return out
 
 
-def unknown_key_error(key: str, value: Any, known: Iterable[str], parent: str = "", add: str = "") -> ConfigError:
+def unknown_key_error(key: str, value: Any, known: Iterable[str], parent: str = "", add: str = "",
+                      absent: Iterable[str] = (), absent_add: str = "+", text: str | None = None) -> ConfigError:
     """``<key>=<value> is invalid: no such key; did you mean <nearest>?`` (one line), the nearest valid key chosen
-    among ``known`` by its last part first (``label_dropout`` -> ``diffusion.label_dropout``), then by spelling.
-    ``add``: the override prefix the suggestion needs (``++`` below a node that may be null)."""
-    known = sorted(set(known))
+    among ``known`` and ``absent`` by its last part first (``label_dropout`` -> ``diffusion.label_dropout``), then by
+    spelling.
+
+    Args:
+        add: the override prefix the suggestion needs (``++`` below a node that may be null).
+        absent: real options that the composed config does not list (a node's ``_target_`` takes them:
+            :func:`target_options`); a suggestion among them gets ``absent_add`` (``+``, or ``++``) in front, which
+            Hydra needs to add a key.
+        text: the value as typed on the command line, for the suggestion (default: ``value`` written back).
+    """
+    absent = set(absent) - set(known)
+    known = sorted(set(known) | absent)
     leaf = key.rsplit(".", 1)[-1]
     same_leaf = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
     siblings = [k for k in known if (k.rsplit(".", 1)[0] if "." in k else "") == parent]
     nearest = (same_leaf[:1] or difflib.get_close_matches(key, siblings or known, n=1, cutoff=0.5)
                or difflib.get_close_matches(key, known, n=1, cutoff=0.5))
+    shown = _text(value) if text is None else text
     if nearest:
-        return invalid(key, value, f"no such key; did you mean {add}{nearest[0]}={_text(value)}?")
+        prefix = add or (absent_add if nearest[0] in absent else "")
+        return invalid(key, value, f"no such key; did you mean {prefix}{nearest[0]}={shown}?")
     names = ", ".join(k.rsplit(".", 1)[-1] for k in siblings[:12]) or "none"
     return invalid(key, value, f"no such key; the keys{f' of {parent}' if parent else ''} are: {names}")
+
+
+#: Arguments of a target that the code passes itself (a key set for them would be passed twice), by target.
+PASSED_BY_CODE: dict[str, tuple[str, ...]] = {
+    "lightning.Trainer": ("callbacks", "logger"),
+    "lightning.pytorch.Trainer": ("callbacks", "logger"),
+}
+
+#: Nodes without a ``_target_`` whose keys are the arguments of a class (or the fields of a schema), by command:
+#: ``{config name: {node: (class, arguments the code passes itself, the name in messages)}}``.
+NODE_OWNERS: dict[str, dict[str, tuple[str, tuple[str, ...], str]]] = {
+    "train": {
+        "diffusion": ("ddpm_lightning.module.DDPM",
+                      ("net", "schedule", "optimizer", "sampler", "seed", "config", "lr_scheduler"),
+                      "ddpm_lightning.module.DDPM"),
+        "evaluate": ("ddpm_lightning.config.EvaluateOptions", (), "ddpm-evaluate (conf/evaluate.yaml)"),
+    },
+}
+
+
+def _arguments(target: str, skip: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The keyword arguments of ``target`` (a class or function by its dotted name) that have a default, less
+    ``skip`` and :data:`PASSED_BY_CODE`, read from its source without importing it
+    (:func:`ddpm_lightning.targets.keyword_arguments`); () when the source cannot say."""
+    from ddpm_lightning.targets import keyword_arguments
+
+    passed = set(skip) | set(PASSED_BY_CODE.get(target, ()))
+    return tuple(name for name in keyword_arguments(target) or () if name not in passed)
+
+
+def _dict_nodes(node: Any, prefix: str = "") -> Iterator[tuple[str, DictConfig]]:
+    if isinstance(node, DictConfig):
+        yield prefix, node
+        for k, v in node.items_ex(resolve=False):
+            yield from _dict_nodes(v, f"{prefix}.{k}" if prefix else str(k))
+
+
+def target_options(config_name: str, cfg: DictConfig) -> dict[str, str]:
+    """Every real option of ``cfg``'s nodes, listed in the config or not: ``{dotted key: what takes it}``, from the
+    signature of each node's ``_target_`` (``trainer.max_time``: ``lightning.Trainer``; ``callbacks.samples.
+    guidance_scale``: ``ddpm_lightning.callbacks.SampleCallback``) and of the :data:`NODE_OWNERS` of this command
+    (``evaluate.guidance_scale``: ddpm-evaluate's), read from their source files (nothing is imported)."""
+    owners = NODE_OWNERS.get(config_name, {})
+    out: dict[str, str] = {}
+    for path, node in _dict_nodes(cfg):
+        if "_target_" in node and isinstance(node.get("_target_"), str):
+            target = str(node.get("_target_"))
+            names, owner = _arguments(target), target
+        elif path in owners:
+            names, owner = _arguments(owners[path][0], owners[path][1]), owners[path][2]
+        else:
+            continue
+        for name in names:
+            out[f"{path}.{name}" if path else name] = owner
+    return out
 
 
 def _text(value: Any) -> str:
@@ -348,22 +421,26 @@ def check_group_choices(
                 raise invalid(key, choice.strip(), f"must be one of {options_}")
 
 
-def _compose(config_name: str, overrides: list[str]) -> DictConfig:
+def _compose(config_name: str, overrides: list[str], hydra_node: bool = False) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     if GlobalHydra.instance().is_initialized():  # inside a running Hydra app (same config folder)
-        return compose(config_name=config_name, overrides=overrides)
+        return compose(config_name=config_name, overrides=overrides, return_hydra_config=hydra_node)
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides)
+        return compose(config_name=config_name, overrides=overrides, return_hydra_config=hydra_node)
 
 
-def compose_config(config_name: str, overrides: list[str] = (), exclude: Mapping[str, Iterable[str]] | None = None) -> DictConfig:
+def compose_config(config_name: str, overrides: list[str] = (), exclude: Mapping[str, Iterable[str]] | None = None,
+                   hydra_node: bool = False) -> DictConfig:
     """Compose ``conf/<config_name>.yaml`` with command-line ``overrides`` as the command does, with one-line
     errors: an unknown group option, an unknown key (naming the nearest valid key, e.g. ``num_sample=5 is invalid:
     no such key; did you mean num_samples=5?``) or a value of the wrong type for a schema (``num_samples=1.5 is
     invalid: must be an integer``). Sweep values (``a,b``, ``choice(...)``) are checked by key only; the first item
     of a group sweep picks the group option for the key check.
+
+    ``hydra_node=True`` keeps Hydra's own node (``hydra.run.dir`` ...) in the result, for
+    :func:`check_output_folders`.
 
     Raises:
         ConfigError: the first bad override.
@@ -388,11 +465,18 @@ def compose_config(config_name: str, overrides: list[str] = (), exclude: Mapping
             raise invalid(key, _typed(value), f"{parent} is null in this config; add the key with ++{key}={value}")
         if parent and parent in known and not isinstance(above, DictConfig):
             continue  # below a list or a value: Hydra decides
-        raise unknown_key_error(key, _typed(value), known, parent)
+        # a real option that this config does not list (lightning.Trainer's max_time ...): Hydra adds it with + (++
+        # where a group sweep may compose configs that do list it)
+        options_ = target_options(config_name, base)
+        add = "++" if any(_is_sweep(v) for _, _, v in group_overrides) else "+"
+        if key in options_:
+            raise invalid(key, _typed(value), f"not in this config, but an option of {options_[key]}; add it with "
+                                              f"{add}{key}={value}")
+        raise unknown_key_error(key, _typed(value), known, parent, absent=options_, absent_add=add, text=value)
     plain = [f"{p}{k}={v}" for p, k, v in parsed if not _is_sweep(v)]
     plain += [group for group, (_, _, v) in zip(groups, group_overrides) if _is_sweep(v)]
     try:
-        return _compose(config_name, plain)
+        return _compose(config_name, plain, hydra_node)
     except HydraException as err:
         cause = err.__cause__ if err.__cause__ is not None else err
         given = {k: _typed(v) for _, k, v in parsed}
@@ -402,9 +486,18 @@ def compose_config(config_name: str, overrides: list[str] = (), exclude: Mapping
 
 
 def _typed(text: str) -> Any:
-    """A command-line value as Hydra reads it (``1.5`` -> 1.5, ``maybe`` -> 'maybe'), for quoting it in a message."""
+    """A command-line value as Hydra reads it (``1.5`` -> 1.5, ``maybe`` -> 'maybe', ``00:00:10:00`` -> the string,
+    where YAML 1.1 would read a base-60 integer), for quoting it in a message; a sweep (``a,b``) as its text."""
     import yaml
 
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parsed = OverridesParser.create().parse_override(f"key={text}")
+        if not parsed.is_sweep_override():
+            return parsed.value()
+    except Exception:  # noqa: BLE001 - Hydra reports what it cannot parse itself; quote it as YAML reads it
+        pass
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
@@ -413,20 +506,120 @@ def _typed(text: str) -> Any:
 
 def run_command(fn: Callable[[Any], Any], cfg: Any) -> Any:
     """Run a command's body; a project error (:class:`~ddpm_lightning.errors.ProjectError`: bad config or data,
-    non-finite training, SIGTERM, a lost DDP peer) becomes ``error: <one line>`` on stderr and its exit status."""
+    non-finite training, SIGTERM, a lost DDP peer, a path the file system refuses) becomes ``error: <one line>`` on
+    stderr and its exit status. An ``OSError`` that is the file system's answer (or a ``RuntimeError`` raised while
+    handling one, as torch's writer does) and that no part of the command has turned into its line yet becomes the
+    :class:`~ddpm_lightning.errors.FileSystemError` of its kind here, naming the option whose path holds the file
+    (:func:`path_option`): exit status 4 permission denied, 5 read-only file system, 6 no such folder or a path under
+    a file, 7 no space left, 8 any other refusal."""
     try:
         return fn(cfg)
     except ProjectError as err:
         print_error(err)
         sys.exit(err.exit_status)
+    except (OSError, RuntimeError) as err:
+        from ddpm_lightning.filesystem import file_system_error, os_error_behind
+
+        cause = os_error_behind(err, depth=0 if isinstance(err, OSError) else 1)  # torch wraps the file's OSError
+        if cause is None:
+            raise
+        key, value, mode = path_option(cfg, cause.filename)
+        named = cause.filename is not None or value is None  # else: the option's own folder, "cannot write in <it>"
+        fault = file_system_error(cause, key, value, path=None if named else value,
+                                  action=mode if named else f"{mode} in", mode=mode)
+        print_error(fault)
+        sys.exit(fault.exit_status)
 
 
-def command(config_name: str, exclude: Mapping[str, Iterable[str]] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+#: The options that name paths: ``(key, "write" | "read")``, outputs first.
+PATH_OPTIONS = (("run_dir", "write"), ("out_dir", "write"), ("out", "write"), ("ckpt_path", "read"),
+                ("samples", "read"), ("classifier_path", "read"), ("data.root", "read"), ("sweep", "read"))
+
+
+def path_option(cfg: Any, filename: Any) -> tuple[str | None, Any, str]:
+    """``(key, value, mode)`` of the option of :data:`PATH_OPTIONS` whose path holds ``filename`` (the longest one
+    that does), else of the first output option the config has, else ``(None, None, "write")``. ``cfg``: a composed
+    config, or the ``argparse.Namespace`` of ``ddpm-report`` (``out`` is its ``--out``)."""
+    import argparse
+    import os
+
+    found: list[tuple[str, Any, str, Path]] = []
+    for key, mode in PATH_OPTIONS:
+        try:
+            if isinstance(cfg, argparse.Namespace):
+                value = getattr(cfg, key, None)
+                if value is None and key == "out":
+                    value = getattr(cfg, "sweep", None)  # ddpm-report writes into the sweep folder by default
+                shown = f"--{key}" if key == "out" else key
+            else:
+                value, shown = OmegaConf.select(cfg, key, default=None), key
+        except Exception:  # noqa: BLE001 - ${hydra:...} outside a run: this option cannot be told
+            continue
+        if isinstance(value, (str, Path)) and str(value):
+            found.append((shown, value, mode, Path(os.path.abspath(Path(str(value)).expanduser()))))
+    if filename is not None:
+        target = Path(os.path.abspath(os.fsdecode(filename)))
+        holders = [f for f in found if target == f[3] or f[3] in target.parents]
+        if holders:
+            key, value, mode, _ = max(holders, key=lambda f: len(str(f[3])))
+            return key, value, mode
+    outputs = [f for f in found if f[2] == "write"]
+    return (outputs[0][0], outputs[0][1], "write") if outputs else (None, None, "write")
+
+
+def check_output_folders(cfg: DictConfig, args: list[str], folders: Iterable[str] = (),
+                         files: Iterable[str] = ()) -> None:
+    """Before Hydra starts: the folder Hydra creates (``hydra.run.dir``, ``hydra.sweep.dir`` under ``-m``), each
+    option of ``folders`` (``run_dir``, ``out_dir``) and the folder of each option of ``files`` (``out``) must be
+    creatable and writable (:func:`ddpm_lightning.filesystem.check_writable_folder`). An option still at a
+    ``${hydra:...}`` value (the run folder: checked as ``hydra.run.dir``), null or swept is not checked here.
+
+    Args:
+        cfg: the command's config composed with ``hydra_node=True``.
+        args: the command line (``-m`` / ``--multirun`` picks ``hydra.sweep.dir``).
+
+    Raises:
+        FileSystemError: one line naming the key and the path (exit statuses 4-8).
+    """
+    from ddpm_lightning.filesystem import check_writable_folder
+
+    hydra_key = "hydra.sweep.dir" if any(a in ("-m", "--multirun") for a in args) else "hydra.run.dir"
+    checks: list[tuple[str, str, Path]] = []
+    hydra_dir = _resolved(cfg, hydra_key)
+    if hydra_dir is not None:
+        writes = OmegaConf.select(cfg, "hydra.output_subdir", default=None) is not None
+        if writes or not Path(hydra_dir).expanduser().exists():  # Hydra creates it, and writes .hydra/ in it
+            checks.append((hydra_key, hydra_dir, Path(hydra_dir)))
+    for key in folders:
+        value = _resolved(cfg, key)
+        if value is not None:
+            checks.append((key, value, Path(value)))
+    for key in files:
+        value = _resolved(cfg, key)
+        if value is not None:
+            checks.append((key, value, Path(value).expanduser().parent))
+    for key, value, path in checks:
+        check_writable_folder(key, value, path)
+
+
+def _resolved(cfg: DictConfig, key: str) -> str | None:
+    """``cfg``'s ``key`` as a string, None when it is null, empty, missing or cannot be resolved before Hydra runs."""
+    try:
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+    except Exception:  # noqa: BLE001 - ${hydra:runtime.output_dir}: known only inside the run
+        return None
+    return str(value) if isinstance(value, (str, Path)) and str(value) else None
+
+
+def command(config_name: str, exclude: Mapping[str, Iterable[str]] | None = None, folders: Iterable[str] = (),
+            files: Iterable[str] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Make ``fn(cfg)`` a Hydra console entry point on ``conf/<config_name>.yaml``.
 
     The command line is checked first with :func:`compose_config` (one line on stderr and exit status 2 for a bad
-    group option, key or type); then Hydra runs ``fn`` under :func:`run_command`. ``exclude``: group options this
-    command refuses (``{"sampler": ["checkpoint"]}`` for ``ddpm-train``).
+    group option, key or type), then the folders it will write with :func:`check_output_folders` (Hydra's run
+    folder, the ``folders`` options, the folders of the ``files`` options: one line and exit status 4-8 when the file
+    system refuses, before Hydra creates anything); then Hydra runs ``fn`` under :func:`run_command`. ``exclude``:
+    group options this command refuses (``{"sampler": ["checkpoint"]}`` for ``ddpm-train``).
     """
     import hydra
 
@@ -441,10 +634,11 @@ def command(config_name: str, exclude: Mapping[str, Iterable[str]] | None = None
             args = sys.argv[1:]
             if not any(a in ("-h", "--help", "--hydra-help", "--info", "-i") or a.startswith("--cfg") for a in args):
                 try:
-                    compose_config(config_name, args, exclude)
-                except ConfigError as err:
+                    composed = compose_config(config_name, args, exclude, hydra_node=True)
+                    check_output_folders(composed, args, folders, files)
+                except (ConfigError, FileSystemError) as err:
                     print_error(err)
-                    sys.exit(2)
+                    sys.exit(err.exit_status)
             return hydra_entry()
 
         return entry

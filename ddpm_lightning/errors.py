@@ -87,6 +87,61 @@ class NonFiniteWeightsError(NonFiniteError):
     the global step and the first bad tensor."""
 
 
+class FileSystemError(ProjectError):
+    """The operating system refused to create, write or read a path (:mod:`ddpm_lightning.filesystem` builds it from
+    an ``OSError``): one line naming the key (``run_dir``, ``out_dir``, ``hydra.run.dir``...), the path, what the file
+    system said and what to do. Each answer has its own exit status (:data:`FILE_SYSTEM_EXIT_STATUSES`): 4 permission
+    denied, 5 read-only file system, 6 no such folder (a missing parent, or a path under a regular file), 7 no space
+    left (or disk quota exceeded), 8 any other refusal of the file system.
+
+    Attributes:
+        errno: the ``OSError``'s errno (``errno.ENOSPC``...), or None.
+        path: the path the operation was on.
+    """
+
+    exit_status = 8
+
+    def __init__(self, message: str, errno: int | None = None, path: str | None = None) -> None:
+        super().__init__(message)
+        self.errno, self.path = errno, path
+
+
+class PermissionDeniedError(FileSystemError):
+    """``EACCES`` / ``EPERM``: the user may not write there. Exit 4."""
+
+    exit_status = 4
+
+
+class ReadOnlyFileSystemError(FileSystemError):
+    """``EROFS``: the path is on a file system mounted read-only. Exit 5."""
+
+    exit_status = 5
+
+
+class NoSuchFolderError(FileSystemError):
+    """``ENOENT`` / ``ENOTDIR``: a parent folder is missing or cannot hold folders, or a part of the path is a regular
+    file. Exit 6."""
+
+    exit_status = 6
+
+
+class NoSpaceError(FileSystemError):
+    """``ENOSPC`` / ``EDQUOT``: no space left on the device, or the user's disk quota is used up. Exit 7. A checkpoint
+    that fails to save this way leaves the previous one as it was (the write goes to a temporary file first)."""
+
+    exit_status = 7
+
+
+#: The exit status of each kind of file-system refusal (the README's table; ``ddpm-* --help`` docstrings).
+FILE_SYSTEM_EXIT_STATUSES = {
+    "permission denied": PermissionDeniedError.exit_status,
+    "read-only file system": ReadOnlyFileSystemError.exit_status,
+    "no such folder, or a path under a file": NoSuchFolderError.exit_status,
+    "no space left on the device (or disk quota exceeded)": NoSpaceError.exit_status,
+    "any other refusal of the file system": FileSystemError.exit_status,
+}
+
+
 def check_int(key: str, value: object, low: int, allowed: str | None = None, nullable: bool = False) -> None:
     """``value`` must be an integer >= ``low`` (or None when ``nullable``); else the one-line
     ``<key>=<value> is invalid: <allowed>`` (default ``must be an integer >= <low>``)."""

@@ -60,6 +60,7 @@ import yaml
 
 from ddpm_lightning.classifier import REFERENCE_CLASSIFIER_SHA256
 from ddpm_lightning.errors import ProjectError
+from ddpm_lightning.filesystem import check_writable_folder
 
 #: TensorBoard scalar tags read from every job, in table order.
 SCALAR_TAGS = ["val/loss", "val/loss_q0", "val/loss_q1", "val/loss_q2", "val/loss_q3", "train/loss_epoch", "val/fid",
@@ -426,10 +427,16 @@ def report(sweep: Path, out: Path | None = None, metrics: list[str] | None = Non
     """Read the sweep, write ``report.md``, ``report.csv`` and the PNGs into ``out`` (default ``sweep``).
 
     Returns ``{"jobs", "swept", "best", "rank_metric", "optuna", "markdown", "md", "csv", "plots"}`` (``optuna``:
-    :func:`read_optuna`, None for a sweep without ``optimization_results.yaml``)."""
+    :func:`read_optuna`, None for a sweep without ``optimization_results.yaml``).
+
+    Raises:
+        ProjectError: a path without any job folder (exit 2).
+        FileSystemError: ``out`` cannot be created or written, named as ``--out`` (exit statuses 4-8).
+    """
     sweep = Path(sweep)
     job_dirs = find_jobs(sweep)
     out = Path(out) if out is not None else sweep
+    check_writable_folder("--out", str(out))  # before reading the jobs' event files
     out.mkdir(parents=True, exist_ok=True)
     jobs = [read_job(d) for d in job_dirs]
     swept = swept_keys(jobs)

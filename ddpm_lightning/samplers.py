@@ -12,7 +12,9 @@
 
 * :class:`DPMSolverSampler`: DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095, Algorithm 2, the multistep
   second-order solver in data prediction, with the midpoint form of diffusers' ``DPMSolverMultistepScheduler``), and
-  its SDE form SDE-DPM-Solver++(2M) (diffusers' ``algorithm_type="sde-dpmsolver++"``).
+  its SDE form SDE-DPM-Solver++(2M) (diffusers' ``algorithm_type="sde-dpmsolver++"``), on that scheduler's own
+  timestep spacings (:func:`dpm_solver_timesteps`); DDIM and respaced DDPM keep ``DDIMScheduler``'s
+  (:func:`ddim_timesteps`, :func:`strided_timesteps`).
 
 All three walk a descending list of 0-based timesteps and finish at abar = 1 (the clean image). Every per-step
 coefficient is read from the float64 buffers of the schedule respaced to the visited steps (the full schedule
@@ -96,6 +98,46 @@ def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "leading") -> 
     else:
         _check_spacing(spacing)
     return sorted({int(t) for t in ts}, reverse=True)
+
+
+def dpm_solver_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing") -> list[int]:
+    """Descending timesteps visited by DPM-Solver++, as diffusers' ``DPMSolverMultistepScheduler.set_timesteps``
+    defines the three spacings (diffusers 0.42, its defaults ``lambda_min_clipped=-inf`` and ``steps_offset=0``).
+
+    Unlike DDIM's (:func:`ddim_timesteps`), ``linspace`` and ``leading`` space S + 1 points and drop the last one
+    (t = 0): the solver's final step goes from the last visited timestep to sigma = 0 (the clean image), so no network
+    evaluation is spent at t = 0. For T = 1000, S = 20:
+
+    * ``linspace``: ``round(linspace(0, T - 1, S + 1))`` reversed, without its last point: [999, 949, ..., 100, 50];
+    * ``leading``: ``arange(S + 1) * (T // (S + 1))`` reversed, without its last point: [940, 893, 846, ..., 94, 47];
+    * ``trailing``: ``round(arange(T, 0, -T / S)) - 1``: [999, 949, ..., 99, 49] (the same list as DDIM's, except where
+      a value of ``T - i T / S`` lies on a half and the float steps of ``arange`` round it the other way).
+
+    Where ``arange`` with its float step returns one value too many (S = 61, 103, ... for T = 1000), diffusers visits a
+    spurious t = -1 last; that value is dropped here, so exactly S timesteps are returned, all in [0, T-1].
+
+    Returns:
+        S distinct int timesteps in [0, T-1], descending.
+
+    Raises:
+        ConfigError (a ValueError): ``steps`` not an integer in [1, T] (in [1, T - 1] for ``linspace`` and ``leading``,
+            which space S + 1 points over the T timesteps), or an unknown ``timestep_spacing``.
+    """
+    _check_steps(steps, num_timesteps)
+    if spacing == "trailing":
+        ts = np.arange(num_timesteps, 0, -num_timesteps / steps).round()[:steps].astype(np.int64) - 1
+    elif spacing in ("linspace", "leading"):
+        if steps > num_timesteps - 1:
+            raise invalid("steps", steps, f"must be an integer in [1, {num_timesteps - 1}] with timestep_spacing="
+                          f"{spacing!r}, which spaces steps + 1 points over the schedule's {num_timesteps} timesteps "
+                          f"(timestep_spacing='trailing' takes up to {num_timesteps})")
+        if spacing == "linspace":
+            ts = np.linspace(0, num_timesteps - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+        else:
+            ts = (np.arange(0, steps + 1) * (num_timesteps // (steps + 1)))[::-1][:-1]
+    else:
+        _check_spacing(spacing)
+    return [int(t) for t in ts]
 
 
 def strided_timesteps(num_timesteps: int, steps: int | None) -> list[int]:
@@ -369,16 +411,21 @@ class DPMSolverSampler(Sampler):
     sigma_next sqrt(1 - exp(-2h)) z`` with fresh noise z at every step but the last, D as above (order 1: x0_hat_t).
 
     The first step is first order (no history). The last step, into abar = 1 (sigma = 0, h = infinity), is first order
-    as well and returns x0_hat of the last visited step: diffusers' ``final_sigmas_type="zero"``, where its
-    ``lower_order_final`` is always in effect for this final step (at any S, not only below 15 steps). One network
-    evaluation per step; ``dpmsolver++`` is deterministic given x_T.
+    as well and returns x0_hat of the last visited step. This is what diffusers does with its defaults: with
+    ``final_sigmas_type="zero"`` its step is first order at the last timestep whatever ``lower_order_final`` (default
+    True, which alone lowers the order only below 15 steps) and ``euler_at_final`` (default False) say; its
+    ``final_sigmas_type="sigma_min"`` (a last step to the sigma of t = 0, then no clean-image step) is not offered
+    here. One network evaluation per step, at the timesteps of :func:`dpm_solver_timesteps` (diffusers' spacings for
+    this scheduler, which never spend an evaluation at t = 0 with ``linspace`` or ``leading``); ``dpmsolver++`` is
+    deterministic given x_T.
 
     Args:
-        steps: S, an integer in [1, T].
+        steps: S, an integer in [1, T] (in [1, T - 1] with ``linspace`` and ``leading``).
         order: 1 (DPM-Solver++(1), which is DDIM eta = 0 in closed form) or 2 (DPM-Solver++(2M)).
         algorithm: ``"dpmsolver++"`` (the probability-flow ODE) or ``"sde-dpmsolver++"`` (the reverse SDE).
         timestep_spacing: ``"trailing"`` (default: starts at T-1, as a zero-terminal-SNR schedule needs),
-            ``"leading"`` or ``"linspace"`` (see :func:`ddim_timesteps`).
+            ``"leading"`` or ``"linspace"``, as diffusers' ``DPMSolverMultistepScheduler`` defines them
+            (:func:`dpm_solver_timesteps`; not DDIM's :func:`ddim_timesteps`).
         clip_denoised: clip every x0_hat to [-1, 1] (the static thresholding of Lu et al. Sec. 4.2) before it enters
             the update. diffusers' default (``thresholding=False``) is ``clip_denoised=False``.
 
@@ -401,7 +448,13 @@ class DPMSolverSampler(Sampler):
         self.clip_denoised = bool(clip_denoised)
 
     def timesteps(self, num_timesteps: int) -> list[int]:
-        return ddim_timesteps(num_timesteps, self.steps, self.timestep_spacing)
+        return dpm_solver_timesteps(num_timesteps, self.steps, self.timestep_spacing)
+
+    def check(self, num_timesteps: int, learn_sigma: bool = False) -> None:
+        """As :meth:`Sampler.check`, with the spacing's own bound on ``steps`` (:func:`dpm_solver_timesteps`: at most
+        T - 1 for ``linspace`` and ``leading``)."""
+        super().check(num_timesteps, learn_sigma)
+        self.timesteps(num_timesteps)
 
     def _needs_noise(self, c: dict[str, float]) -> bool:
         return self.algorithm == "sde-dpmsolver++" and c["alphas_cumprod_prev"] < 1.0

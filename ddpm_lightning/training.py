@@ -25,9 +25,38 @@ from ddpm_lightning import evaluation, signals
 from ddpm_lightning.budget import TimeBudget, parse_minutes
 from ddpm_lightning.callbacks import HParamsSession
 from ddpm_lightning.checkpoint import checkpoint_file, load_checkpoint, resume_mismatch
-from ddpm_lightning.config import (FROM_CHECKPOINT, EvaluateConfig, EvaluateOptions, at_key, build, compose_config,
-                                   one_line_omegaconf, options, training_samplers, unknown_key_error)
-from ddpm_lightning.errors import ConfigError, check_bool, check_int, PeerRankFailed, StoppedBySignal, first_line, invalid, is_int, is_number
+from ddpm_lightning.config import (
+    FROM_CHECKPOINT,
+    EvaluateConfig,
+    EvaluateOptions,
+    at_key,
+    build,
+    compose_config,
+    one_line_omegaconf,
+    options,
+    training_samplers,
+    unknown_key_error,
+)
+from ddpm_lightning.errors import (
+    ConfigError,
+    FileSystemError,
+    PeerRankFailed,
+    StoppedBySignal,
+    check_bool,
+    check_int,
+    first_line,
+    invalid,
+    is_int,
+    is_number,
+)
+from ddpm_lightning.filesystem import (
+    check_writable_folder,
+    file_system_error,
+    is_file_system_error,
+    is_under,
+    rekey,
+    writing,
+)
 from ddpm_lightning.hparams import evaluation_metrics, final_metrics, run_hparams
 from ddpm_lightning.logs import tidy_lightning_output
 from ddpm_lightning.module import DDPM, check_conditioning
@@ -307,6 +336,11 @@ def train(cfg: DictConfig, context: RunContext | None = None) -> dict[str, Any]:
     Raises:
         ConfigError: a bad value (one line naming the key), or a run directory that another ``ddpm-train`` holds
             (:class:`~ddpm_lightning.runlock.RunDirLock`), before any training.
+        FileSystemError: ``run_dir`` cannot be created or written (permission denied, read-only file system, a
+            missing folder or a file on the way, no space left), before any training; or a write during the run was
+            refused (a full disk at a checkpoint save: the newest checkpoint is kept as it was, and the line says so
+            and how to resume). One line naming ``run_dir`` and the path; exit statuses 4-8
+            (:data:`~ddpm_lightning.errors.FILE_SYSTEM_EXIT_STATUSES`).
         MNISTDataError: missing or corrupt MNIST files, before any training.
         NonFiniteError: a non-finite loss, or non-finite weights after a step; nothing non-finite is saved.
         StoppedBySignal: SIGTERM (a preempted job); the newest complete checkpoint is kept.
@@ -318,11 +352,20 @@ def train(cfg: DictConfig, context: RunContext | None = None) -> dict[str, Any]:
     # One writer per run directory: the rank that writes files holds an OS lock on it until the run ends.
     lock = RunDirLock(str(cfg.run_dir)) if rank_zero_only.rank == 0 else None
     if lock is not None:
-        lock.acquire()
+        check_writable_folder("run_dir", str(cfg.run_dir))  # permission, read-only, a file on the way: before any work
+        with writing("run_dir", str(cfg.run_dir), action="create"):
+            lock.acquire()
+    last = Path(str(cfg.run_dir)) / "checkpoints" / "last.ckpt"
     try:
         return _fit_and_evaluate(cfg, context)
+    except FileSystemError as fault:  # a refused checkpoint save: it names the file and that the previous one is kept
+        raise rekey(fault, "run_dir", str(cfg.run_dir), *_kept_and_resume(last)) from None
+    except OSError as err:  # another write into the run folder (grids, TensorBoard, the evaluation)
+        if not is_file_system_error(err) or not is_under(err.filename, cfg.run_dir):
+            raise  # not the file system's, or a file elsewhere (data.root...): run_command names its option
+        kept, then = _kept_and_resume(last)
+        raise file_system_error(err, "run_dir", str(cfg.run_dir), kept=kept, then=then) from None
     except SIGTERMException:
-        last = Path(str(cfg.run_dir)) / "checkpoints" / "last.ckpt"
         resume = f"resume with ckpt_path={last}" if last.is_file() else "no checkpoint was written yet"
         raise StoppedBySignal(f"{signals.STOPPED} ({resume})") from None
     except RuntimeError as err:
@@ -332,6 +375,13 @@ def train(cfg: DictConfig, context: RunContext | None = None) -> dict[str, Any]:
     finally:
         if lock is not None:
             lock.release()
+
+
+def _kept_and_resume(last: Path) -> tuple[str, str | None]:
+    """What a run stopped by the file system leaves, and how to go on: ``(kept, then)`` for the one-line error."""
+    if last.is_file():
+        return f"the newest checkpoint {last} is kept as it was", f"then resume with ckpt_path={last}"
+    return "no checkpoint was written yet", None
 
 
 def end_of_run_options(cfg: DictConfig, ckpt_path: str | Path, out_dir: str | Path) -> EvaluateConfig:

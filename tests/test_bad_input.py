@@ -101,6 +101,14 @@ TRAIN_BAD_INPUTS: list[tuple[list[str], str]] = [
      "callbacks.bpd.num_images=9 is invalid: must be <= data.val_size=8"),
     (["++evaluate.nll=true", "++evaluate.nll_n=1"], "evaluate.nll_n=1 is invalid"),
     (["++evaluate.guidance_scale=3"], "evaluate.guidance_scale=3.0 is invalid: the model is unconditional"),
+    # the hints of TYPO_INPUTS for a real option that the YAML does not list, followed (issue #28)
+    (["+callbacks.samples.guidance_scale=3"],
+     "callbacks.samples.guidance_scale=3.0 is invalid: the model is unconditional"),
+    (["experiment=mnist_cpu", "+evaluate.guidance_scale=2"],
+     "evaluate.guidance_scale=2.0 is invalid: the model is unconditional"),
+    (["sampler=dpmpp", "sampler.timestep_spacing=linspace", "sampler.steps=1000"],
+     "sampler.steps=1000 is invalid: must be an integer in [1, 999] with timestep_spacing='linspace', which spaces "
+     "steps + 1 points"),
     (["++evaluate.nll=true", "++evaluate.nll_variance=learned"], "evaluate.nll_variance='learned' is invalid: the model has no variance output"),
     (["++evaluate.nll=true", "++evaluate.nll_variance=wide"], "evaluate.nll_variance='wide' is invalid: must be null or one of"),
 ]
@@ -175,6 +183,27 @@ TYPO_INPUTS = [
     ("train", ["evaluate.num_samples=6"], "evaluate.num_samples=6 is invalid: evaluate is null in this config; add the key "
                                           "with ++evaluate.num_samples=6"),
     ("train_classifier", ["epoch=2"], "epoch=2 is invalid: no such key; did you mean epochs=2?"),
+    # issue #28: a real option of the node's _target_ (or of ddpm-evaluate's schema) that the YAML does not list
+    ("train", ["trainer.max_time=00:00:10:00"],
+     "trainer.max_time='00:00:10:00' is invalid: not in this config, but an option of lightning.Trainer; add it with "
+     "+trainer.max_time=00:00:10:00"),
+    ("train", ["callbacks.samples.guidance_scale=3"],
+     "callbacks.samples.guidance_scale=3 is invalid: not in this config, but an option of "
+     "ddpm_lightning.callbacks.SampleCallback; add it with +callbacks.samples.guidance_scale=3"),
+    ("train", ["experiment=mnist_cpu", "evaluate.guidance_scale=2"],
+     "evaluate.guidance_scale=2 is invalid: not in this config, but an option of ddpm-evaluate (conf/evaluate.yaml); "
+     "add it with +evaluate.guidance_scale=2"),
+    ("train", ["callbacks.fid.sampler.eta=0.5"], "callbacks.fid.sampler.eta=0.5 is invalid: not in this config, but an "
+                                                 "option of ddpm_lightning.samplers.DDIMSampler; add it with "
+                                                 "+callbacks.fid.sampler.eta=0.5"),
+    ("train", ["diffusion.image_shape=[1,28,28]"], "diffusion.image_shape=[1, 28, 28] is invalid: not in this config, "
+                                                   "but an option of ddpm_lightning.module.DDPM; add it with "
+                                                   "+diffusion.image_shape=[1,28,28]"),
+    ("train", ["trainer.max_tme=00:00:10:00"],
+     "trainer.max_tme='00:00:10:00' is invalid: no such key; did you mean +trainer.max_time=00:00:10:00?"),
+    ("train", ["-m", "experiment=seed,mnist_cpu", "trainer.max_time=00:00:05:00"],  # mnist_cpu lists it, seed does not
+     "trainer.max_time='00:00:05:00' is invalid: not in this config, but an option of lightning.Trainer; add it with "
+     "++trainer.max_time=00:00:05:00"),
 ]
 
 
@@ -185,6 +214,93 @@ def test_a_typod_key_or_a_value_of_the_wrong_type_is_one_line_naming_the_nearest
     with pytest.raises(ConfigError) as excinfo:
         compose_config(command, overrides)
     assert _one_line(excinfo.value) == message
+
+
+def _follow_hint(overrides: list[str], message: str) -> list[str] | None:
+    """The command line with the hint of ``message`` in place of the override it is about (None: no hint)."""
+    import re
+
+    found = re.search(r"(?:did you mean|add it with|add the key with) (\S+?)\??$", message)
+    if found is None:
+        return None
+    bad = message.split(" is invalid: ", 1)[0].split("=", 1)[0]
+    return [found[1] if o.lstrip("+").split("=", 1)[0] == bad else o for o in overrides]
+
+
+@pytest.mark.parametrize("command, overrides, message", [r for r in TYPO_INPUTS if _follow_hint(r[1], r[2])],
+                         ids=[" ".join(o) for _, o, m in TYPO_INPUTS if _follow_hint(o, m)])
+def test_every_hint_works_in_the_command_that_printed_it(command, overrides, message):
+    """Each suggested override of TYPO_INPUTS, put in place of the bad one, composes in the same command (its value
+    read back under the suggested key); what training's own checks then say is in TRAIN_BAD_INPUTS."""
+    from omegaconf import OmegaConf
+
+    from ddpm_lightning.config import _typed, compose_config
+
+    followed = _follow_hint(overrides, message)
+    cfg = compose_config(command, followed)
+    hint = next(new for old, new in zip(overrides, followed, strict=True) if old != new)
+    key, value = hint.lstrip("+").split("=", 1)
+    if "," not in value:  # a sweep's values are the sweeper's
+        assert OmegaConf.select(cfg, key) == _typed(value), (key, OmegaConf.select(cfg, key))
+
+
+@pytest.mark.slow
+def test_a_followed_max_time_hint_trains_with_lightnings_timer(tiny_train_overrides):
+    """``+trainer.max_time=00:00:10:00`` (the hint for ``trainer.max_time=...``) reaches lightning.Trainer."""
+    from lightning.pytorch.callbacks import Timer
+
+    out = train(compose_train([*tiny_train_overrides, "+trainer.max_time=00:00:10:00"]))
+    timers = [c for c in out["trainer"].callbacks if isinstance(c, Timer)]
+    assert timers and timers[0]._duration == 600
+
+
+@pytest.mark.slow
+def test_cli_hints_for_real_options_work_in_ddpm_train(fake_mnist_root, tmp_path):
+    """Through the real ddpm-train: the hint line (exit 2, nothing written), then its command line: training's own
+    guidance refusal for callbacks.samples.guidance_scale (exit 2), and a finished run for trainer.max_time."""
+    proc = run_train_cli(["callbacks.samples.guidance_scale=3"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and not (tmp_path / "outputs").exists()
+    line = proc.stderr.strip()
+    assert line == ("error: callbacks.samples.guidance_scale=3 is invalid: not in this config, but an option of "
+                    "ddpm_lightning.callbacks.SampleCallback; add it with +callbacks.samples.guidance_scale=3")
+    hint = line.rsplit(" ", 1)[1]
+    base = [*TINY_TRAIN, f"data.root={fake_mnist_root}"]
+    refused = run_train_cli([*base, f"run_dir={tmp_path / 'a'}", hint], cwd=tmp_path)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert refused.stderr.strip().splitlines()[-1].startswith(
+        "error: callbacks.samples.guidance_scale=3.0 is invalid: the model is unconditional")
+    assert "Traceback" not in refused.stderr
+    proc = run_train_cli(["trainer.max_time=00:00:10:00"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    hint = proc.stderr.strip().rsplit(" ", 1)[1]
+    assert hint == "+trainer.max_time=00:00:10:00"
+    done = run_train_cli([*base, f"run_dir={tmp_path / 'b'}", hint], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "b" / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow  # imports every target (Lightning, deepinv): ~10 s on 2 CPU cores
+def test_the_options_read_from_source_are_the_signatures_of_every_target_in_conf():
+    """The hints read each ``_target_``'s keyword arguments from its source without importing it
+    (ddpm_lightning.targets): for every target named in conf/ (and the nodes of NODE_OWNERS) that reading equals
+    ``inspect.signature`` of the imported object (the arguments with a default that can be given by keyword)."""
+    import inspect
+    import re
+
+    from hydra.utils import get_object
+
+    from ddpm_lightning.config import NODE_OWNERS
+    from ddpm_lightning.targets import keyword_arguments
+
+    targets = {m for f in CONF_DIR.rglob("*.yaml") if "hydra" not in f.parts
+               for m in re.findall(r"_target_:\s*([\w.]+)", f.read_text())}
+    targets |= {owner for nodes in NODE_OWNERS.values() for owner, _, _ in nodes.values()}
+    assert {"lightning.Trainer", "ddpm_lightning.callbacks.SampleCallback", "torch.optim.Adam"} <= targets
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    for target in sorted(targets):
+        signature = inspect.signature(get_object(target))
+        expected = [n for n, p in signature.parameters.items() if p.kind in kinds and p.default is not p.empty]
+        assert keyword_arguments(target) == tuple(expected), target
 
 
 def test_the_suggested_key_works_in_the_command_that_printed_it():

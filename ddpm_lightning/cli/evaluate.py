@@ -8,6 +8,10 @@ Usage::
 
 Options: ``conf/evaluate.yaml``; what is measured: :mod:`ddpm_lightning.evaluation`. Prints a table and writes
 ``metrics.json`` to ``out_dir``. Bad input: one line on stderr and exit status 2.
+
+Exit statuses when the file system refuses a path (one line naming the key, e.g. ``out_dir``, and the path, before any
+work where it can be known): 4 permission denied, 5 read-only file system, 6 no such folder (or a path under a
+regular file), 7 no space left on the device (or disk quota exceeded), 8 any other refusal of the file system.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ def run(cfg: Any) -> dict[str, Any]:
     return evaluate(cfg)
 
 
-main = command("evaluate")(run)  # Hydra's job name (evaluate.log) comes from this module
+main = command("evaluate", folders=("out_dir",))(run)  # Hydra's job name (evaluate.log) comes from this module
 
 if __name__ == "__main__":
     main()

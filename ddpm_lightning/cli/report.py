@@ -6,6 +6,10 @@ Usage::
     ddpm-report <sweep dir> [--out DIR] [--metric val/loss --metric fid ...] [--log-x auto|on|off]
 
 What is read and written: :mod:`ddpm_lightning.report`. A path without any job folder: one line on stderr, exit 2.
+
+Exit statuses when the file system refuses a path (one line naming the key, e.g. ``--out``, and the path, before any
+work where it can be known): 4 permission denied, 5 read-only file system, 6 no such folder (or a path under a
+regular file), 7 no space left on the device (or disk quota exceeded), 8 any other refusal of the file system.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point; returns 0, or exits with status 2 and one ``error:`` line when the path is not a sweep."""
+    """Console entry point; returns 0, or exits with one ``error:`` line: status 2 when the path is not a sweep, 4-8
+    when the file system refuses the output folder (``--out``, default the sweep folder)."""
     return run_command(run, parse_args(argv))
 
 

@@ -5,6 +5,10 @@ stored in the checkpoint (the run's own: what it drew its grids and evaluated wi
 one of its keys, ``sampler=ddim`` / ``sampler=ddpm`` picks another (see :func:`ddpm_lightning.config.sampler_node`).
 ``trajectory=true`` adds the denoising pictures. Options: ``conf/sample.yaml``; what is written:
 :func:`ddpm_lightning.sampling.write_samples`. Bad input: one line on stderr and exit status 2.
+
+Exit statuses when the file system refuses a path (one line naming the key, e.g. ``out_dir``, and the path, before any
+work where it can be known): 4 permission denied, 5 read-only file system, 6 no such folder (or a path under a
+regular file), 7 no space left on the device (or disk quota exceeded), 8 any other refusal of the file system.
 """
 
 from __future__ import annotations
@@ -72,7 +76,7 @@ def sample(cfg: Any) -> dict[str, Any]:
     return result
 
 
-main = command("sample")(sample)
+main = command("sample", folders=("out_dir",))(sample)
 
 if __name__ == "__main__":
     main()

@@ -8,7 +8,11 @@ returns its ``optimized_metric`` to the sweeper (:mod:`ddpm_lightning.search`).
 
 Exit statuses: 2 for bad input (one line on stderr, before any work); 3 for a non-finite loss or non-finite weights
 after a step (the newest checkpoint is the last good one; under an optimising sweeper the trial reports the worst
-value instead and the search goes on); 143 for SIGTERM; 1 on a DDP rank whose peer has ended.
+value instead and the search goes on); 143 for SIGTERM; 1 on a DDP rank whose peer has ended. When the file system
+refuses a path (one line naming ``run_dir``, ``hydra.run.dir`` or ``hydra.sweep.dir`` and the path; ``run_dir`` and
+Hydra's folder are tried before Hydra starts): 4 permission denied, 5 read-only file system, 6 no such folder (or a
+path under a regular file), 7 no space left on the device or disk quota exceeded (a checkpoint save that fails so
+keeps the previous ``last.ckpt`` as it was, and the line says how to resume), 8 any other refusal.
 """
 
 from __future__ import annotations
@@ -86,7 +90,7 @@ def _job_started(hydra_cfg: Any) -> float:
 
 
 EXCLUDE = {"sampler": [TRAIN_EXCLUDED_SAMPLER]}
-_entry = command("train", exclude=EXCLUDE)(run)
+_entry = command("train", exclude=EXCLUDE, folders=("run_dir",))(run)
 
 
 def has_optuna_sweeper() -> bool:

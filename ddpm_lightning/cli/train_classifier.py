@@ -8,19 +8,31 @@ Usage::
 
 Options: ``conf/train_classifier.yaml``. Use the result with ``classifier_path=<file>``. Bad input: one line on
 stderr and exit status 2.
+
+Exit statuses when the file system refuses a path (one line naming the key, e.g. ``out``, and the path, before any
+work where it can be known): 4 permission denied, 5 read-only file system, 6 no such folder (or a path under a
+regular file), 7 no space left on the device (or disk quota exceeded), 8 any other refusal of the file system.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ddpm_lightning.config import TrainClassifierConfig, command, options
+from ddpm_lightning.filesystem import check_writable_folder
 
 
 def run(cfg: Any) -> dict[str, Any]:
-    from ddpm_lightning.classifier import REFERENCE_CLASSIFIER_SHA256, train_classifier  # torch: after the checks
+    from ddpm_lightning.classifier import (  # torch: after the command line is checked
+        REFERENCE_CLASSIFIER_SHA256,
+        train_classifier,
+        trained_classifier_path,
+    )
 
     opts = options(cfg, TrainClassifierConfig, "ddpm-train-classifier")
+    out = Path(opts.out).expanduser() if opts.out else trained_classifier_path()
+    check_writable_folder("out", opts.out, out.parent)  # before training, the default folder too
     print(f"training the MNIST classifier on data.root={opts.data.root} ...", flush=True)
     result = train_classifier(opts.data.root, opts.out, epochs=opts.epochs, seed=opts.seed, batch_size=opts.batch_size,
                               lr=opts.lr, augment=opts.augment, max_steps=opts.max_steps, train_size=opts.train_size)
@@ -37,7 +49,7 @@ def run(cfg: Any) -> dict[str, Any]:
     return result
 
 
-main = command("train_classifier")(run)
+main = command("train_classifier", files=("out",))(run)
 
 if __name__ == "__main__":
     main()
