@@ -113,6 +113,20 @@ def fit_ended() -> None:
         _on_warning(getattr(signal, pending.split(",")[0]), None)
 
 
+def ignore_warning_signals() -> None:
+    """In a Slurm job whose ``ddpm-train`` body has returned: ignore the warning signal from now on. A warning that
+    comes while the process exits (its work done, submitit's result written) would otherwise find the default
+    action, which Python restores at exit, and Slurm would record the finished job as FAILED with exit code 12
+    (seen on the test cluster)."""
+    if job_id() is None:
+        return
+    for signum in WARNING_SIGNALS:
+        try:
+            signal.signal(signum, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            return
+
+
 def show_job(job: str) -> dict[str, str]:
     """``scontrol show job -o <job>`` as ``{field: value}`` (empty when scontrol fails or does not answer)."""
     try:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from ddpm_lightning.config import CONFIG_DIR, _is_sweep, _overrides, command, compose_config
 from ddpm_lightning.errors import ConfigError, NonFiniteError, invalid, print_error
 from ddpm_lightning.search import check_optimized_metric, objective, sweeper_direction, warn, worst
-from ddpm_lightning.slurm import catch_warning_signals, check_launcher
+from ddpm_lightning.slurm import catch_warning_signals, check_launcher, ignore_warning_signals
 
 #: conf/sampler/checkpoint.yaml is for ddpm-sample / ddpm-evaluate only (ddpm-train refuses it in one line)
 TRAIN_EXCLUDED_SAMPLER = "checkpoint"
@@ -71,6 +71,8 @@ def run(cfg: DictConfig) -> float | None:
         value = worst(direction)
         warn(f"{err}; this trial reports optimized_metric={value} (ranked last) and the search goes on")
         return value
+    finally:
+        ignore_warning_signals()  # a Slurm job: the work is over; a late warning must not kill the exiting process
     if not result["trainer"].is_global_zero:
         return None
     return objective(cfg, result["metrics"], direction)
