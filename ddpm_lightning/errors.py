@@ -13,6 +13,8 @@ class ProjectError(Exception):
     :attr:`exit_status` (see :func:`ddpm_lightning.config.run_command`)."""
 
     exit_status = 1
+    #: The word the one line starts with (``error: ...``; a job that requeued itself prints ``requeued: ...``).
+    label = "error"
 
 
 class ConfigError(ProjectError, ValueError):
@@ -160,8 +162,9 @@ def check_bool(key: str, value: object, allowed: str = "must be true or false") 
 
 def print_error(message: object) -> None:
     """``error: <message>`` on stderr as ONE write (a line under the pipe's atomic size): the ranks of a DDP run
-    share one stderr, and ``print`` writes the text and the newline separately, so two ranks' lines could merge."""
-    sys.stderr.write(f"error: {message}\n")
+    share one stderr, and ``print`` writes the text and the newline separately, so two ranks' lines could merge.
+    A :class:`ProjectError` starts with its own :attr:`~ProjectError.label` instead of ``error``."""
+    sys.stderr.write(f"{getattr(message, 'label', 'error')}: {message}\n")
     sys.stderr.flush()
 
 

@@ -2,7 +2,8 @@
 
 The lock belongs to the process: the operating system releases it when the process exits, however it exits (a crash
 or SIGKILL included), so a stale lock file never blocks a requeued job. The file's text says who holds it (pid, host,
-start time), for the one-line refusal a second process gets. No Lightning or Hydra import here.
+start time, Slurm job id), for the one-line refusal a second process gets and for a requeued Slurm job to know its
+own run directory (:func:`last_holder`). No Lightning or Hydra import here.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class RunDirLock:
         f.seek(0)
         f.truncate()
         f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                            "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}) + "\n")
+                            "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                            "slurm_job_id": os.environ.get("SLURM_JOB_ID")}) + "\n")
         f.flush()
         self._file = f
         return self
@@ -63,6 +65,16 @@ class RunDirLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def last_holder(run_dir: str | os.PathLike[str]) -> dict:
+    """What the lock file of ``run_dir`` says about the process that held it last (``pid``, ``host``, ``started``,
+    ``slurm_job_id``: its Slurm job, or None); empty when there is no readable lock file."""
+    try:
+        info = json.loads((Path(run_dir) / LOCK_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 def _describe(text: str) -> str:

@@ -10,7 +10,6 @@ the local DDP child processes (as Lightning's does) and raises :class:`SIGTERMEx
 rank gets the signal (from SLURM, or forwarded by rank zero) and leaves; a rank still inside a collective with a
 rank that has left gets an error from the process group and leaves too. Checkpoints are written atomically
 (:class:`~ddpm_lightning.checkpoint.AtomicCheckpointIO`), so the newest complete ``last.ckpt`` stays as it was.
-Lightning's SLURM requeue checkpoint (``hpc_ckpt_*.ckpt`` on SIGUSR1, ``#SBATCH --signal=SIGUSR1@90``) is untouched.
 
 A DDP child that dies (OOM killer, SIGKILL) is noticed by Lightning's child-process observer in rank zero, which
 polls every 5 seconds and then SIGKILLs the children and rank zero itself: rank zero would end with status -9 and
@@ -18,6 +17,22 @@ no word, unless its own collective failed first. :class:`PeerWatch` does the sam
 one-line ``error:`` and ends rank zero with status 1, whichever notices first. After a SIGTERM the children ending
 is expected, not a peer failure: PeerWatch then gives rank zero's own exit (its ``stopped by SIGTERM`` line and
 143) :attr:`PeerWatch.grace_s` seconds before it ends rank zero with that status itself.
+
+Slurm: one signal plan (details and the code in :mod:`ddpm_lightning.requeue`, measured in tests/test_slurm.py):
+
+* Before the time limit Slurm sends the warning signal of ``#SBATCH --signal``: SIGUSR2 under
+  ``hydra/launcher=slurm`` (submitit's ``--signal=USR2@<signal_delay_s>``), SIGUSR1 in a script written for
+  Lightning. In a Slurm job both only set a flag (they replace Lightning's SIGUSR1 handler, which saves and requeues
+  inside the handler, and submitit's SIGUSR2 handler, which requeues without saving, while ``trainer.fit`` runs).
+* SIGTERM: :class:`SafeSignalConnector` first asks :func:`ddpm_lightning.requeue.defer_sigterm`. A *preempted* job
+  (Slurm's ``PreemptTime`` is set; the partition's ``GraceTime`` runs) or one being requeued (``scontrol requeue``)
+  sets the same flag and carries on; ``scancel``, the time limit itself and any SIGTERM outside Slurm end the rank
+  at once as above (one line, exit 143, the newest checkpoint named).
+* Who saves: every rank, at the next training-batch boundary, where one ``all_reduce`` per step lets the ranks agree
+  on the same step (:class:`~ddpm_lightning.requeue.RequeueCallback`); no collective runs inside a handler.
+* Who requeues: ``ddpm-train``'s rank zero, once, with ``scontrol requeue`` after the checkpoint is written (not
+  submitit's handler, not Lightning's); every rank then ends with ``requeued: ...`` and exit status 75. The
+  requeued job resumes with ``ckpt_path=last`` in the same run directory.
 """
 
 from __future__ import annotations
@@ -34,6 +49,7 @@ from lightning.pytorch.strategies.launchers import subprocess_script
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from ddpm_lightning import requeue
 from ddpm_lightning.errors import print_error
 
 log = logging.getLogger(__name__)
@@ -46,9 +62,16 @@ STOPPED = "stopped by SIGTERM; the newest complete checkpoint is kept"
 
 
 class SafeSignalConnector(_SignalConnector):
-    """Lightning's signal connector with a SIGTERM handler that is safe in the middle of a collective."""
+    """Lightning's signal connector with a SIGTERM handler that is safe in the middle of a collective, and in a
+    Slurm job the requeue plan's handlers (:mod:`ddpm_lightning.requeue`)."""
+
+    def register_signal_handlers(self) -> None:
+        super().register_signal_handlers()
+        requeue.register(self._register_signal)  # Slurm: SIGUSR1/SIGUSR2 only set a flag
 
     def _sigterm_notifier_fn(self, signum: Any, _: FrameType | None) -> None:
+        if requeue.defer_sigterm():  # Slurm preempts or requeues this job: save at the next batch boundary
+            return
         rank = getattr(self.trainer, "global_rank", 0)
         log.warning("rank %s: received SIGTERM (%s), stopping now", rank, signum)
         if not self.received_sigterm:
@@ -91,7 +114,9 @@ def _launch_peer_watch(child_processes: list[Any]) -> None:
 
 
 def install(trainer: Any) -> None:
-    """Give ``trainer`` the :class:`SafeSignalConnector` (before ``trainer.fit``, which registers its handlers) and
-    make Lightning's DDP launcher watch its children with :class:`PeerWatch`."""
+    """Give ``trainer`` the :class:`SafeSignalConnector` (before ``trainer.fit``, which registers its handlers), in a
+    Slurm job the :class:`~ddpm_lightning.requeue.RequeueCallback`, and make Lightning's DDP launcher watch its
+    children with :class:`PeerWatch`."""
     trainer._signal_connector = SafeSignalConnector(trainer)
+    requeue.install(trainer)
     subprocess_script._launch_process_observer = _launch_peer_watch

@@ -10,18 +10,21 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ddpm_lightning import evaluation, signals
+from ddpm_lightning import evaluation, signals, slurm
 from ddpm_lightning.budget import TimeBudget, parse_minutes
 from ddpm_lightning.callbacks import HParamsSession
 from ddpm_lightning.checkpoint import checkpoint_file, load_checkpoint, resume_mismatch
@@ -60,7 +63,7 @@ from ddpm_lightning.filesystem import (
 from ddpm_lightning.hparams import evaluation_metrics, final_metrics, run_hparams
 from ddpm_lightning.logs import tidy_lightning_output
 from ddpm_lightning.module import DDPM, check_conditioning
-from ddpm_lightning.runlock import RunDirLock
+from ddpm_lightning.runlock import RunDirLock, last_holder
 from ddpm_lightning.sampling import learn_sigma_of
 from ddpm_lightning.search import check_optimized_metric
 
@@ -99,20 +102,32 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
-    """The most recently written of ``<run_dir>/checkpoints/last.ckpt`` and Lightning's SLURM requeue checkpoints
-    ``<run_dir>/hpc_ckpt_<n>.ckpt`` (saved on SIGUSR1, possibly mid-epoch), or None when there is none."""
+    """The most recently written of ``<run_dir>/checkpoints/last.ckpt`` and the Slurm requeue checkpoints
+    ``<run_dir>/hpc_ckpt_<n>.ckpt`` (Lightning's name; saved mid-epoch at Slurm's warning signal or at preemption,
+    :mod:`ddpm_lightning.requeue`), or None when there is none."""
     candidates = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
     return max(candidates, key=lambda p: p.stat().st_mtime_ns) if candidates else None
+
+
+def _requeued_in_own_run_dir(run_dir: Path) -> bool:
+    """A Slurm job started again (``SLURM_RESTART_COUNT`` > 0) in the run directory that this same job wrote (its lock
+    file names this ``SLURM_JOB_ID``): its checkpoints are its own, not another run's."""
+    job = slurm.job_id()
+    return job is not None and slurm.restart_count() > 0 and last_holder(run_dir).get("slurm_job_id") == job
 
 
 def prepare_config(cfg: DictConfig, context: RunContext | None = None) -> DictConfig:
     """Check the run-level keys and fill in derived values, before any work starts.
 
-    * ``ckpt_path=last`` resumes from the newest of ``<run_dir>/checkpoints/last.ckpt`` and Lightning's SLURM
-      ``hpc_ckpt_*.ckpt`` when one exists and starts fresh otherwise, so a requeued (preempted) job started with
-      the same command continues.
-    * ``ckpt_path`` must be an existing file; resuming from ``<run>/checkpoints/<x>.ckpt`` writes into ``<run>``
-      (same checkpoints, samples and TensorBoard run) unless ``run_dir`` was set explicitly.
+    * ``ckpt_path=last`` resumes from the newest of ``<run_dir>/checkpoints/last.ckpt`` and the Slurm requeue
+      checkpoints ``<run_dir>/hpc_ckpt_*.ckpt`` when one exists and starts fresh otherwise, so a requeued (preempted)
+      job started with the same command continues. A requeued Slurm job (``SLURM_RESTART_COUNT`` > 0) in the run
+      directory it wrote itself resumes the same way with ``ckpt_path=null``.
+    * ``ckpt_path`` must be an existing file; resuming from ``<run>/checkpoints/<x>.ckpt`` or
+      ``<run>/hpc_ckpt_<n>.ckpt`` writes into ``<run>`` (same checkpoints, samples and TensorBoard run) unless
+      ``run_dir`` was set explicitly.
+    * A fresh run refuses a ``run_dir`` holding another run's checkpoints (``overwrite=true`` allows it).
+    * In a Slurm job, ``trainer.devices`` / ``trainer.num_nodes`` must match its tasks per node / nodes.
     * ``trainer.precision=auto`` is resolved.
     * ``optimized_metric`` must name a metric this config produces (:func:`~ddpm_lightning.search.metric_names`).
 
@@ -121,19 +136,23 @@ def prepare_config(cfg: DictConfig, context: RunContext | None = None) -> DictCo
     """
     context = context or RunContext()
     with open_dict(cfg):
-        if str(cfg.get("ckpt_path")) == "last":  # preemption-safe: resume if this run dir has a checkpoint
-            newest = newest_checkpoint(Path(str(cfg.run_dir)))
+        run_dir = Path(str(cfg.run_dir))
+        requeued = cfg.get("ckpt_path") is None and _requeued_in_own_run_dir(run_dir)
+        if str(cfg.get("ckpt_path")) == "last" or requeued:  # preemption-safe: resume from this run dir's checkpoint
+            newest = newest_checkpoint(run_dir)
             cfg.ckpt_path = str(newest) if newest else None
-            log.info("ckpt_path=last: %s", f"resuming from {newest}" if newest else "no checkpoint yet, fresh start")
+            why = (f"Slurm job {slurm.job_id()} restarted (SLURM_RESTART_COUNT={slurm.restart_count()}) in its own "
+                   "run_dir" if requeued else "ckpt_path=last")
+            log.info("%s: %s", why, f"resuming from {newest}" if newest else "no checkpoint yet, fresh start")
         if cfg.get("ckpt_path"):
-            ckpt = checkpoint_file(str(cfg.ckpt_path))
-            cfg.ckpt_path = str(ckpt.resolve())
+            ckpt = checkpoint_file(str(cfg.ckpt_path)).resolve()
+            cfg.ckpt_path = str(ckpt)
             _check_resume(cfg)
-            run = ckpt.resolve().parent.parent
-            if ckpt.resolve().parent.name == "checkpoints" and str(cfg.run_dir) == str(context.output_dir):
+            run = _run_dir_of(ckpt)
+            if run is not None and str(cfg.run_dir) == str(context.output_dir):
                 cfg.run_dir = str(run)
         elif not _flag(cfg, "overwrite"):
-            existing = sorted((Path(str(cfg.run_dir)) / "checkpoints").glob("*.ckpt"))
+            existing = [*sorted((run_dir / "checkpoints").glob("*.ckpt")), *sorted(run_dir.glob("hpc_ckpt_*.ckpt"))]
             if existing:
                 raise invalid(
                     "run_dir",
@@ -143,10 +162,21 @@ def prepare_config(cfg: DictConfig, context: RunContext | None = None) -> DictCo
                 )
         _check_rates(cfg)
         _check_budget(cfg)
+        slurm.check_tasks(cfg.trainer)  # in a Slurm job: one rank per task, before anything trains
         check_int("seed", cfg.get("seed"), 0)
         check_optimized_metric(cfg)
         cfg.trainer.precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
     return cfg
+
+
+def _run_dir_of(ckpt: Path) -> Path | None:
+    """The run directory a checkpoint belongs to: ``<run>`` for ``<run>/checkpoints/x.ckpt`` and for a Slurm requeue
+    checkpoint ``<run>/hpc_ckpt_<n>.ckpt``; None for a checkpoint elsewhere."""
+    if ckpt.parent.name == "checkpoints":
+        return ckpt.parent.parent
+    if re.fullmatch(r"hpc_ckpt_\d+\.ckpt", ckpt.name):
+        return ckpt.parent
+    return None
 
 
 def _flag(cfg: DictConfig, key: str) -> bool:
@@ -366,7 +396,8 @@ def train(cfg: DictConfig, context: RunContext | None = None) -> dict[str, Any]:
         kept, then = _kept_and_resume(last)
         raise file_system_error(err, "run_dir", str(cfg.run_dir), kept=kept, then=then) from None
     except SIGTERMException:
-        resume = f"resume with ckpt_path={last}" if last.is_file() else "no checkpoint was written yet"
+        newest = newest_checkpoint(Path(str(cfg.run_dir)))  # a Slurm requeue checkpoint when newer than last.ckpt
+        resume = f"resume with ckpt_path={newest}" if newest else "no checkpoint was written yet"
         raise StoppedBySignal(f"{signals.STOPPED} ({resume})") from None
     except RuntimeError as err:
         if not _peer_failed(err):
@@ -404,6 +435,17 @@ def end_of_run_options(cfg: DictConfig, ckpt_path: str | Path, out_dir: str | Pa
     merged = OmegaConf.merge(base, node, {"samples": None, "ckpt_path": str(ckpt_path), "data": {"root": str(cfg.data.root)}})
     with at_key("evaluate"):
         return options(merged, EvaluateConfig, "ddpm-train")
+
+
+def best_before_last(callbacks: Iterable[Any]) -> list[Any]:
+    """``callbacks`` with every unmonitored ``ModelCheckpoint`` (``last``) after the monitored ones (``best``), the
+    order otherwise kept (Lightning then moves all checkpoint callbacks to the end, in this order).
+
+    Both save at the same epoch end; saved first, ``last.ckpt`` recorded the ``best`` callback before its save, so a
+    resume from it restored a ``best`` pointing at the file that save had just deleted, and left the new
+    ``best-*.ckpt`` untracked (one more orphan per resume, under ``save_top_k: 1``)."""
+    callbacks = list(callbacks)
+    return sorted(callbacks, key=lambda c: isinstance(c, ModelCheckpoint) and c.monitor is None)
 
 
 def _fit_and_evaluate(cfg: DictConfig, context: RunContext) -> dict[str, Any]:
@@ -453,7 +495,7 @@ def _fit_and_evaluate(cfg: DictConfig, context: RunContext) -> dict[str, Any]:
             with at_key(f"callbacks.{name}"):
                 callback.check_datamodule(datamodule)
     hparams_session = HParamsSession(run_hparams(ddpm.hparams["config"], context.choices, context.overrides))
-    callbacks = [*named.values(), hparams_session]
+    callbacks = [*best_before_last(named.values()), hparams_session]
     budget = _build_budget(cfg, context, ddpm, named, eval_opts if eval_dir is not None else None)
     if budget is not None:
         callbacks.append(budget)
