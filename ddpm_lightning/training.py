@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ddpm_lightning import evaluation, signals
-from ddpm_lightning.callbacks import HParamsSession
+from ddpm_lightning.callbacks import HParamsSession, ProgressBar
 from ddpm_lightning.checkpoint import checkpoint_file, load_checkpoint, resume_mismatch
 from ddpm_lightning.config import (FROM_CHECKPOINT, EvaluateConfig, EvaluateOptions, at_key, build, compose_config,
                                    one_line_omegaconf, options, training_samplers, unknown_key_error)
@@ -320,6 +320,8 @@ def _fit_and_evaluate(cfg: DictConfig, context: RunContext) -> dict[str, Any]:
                 callback.check_datamodule(datamodule)
     hparams_session = HParamsSession(run_hparams(ddpm.hparams["config"], context.choices, context.overrides))
     callbacks = [*named.values(), hparams_session]
+    if cfg.trainer.get("enable_progress_bar", True):  # redrawn every trainer.log_every_n_steps steps (no sync per step)
+        callbacks.append(ProgressBar())
     logger = build(cfg.logger, key="logger") if cfg.get("logger") else False
     trainer: L.Trainer = build(cfg.trainer, key="trainer", callbacks=callbacks, logger=logger)
     signals.install(trainer)  # a SIGTERM ends every DDP rank within seconds (no collective in the handler)
