@@ -165,6 +165,16 @@ def ema_module(trainer: L.Trainer) -> L.LightningModule | None:
     return None
 
 
+def fast_sampler() -> Sampler:
+    """The per-epoch pictures' default sampler: SDE-DPM-Solver++(2M), 20 steps, trailing spacing, clipped x0
+    (``conf/sampler/sde_dpmpp.yaml``; Lu et al. 2022; FID 9.27 against 9.75 for DDIM-100 in docs/solvers.md): 20
+    network calls per picture instead of DDPM's 1,000."""
+    from ddpm_lightning.samplers import DPMSolverSampler
+
+    return DPMSolverSampler(steps=20, order=2, timestep_spacing="trailing", clip_denoised=True,
+                            algorithm="sde-dpmsolver++")
+
+
 def sample_across_ranks(
     trainer: L.Trainer,
     module: L.LightningModule,
@@ -221,7 +231,9 @@ class SampleCallback(L.Callback):
         trajectory_samples: rows of the trajectory picture (<= num_samples; 0 turns it off).
         trajectory_frames: about this many x_t frames per row (start and end included).
         seed: seed of x_T and of the per-step noise, so that grids are comparable across epochs.
-        sampler: overrides the module's sampler for these pictures (e.g. DDIM-50 to save time); None uses it.
+        sampler: the sampler of these pictures: ``"fast"`` (the default: :func:`fast_sampler`, SDE-DPM-Solver++(2M) at
+            20 steps), a :class:`~ddpm_lightning.samplers.Sampler` (e.g. DDIM-50), or None for the module's own sampler
+            (the run's ``sampler``: DDPM-1000 by default).
         guidance_scale: class-conditional models: the classifier-free guidance scale of the pictures (Ho & Salimans
             2022; 1 = plain conditional, 0 = unconditional). Must be 1 for an unconditional model (checked by
             ``ddpm-train`` before training).
@@ -235,10 +247,15 @@ class SampleCallback(L.Callback):
         trajectory_samples: int = 8,
         trajectory_frames: int = 10,
         seed: int = 1234,
-        sampler: Sampler | None = None,
+        sampler: Sampler | str | None = "fast",
         guidance_scale: float = 1.0,
     ) -> None:
         check_guidance_scale(guidance_scale)
+        if isinstance(sampler, str):
+            if sampler != "fast":
+                raise invalid("sampler", sampler, "must be 'fast' (SDE-DPM-Solver++(2M), 20 steps), null (the run's "
+                              "sampler) or a sampler node with a _target_")
+            sampler = fast_sampler()
         for key, value, low in [
             ("every_n_epochs", every_n_epochs, 0),
             ("num_samples", num_samples, 1),

@@ -358,6 +358,13 @@ class DDPM(L.LightningModule):
     #: Steps between two checks when ``trainer.log_every_n_steps`` is 0.
     CHECK_EVERY_DEFAULT = 50
 
+    def on_fit_start(self) -> None:
+        """``model.compile=true``: compile the network in place (:meth:`torch.nn.Module.compile`, so the state dict
+        keys stay unprefixed and checkpoints load either way). Here, after the EMA callback copied the module in its
+        ``setup`` (a copy of a compiled module would call the original's forward)."""
+        if getattr(self.net, "compile_in_training", False) and getattr(self.net, "_compiled_call_impl", None) is None:
+            self.net.compile()
+
     def on_train_start(self) -> None:
         self._watch = NonFiniteWatch(self.global_step)  # a resumed run starts verified (its checkpoint was)
 

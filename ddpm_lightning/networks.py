@@ -27,10 +27,13 @@ LEARN_SIGMA_ALLOWED = "must be true (2C outputs: eps and the learned variance) o
 
 class EpsNetwork(nn.Module):
     """Base class of the adapters: ``num_classes`` is None for an unconditional network; ``learn_sigma`` True for one
-    that outputs 2C channels (eps, then the variance output v)."""
+    that outputs 2C channels (eps, then the variance output v); ``compile_in_training`` True when ``ddpm-train`` is to
+    compile it (``model.compile=true``: :meth:`torch.nn.Module.compile` when fitting starts, so that the state dict
+    keys stay those of the plain network; a checkpoint never compiles anything when it is loaded)."""
 
     num_classes: int | None = None
     learn_sigma: bool = False
+    compile_in_training: bool = False
 
     def _check_labels(self, y: Tensor | None) -> None:
         if y is not None and self.num_classes is None:
@@ -53,6 +56,7 @@ class DiffUNetEps(EpsNetwork):
         num_classes: must be None (deepinv's DiffUNet has no class embedding).
         learn_sigma: output 2C channels, eps and the variance output v (Improved DDPM's learned range).
         net: an existing ``DiffUNet`` to wrap (see :func:`as_eps_network`) instead of building one.
+        compile: ``ddpm-train`` compiles the network when fitting starts (see :class:`EpsNetwork`).
 
     Raises:
         ConfigError: ``num_classes`` set.
@@ -65,9 +69,12 @@ class DiffUNetEps(EpsNetwork):
         num_classes: int | None = None,
         net: nn.Module | None = None,
         learn_sigma: bool = False,
+        compile: bool = False,  # noqa: A002 - the config key model.compile
     ) -> None:
         super().__init__()
         from deepinv.models import DiffUNet
+
+        self.compile_in_training = check_bool("compile", compile)
 
         if num_classes is not None:
             raise invalid("num_classes", num_classes, "deepinv's DiffUNet is unconditional; use model=adm_small for labels")
@@ -142,6 +149,7 @@ class ADMUNetEps(EpsNetwork):
             p*p times less compute at the same channel widths (4.5x faster training at p=2 on 2 CPU cores).
         net: an existing ``ADMUNet`` to wrap (see :func:`as_eps_network`; with ``num_classes`` = its label
             dimension and ``patch_size`` 1) instead of building one from the arguments above.
+        compile: ``ddpm-train`` compiles the network when fitting starts (see :class:`EpsNetwork`).
 
     Raises:
         ConfigError: ``num_classes`` not null or >= 2; ``patch_size`` not a positive integer dividing
@@ -161,9 +169,12 @@ class ADMUNetEps(EpsNetwork):
         patch_size: int = 1,
         net: nn.Module | None = None,
         learn_sigma: bool = False,
+        compile: bool = False,  # noqa: A002 - the config key model.compile
     ) -> None:
         super().__init__()
         from deepinv.models import ADMUNet
+
+        self.compile_in_training = check_bool("compile", compile)
 
         self.learn_sigma = check_bool("learn_sigma", learn_sigma, LEARN_SIGMA_ALLOWED)
         out_channels = in_channels * (2 if self.learn_sigma else 1)
