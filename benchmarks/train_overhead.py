@@ -7,8 +7,9 @@ gradient clipping at 1.0 and Adam. The project's step is ``ddpm_lightning.traini
 10 steps, EMA, checkpoint callbacks); only the picture callback is off (it runs once per epoch, not per step) and
 the progress bar (callbacks.samples=null).
 
-Fairness: both arms run in this one process with the same ``torch.set_num_threads`` (checked inside each timed
-step), each run starts with ``--warmup`` untimed steps (oneDNN primitive creation, allocator growth, Adam's state),
+Fairness: both arms run in this one process, on the same device (``--device``: the project gets ``trainer=cpu``, or
+``trainer=gpu`` with fp32 and a device sync closing every timed step of both arms), with the same
+``torch.set_num_threads`` (checked inside each timed step), each run starts with ``--warmup`` untimed steps (oneDNN primitive creation, allocator growth, Adam's state),
 so start-up, validation and the final checkpoint are excluded; the arms alternate bare, project, bare, project, ...
 for ``--rounds`` rounds (>= 5 outside ``--smoke``), each run is the median of its timed steps, and the figures are the
 medians over the rounds. A ratio project/bare above 1.05 means the comparison is still off (the framework cannot
@@ -56,16 +57,25 @@ class StepTimer(L.Callback):
         self.starts: list[float] = []
         self.ends: list[float] = []
         self.threads: set[int] = set()
+        self.devices: set[str] = set()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.threads.add(torch.get_num_threads())
+        self.devices.add(pl_module.device.type)
+        _sync(pl_module.device)
         self.starts.append(time.perf_counter())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        _sync(pl_module.device)
         self.ends.append(time.perf_counter())
 
     def step_times(self) -> list[float]:
         return [b - a for a, b in zip(self.starts, [*self.starts[1:], self.ends[-1]])]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def compose_train(overrides: list[str]):
@@ -73,13 +83,15 @@ def compose_train(overrides: list[str]):
         return compose(config_name="train", overrides=overrides)
 
 
-def bare_loop(model_cfg, root: str, batch_size: int, steps: int, warmup: int, lr: float, threads: int) -> float:
-    """Images/s of the bare loop: the median of ``steps`` timed steps after ``warmup`` untimed ones."""
+def bare_loop(model_cfg, root: str, batch_size: int, steps: int, warmup: int, lr: float, threads: int,
+              device: str = "cpu") -> float:
+    """Images/s of the bare loop on ``device``: the median of ``steps`` timed steps after ``warmup`` untimed ones."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    net = instantiate(model_cfg).train()
-    images, _ = load_mnist_split(root, train=True)  # uint8 (N, 1, 32, 32), in memory
-    schedule = NoiseSchedule()
+    dev = torch.device(device)
+    net = instantiate(model_cfg).train().to(dev)
+    images, _ = load_mnist_split(root, train=True)  # uint8 (N, 1, 32, 32), in host memory, as the DataModule's
+    schedule = NoiseSchedule().to(dev)
     sqrt_ab = schedule.alphas_cumprod.sqrt().float()
     sqrt_1m_ab = (1 - schedule.alphas_cumprod).sqrt().float()
     opt = torch.optim.Adam(net.parameters(), lr=lr)
@@ -89,8 +101,8 @@ def bare_loop(model_cfg, root: str, batch_size: int, steps: int, warmup: int, lr
             raise RuntimeError(f"thread count changed to {torch.get_num_threads()} (expected {threads})")
         start = time.perf_counter()
         idx = torch.randint(0, images.shape[0], (batch_size,))
-        x0 = images[idx].float().div_(127.5).sub_(1.0)
-        t = torch.randint(0, schedule.num_timesteps, (batch_size,))
+        x0 = images[idx].to(dev).float().div_(127.5).sub_(1.0)
+        t = torch.randint(0, schedule.num_timesteps, (batch_size,), device=dev)
         eps = torch.randn_like(x0)
         x_t = sqrt_ab[t].view(-1, 1, 1, 1) * x0 + sqrt_1m_ab[t].view(-1, 1, 1, 1) * eps
         loss = F.mse_loss(net(x_t, t), eps)
@@ -98,15 +110,18 @@ def bare_loop(model_cfg, root: str, batch_size: int, steps: int, warmup: int, lr
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
+        _sync(dev)
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return batch_size / statistics.median(times)
 
 
-def project_run(model: str, root: str, batch_size: int, steps: int, warmup: int, run_dir: Path, threads: int) -> float:
-    """Images/s of ``ddpm-train``: the median of ``steps`` timed steps after ``warmup`` untimed ones."""
+def project_run(model: str, root: str, batch_size: int, steps: int, warmup: int, run_dir: Path, threads: int,
+                device: str = "cpu") -> float:
+    """Images/s of ``ddpm-train`` on ``device``: the median of ``steps`` timed steps after ``warmup`` untimed ones."""
     torch.set_num_threads(threads)
-    cfg = compose_train([f"model={model}", f"data.root={root}", f"data.batch_size={batch_size}",
+    trainer = ["trainer=cpu"] if device == "cpu" else ["trainer=gpu", "trainer.precision=32-true"]
+    cfg = compose_train([*trainer, f"model={model}", f"data.root={root}", f"data.batch_size={batch_size}",
                          f"trainer.max_steps={warmup + steps}", "trainer.enable_progress_bar=false", "data.val_size=64",
                          "callbacks.samples=null", f"run_dir={run_dir}", "overwrite=true"])
     with open_dict(cfg):
@@ -115,6 +130,8 @@ def project_run(model: str, root: str, batch_size: int, steps: int, warmup: int,
     timer = next(c for c in result["trainer"].callbacks if isinstance(c, StepTimer))
     if timer.threads != {threads}:
         raise RuntimeError(f"ddpm-train ran with {sorted(timer.threads)} threads (expected {threads})")
+    if timer.devices != {torch.device(device).type}:
+        raise RuntimeError(f"ddpm-train ran on {sorted(timer.devices)} (expected {device}, as the bare loop)")
     intervals = timer.step_times()[warmup:]
     return batch_size / statistics.median(intervals)
 
@@ -125,9 +142,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run (DiffUNet: --diffunet-steps)")
     parser.add_argument("--diffunet-steps", type=int, default=4)
+    parser.add_argument("--diffunet-batch-size", type=int, default=None, help="DiffUNet's batch (default: --batch-size; "
+                        "16 with --quick)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of every run")
     parser.add_argument("--rounds", type=int, default=5, help="bare/project pairs, alternating (>= 5 unless --smoke)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads of both arms")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="the device of both arms")
     parser.add_argument("--data-root", default=DEFAULT_DATA_ROOT)
     parser.add_argument("--quick", action="store_true", help="adm_fast (10 steps) and DiffUNet (batch 16, 2 steps)")
     parser.add_argument("--smoke", action="store_true", help="adm_tiny, 2 rounds of 2 steps, synthetic data if needed (CI)")
@@ -145,19 +165,21 @@ def main() -> None:
         root = mnist_root(args.data_root, args.smoke, Path(tmp), n_train=256)
         for name in networks:
             diffunet = name == "diffunet"
-            batch = 16 if (args.quick and diffunet) else args.batch_size
+            batch = (args.diffunet_batch_size or (16 if args.quick else args.batch_size)) if diffunet else args.batch_size
             steps = 2 if args.smoke else (2 if args.quick and diffunet else 10 if args.quick else args.diffunet_steps if diffunet else args.steps)
             warmup = 1 if (args.smoke or diffunet) else args.warmup
             cfg = compose_train([f"model={name}"])
             gflop = training_gflop_per_image(instantiate(cfg.model))
             bare, proj = [], []
             for r in range(rounds):  # ABAB: drift on a shared machine hits both arms alike
-                bare.append(bare_loop(cfg.model, root, batch, steps, warmup, float(cfg.optimizer.lr), args.threads))
-                proj.append(project_run(name, root, batch, steps, warmup, Path(tmp) / f"run_{name}", args.threads))
+                bare.append(bare_loop(cfg.model, root, batch, steps, warmup, float(cfg.optimizer.lr), args.threads,
+                                      args.device))
+                proj.append(project_run(name, root, batch, steps, warmup, Path(tmp) / f"run_{name}", args.threads,
+                                        args.device))
                 print(f"  {name} round {r + 1}/{rounds}: bare {bare[-1]:.2f}, ddpm-train {proj[-1]:.2f} images/s", flush=True)
             b, p = statistics.median(bare), statistics.median(proj)
             rows.append(dict(network=name, batch_size=batch, timed_steps=steps, warmup_steps=warmup, rounds=rounds,
-                             threads=args.threads, bare_images_per_s=b, bare_runs=bare, project_images_per_s=p,
+                             threads=args.threads, device=args.device, bare_images_per_s=b, bare_runs=bare, project_images_per_s=p,
                              project_runs=proj, ratio=p / b, round_ratios=[q / a for a, q in zip(bare, proj)],
                              gflop_per_image=gflop, project_gflops=p * gflop,
                              fraction_of_fp32_gemm=p * gflop / info["gemm_fp32_gflops"]))

@@ -78,6 +78,7 @@ def load_checkpoint(path: str | os.PathLike[str], mmap: bool = False) -> dict[st
 
 #: Keys added after the first checkpoints were written, with the value that a checkpoint without them was trained with.
 ADDED_KEYS = {
+    "model.compile": False,
     "diffusion.objective": "eps",
     "schedule.rescale_zero_terminal_snr": False,
     "schedule.sigmoid_start": -3.0,
@@ -87,6 +88,8 @@ ADDED_KEYS = {
 
 #: What a resumed run must share with its checkpoint: the network, the schedule and what the network predicts.
 RESUME_KEYS = ("model", "schedule", "diffusion.objective")
+#: Keys inside RESUME_KEYS that may differ on resume: how the network runs, not what it is.
+RESUME_FREE_KEYS = ("model.compile",)
 
 
 def stored_value(config: Mapping[str, Any], key: str) -> Any:
@@ -120,6 +123,8 @@ def resume_mismatch(stored: Mapping[str, Any], config: Mapping[str, Any], groups
                 old.setdefault(key, value)
                 new.setdefault(key, value)
         for key in sorted(set(old) | set(new)):
+            if key in RESUME_FREE_KEYS:
+                continue
             if old.get(key, "<unset>") != new.get(key, "<unset>"):
                 diffs.append(f"{key}={old.get(key, '<unset>')!r} in the checkpoint, {new.get(key, '<unset>')!r} in the config")
     if not diffs:

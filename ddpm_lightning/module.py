@@ -49,13 +49,75 @@ def first_non_finite(named: Any) -> str | None:
     tensor holds a NaN or an inf, and cannot overflow) of every tensor per device and dtype, then one sync. Only when
     that finds something are the tensors looked at one by one, for the name. (One sync per tensor, as before, cost
     8% of an adm_fast training step on 2 CPU cores: ``benchmarks/train_overhead.py``.)"""
+    items, flags = finite_flags(named, torch.device("cpu"))
+    if not flags or bool(torch.stack(flags).all()):
+        return None
+    return first_bad_name(items)
+
+
+def finite_flags(named: Any, device: torch.device) -> tuple[list[tuple[str, Tensor]], list[Tensor]]:
+    """``(items, flags)``: the floating-point, non-empty tensors of ``named`` (``(name, tensor)`` pairs) and, per device
+    and dtype, a 0-dim bool tensor on ``device`` that is True when all of that group's tensors are finite (one
+    ``torch._foreach_norm`` with ord=inf per group, see :func:`first_non_finite`). Nothing is read back: the caller
+    reads the flags with whatever else it needs, in one sync."""
     items = [(n, v) for n, v in named if isinstance(v, Tensor) and v.is_floating_point() and v.numel() > 0]
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for _, value in items:
         groups.setdefault((value.device, value.dtype), []).append(value.detach())
-    if all(bool(torch.isfinite(torch.stack(torch._foreach_norm(ts, ord=math.inf))).all()) for ts in groups.values()):
-        return None
+    flags = [torch.isfinite(torch.stack(torch._foreach_norm(ts, ord=math.inf))).all().to(device, non_blocking=True)
+             for ts in groups.values()]
+    return items, flags
+
+
+def first_bad_name(items: list[tuple[str, Tensor]]) -> str | None:
+    """The name of the first tensor of ``items`` that holds a NaN or an infinity (one sync per tensor: only for the
+    message, once something was found)."""
     return next((name for name, value in items if not bool(torch.isfinite(value).all())), None)
+
+
+class NonFiniteWatch:
+    """The device-side record of non-finite training losses between two checks (:meth:`DDPM.check_finite`).
+
+    Every step adds its loss with :meth:`watch`: a few kernels that keep, on the loss's device, the global step and
+    the value of the first non-finite loss since the last check, and nothing is read back. The learning rate of each
+    step (a host float) is kept on the host for the message.
+
+    Attributes:
+        start: the first global step not yet verified.
+        last: the last global step watched (None before the first).
+    """
+
+    def __init__(self, start: int = 0) -> None:
+        self.first_step: Tensor | None = None  # int64, 0-dim: the first step with a non-finite loss, -1 for none
+        self.first_loss: Tensor | None = None  # float32, 0-dim: its loss
+        self.lrs: dict[int, float] = {}
+        self.start = start
+        self.last: int | None = None
+
+    def watch(self, loss: Tensor, step: int, lr: float) -> None:
+        """Record step ``step``'s loss (no sync)."""
+        loss = loss.detach().float()
+        if self.first_step is None or self.first_step.device != loss.device:
+            self.first_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self.first_loss = torch.zeros((), dtype=torch.float32, device=loss.device)
+        new = ~torch.isfinite(loss) & (self.first_step < 0)
+        self.first_step = torch.where(new, step, self.first_step)
+        self.first_loss = torch.where(new, loss, self.first_loss)
+        self.lrs[step] = lr
+        self.last = step
+
+    @property
+    def pending(self) -> bool:
+        """True when a step was trained since the last check."""
+        return self.last is not None and self.last >= self.start
+
+    def verified(self, next_step: int) -> None:
+        """Everything before ``next_step`` is verified: start a new window."""
+        if self.first_step is not None:
+            self.first_step.fill_(-1)
+        self.lrs.clear()
+        self.start = next_step
+        self.last = None
 
 
 def _optimizer_state_tensors(module: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[tuple[str, Tensor]]:
@@ -170,6 +232,7 @@ class DDPM(L.LightningModule):
         self.min_snr_gamma = None if min_snr_gamma is None else float(min_snr_gamma)
         self.val_loss = MeanMetric()
         self.val_loss_quartiles = nn.ModuleList(MeanMetric() for _ in range(NUM_QUARTILES))
+        self._watch = NonFiniteWatch()  # the non-finite losses since the last check_finite
 
     # ----------------------------------------------------------------------------------------------- model
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
@@ -227,17 +290,25 @@ class DDPM(L.LightningModule):
         elif self.loss == "vlb":
             losses = T * vb
         loss = (losses * weights).mean()  # weights 1 / (T p_t): unbiased under importance sampling
-        if not torch.isfinite(loss):
-            self._raise_non_finite(loss)
+        lr = self._lr()
+        self._watch.watch(loss, self.global_step, lr)  # read at the next check_finite, not now (no sync)
         self._update_timestep_sampler(t, losses)
         size = x0.shape[0]
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=size)
+        # not prog_bar: Lightning would read it back every batch; ddpm_lightning.callbacks.ProgressBar reads it when
+        # it redraws
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=size)
         if vb is not None:  # both as expectations over uniform t (importance-weighted)
             self.log("train/mse", (mse * weights).mean(), on_step=True, on_epoch=True, batch_size=size)
             self.log("train/vb", (vb * weights).mean() * T, on_step=True, on_epoch=True, batch_size=size)
-        if self.lr_scheduler_factory is not None:
-            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        if self.lr_scheduler_factory is not None:  # a host tensor: a Python float would be copied to the device
+            self.log("train/lr", torch.tensor(lr, dtype=torch.float32), on_step=True, on_epoch=False)
         return loss
+
+    def _lr(self) -> float:
+        """The first parameter group's learning rate (a host float), NaN outside a fit."""
+        if self._trainer is not None and self.trainer.optimizers:
+            return self.trainer.optimizers[0].param_groups[0]["lr"]
+        return float("nan")
 
     def _update_timestep_sampler(self, t: Tensor, losses: Tensor) -> None:
         """Give the timestep sampler this step's per-sample losses, every rank's under DDP (gathered in rank order, so
@@ -245,13 +316,15 @@ class DDPM(L.LightningModule):
         if not self.timestep_sampler.stateful:
             return
         t, losses = t.detach(), losses.detach().float()
-        if self._trainer is not None and self.trainer.world_size > 1:
-            t, losses = self.all_gather(t).flatten(), self.all_gather(losses).flatten()
+        if self._trainer is not None and self.trainer.world_size > 1:  # one collective: (W, 2, B), in rank order
+            both = self.all_gather(torch.stack([t.to(torch.float64), losses.to(torch.float64)]))
+            t, losses = both[:, 0].flatten().long(), both[:, 1].flatten()
         self.timestep_sampler.update(t, losses)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The importance sampler's loss history goes into the checkpoint, so that a resumed run draws the timesteps
-        an uninterrupted one would."""
+        """Nothing non-finite is saved (:meth:`check_finite` first); the importance sampler's loss history goes into
+        the checkpoint, so that a resumed run draws the timesteps an uninterrupted one would."""
+        self.check_finite()
         if self.timestep_sampler.stateful:
             checkpoint[TIMESTEP_SAMPLER_KEY] = self.timestep_sampler.state_dict()
 
@@ -261,12 +334,12 @@ class DDPM(L.LightningModule):
             self.timestep_sampler.load_state_dict(state)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        """Lightning's step, then a check that every parameter and optimizer state is still finite.
+        """Lightning's step; an update that torch refuses as beyond float32 (e.g. lr=1e39) is a one-line error.
 
         Raises:
-            NonFiniteWeightsError: naming the global step and the first non-finite tensor (or saying that torch's
-                update overflowed float32, e.g. lr=1e39), before any callback (EMA, checkpoints) sees the step, so
-                the newest checkpoint stays the last good one.
+            NonFiniteWeightsError: naming the global step and the lr, before any callback (EMA, checkpoints) sees
+                the step, so the newest checkpoint stays the last good one. Weights that become non-finite are
+                found by :meth:`check_finite`.
         """
         inner = getattr(optimizer, "optimizer", optimizer)  # Lightning wraps the torch optimizer
         lr = inner.param_groups[0]["lr"]
@@ -280,23 +353,79 @@ class DDPM(L.LightningModule):
                 f"(lr={lr:g}); nothing from this step was saved, the newest checkpoint is the last good one. "
                 "Try a lower optimizer.lr"
             ) from None
-        bad = first_non_finite(self.net.named_parameters(prefix="net"))
-        bad = bad or first_non_finite(_optimizer_state_tensors(self, inner))
-        if bad is not None:
-            raise NonFiniteWeightsError(
-                f"training stopped: {bad} is non-finite after the optimizer step at global step {self.global_step} "
-                f"(the loss was finite; lr={lr:g}); nothing from this step was saved, the newest checkpoint is the "
-                "last good one. Try a lower optimizer.lr or trainer.gradient_clip_val"
-            )
 
-    def _raise_non_finite(self, loss: Tensor) -> None:
-        lr = float("nan")
+    # ------------------------------------------------------------------------------------------- non-finite guard
+    #: Steps between two checks when ``trainer.log_every_n_steps`` is 0.
+    CHECK_EVERY_DEFAULT = 50
+
+    def on_fit_start(self) -> None:
+        """``model.compile=true``: compile the network in place (:meth:`torch.nn.Module.compile`, so the state dict
+        keys stay unprefixed and checkpoints load either way). Here, after the EMA callback copied the module in its
+        ``setup`` (a copy of a compiled module would call the original's forward)."""
+        if getattr(self.net, "compile_in_training", False) and getattr(self.net, "_compiled_call_impl", None) is None:
+            self.net.compile()
+
+    def on_train_start(self) -> None:
+        self._watch = NonFiniteWatch(self.global_step)  # a resumed run starts verified (its checkpoint was)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Every ``trainer.log_every_n_steps`` optimizer steps (the steps Lightning logs at): :meth:`check_finite`."""
+        every = self.trainer.log_every_n_steps or self.CHECK_EVERY_DEFAULT
+        if self.global_step % every == 0:
+            self.check_finite()
+
+    def on_validation_start(self) -> None:
+        self.check_finite()  # before the EMA weights are swapped in (EMA.on_validation_epoch_start comes after)
+
+    def on_train_end(self) -> None:
+        self.check_finite()
+
+    def check_finite(self) -> None:
+        """Read the non-finite record of the steps since the last check, and check every parameter and optimizer
+        state, in one sync; nothing to do when no step was trained since the last check.
+
+        Called every ``trainer.log_every_n_steps`` steps and before anything reads the weights: a checkpoint save
+        (:meth:`on_save_checkpoint`), the EMA swap for validation, sampling (the picture, FID and bits/dim
+        callbacks), the end of fit. A skipped step of a GradScaler (16-mixed: inf gradients, no update) leaves the
+        weights finite and is not an error.
+
+        Raises:
+            NonFiniteLossError: naming the global step of the first non-finite loss since the last check, its value
+                and its lr.
+            NonFiniteWeightsError: naming the first non-finite parameter or optimizer state and the steps since the
+                last check (``at global step N`` when that is one step, ``between global steps A and B``).
+        """
+        watch = self._watch
+        if not watch.pending:
+            return
+        named: list[tuple[str, Tensor]] = list(self.net.named_parameters(prefix="net"))
+        inner = None
         if self._trainer is not None and self.trainer.optimizers:
-            lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-        raise NonFiniteLossError(
-            f"training stopped: non-finite loss {loss.item()} at global step {self.global_step} (lr={lr:g}); "
-            "the newest checkpoint is the last good one. Try a lower optimizer.lr or trainer.gradient_clip_val"
-        )
+            inner = self.trainer.optimizers[0]
+            named += list(_optimizer_state_tensors(self, inner))
+        device = watch.first_step.device if watch.first_step is not None else self.device
+        items, flags = finite_flags(named, device)
+        loss_record = [watch.first_step.double(), watch.first_loss.double()] if watch.first_step is not None else []
+        values = torch.stack([*loss_record, *(f.double() for f in flags)]).tolist() if loss_record or flags else []
+        first_step, first_loss = (int(values[0]), values[1]) if loss_record else (-1, 0.0)
+        start, last = watch.start, watch.last
+        if first_step >= 0:
+            raise NonFiniteLossError(
+                f"training stopped: non-finite loss {first_loss} at global step {first_step} "
+                f"(lr={watch.lrs.get(first_step, float('nan')):g}); the newest checkpoint is the last good one. "
+                "Try a lower optimizer.lr or trainer.gradient_clip_val"
+            )
+        if not all(values[len(loss_record):]):
+            bad = first_bad_name(items)
+            one = start == last
+            when = f"step at global step {last}" if one else f"steps between global steps {start} and {last}"
+            raise NonFiniteWeightsError(
+                f"training stopped: {bad} is non-finite after the optimizer {when} (the loss was finite; "
+                f"lr={watch.lrs.get(last, float('nan')):g}); nothing from {'this step' if one else 'these steps'} "
+                "was saved, the newest checkpoint is the last good one. Try a lower optimizer.lr or "
+                "trainer.gradient_clip_val"
+            )
+        watch.verified(last + 1)
 
     def validation_step(self, batch: Tensor | tuple, batch_idx: int) -> None:
         x0, y = self._split_batch(batch)

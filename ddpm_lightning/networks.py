@@ -13,6 +13,7 @@ No Lightning import here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -26,10 +27,13 @@ LEARN_SIGMA_ALLOWED = "must be true (2C outputs: eps and the learned variance) o
 
 class EpsNetwork(nn.Module):
     """Base class of the adapters: ``num_classes`` is None for an unconditional network; ``learn_sigma`` True for one
-    that outputs 2C channels (eps, then the variance output v)."""
+    that outputs 2C channels (eps, then the variance output v); ``compile_in_training`` True when ``ddpm-train`` is to
+    compile it (``model.compile=true``: :meth:`torch.nn.Module.compile` when fitting starts, so that the state dict
+    keys stay those of the plain network; a checkpoint never compiles anything when it is loaded)."""
 
     num_classes: int | None = None
     learn_sigma: bool = False
+    compile_in_training: bool = False
 
     def _check_labels(self, y: Tensor | None) -> None:
         if y is not None and self.num_classes is None:
@@ -52,6 +56,7 @@ class DiffUNetEps(EpsNetwork):
         num_classes: must be None (deepinv's DiffUNet has no class embedding).
         learn_sigma: output 2C channels, eps and the variance output v (Improved DDPM's learned range).
         net: an existing ``DiffUNet`` to wrap (see :func:`as_eps_network`) instead of building one.
+        compile: ``ddpm-train`` compiles the network when fitting starts (see :class:`EpsNetwork`).
 
     Raises:
         ConfigError: ``num_classes`` set.
@@ -64,9 +69,12 @@ class DiffUNetEps(EpsNetwork):
         num_classes: int | None = None,
         net: nn.Module | None = None,
         learn_sigma: bool = False,
+        compile: bool = False,  # noqa: A002 - the config key model.compile
     ) -> None:
         super().__init__()
         from deepinv.models import DiffUNet
+
+        self.compile_in_training = check_bool("compile", compile)
 
         if num_classes is not None:
             raise invalid("num_classes", num_classes, "deepinv's DiffUNet is unconditional; use model=adm_small for labels")
@@ -78,10 +86,43 @@ class DiffUNetEps(EpsNetwork):
             in_channels=in_channels, out_channels=self.out_channels, large_model=large_model, pretrained=None
         )
         self.in_channels = in_channels
+        # deepinv's timestep_embedding builds these frequencies on the CPU and copies them to the device at every
+        # call (a blocking copy: a host sync per network call on a GPU); the same float32 values, kept on the device
+        half = self.net.model_channels // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(start=0, end=half, dtype=torch.float32) / half)
+        self.register_buffer("time_freqs", freqs, persistent=False)
+
+    def timestep_embedding(self, t: Tensor) -> Tensor:
+        """deepinv's ``timestep_embedding(t, model_channels)`` (guided-diffusion's sinusoidal embedding,
+        ``[cos(t f), sin(t f)]`` with ``f_i = 10000^(-i / half)``), ``(N, model_channels)`` float32, from the
+        frequencies kept on the device."""
+        args = t[:, None].float() * self.time_freqs[None]
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if self.net.model_channels % 2:
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+        return embedding
 
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """deepinv's ``DiffUNet.forward(x_t, t, type_t="timestep")`` (its circular padding to a multiple of 32 and
+        ``forward_diffusion``), with the timestep embedding of :meth:`timestep_embedding`; the first
+        ``out_channels`` channels."""
         self._check_labels(y)
-        out = self.net(x_t, t, type_t="timestep")
+        net = self.net
+        if x_t.shape[-2] >= 520 or x_t.shape[-1] >= 520:  # deepinv's patch path (not used at 32x32)
+            return net(x_t, t, type_t="timestep")[:, : self.out_channels]
+        pad = (-x_t.size(-1) % 32, 0, -x_t.size(-2) % 32, 0)
+        x = F.pad(x_t, pad, mode="circular") if any(pad) else x_t
+        emb = net.time_embed(self.timestep_embedding(t))
+        h = x.type(net.dtype)
+        skips = []
+        for module in net.input_blocks:
+            h = module(h, emb)
+            skips.append(h)
+        h = net.middle_block(h, emb)
+        for module in net.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = module(h, emb)
+        out = net.out(h.type(x.dtype))[..., pad[-2]:, pad[-4]:]
         return out[:, : self.out_channels]
 
 
@@ -108,6 +149,7 @@ class ADMUNetEps(EpsNetwork):
             p*p times less compute at the same channel widths (4.5x faster training at p=2 on 2 CPU cores).
         net: an existing ``ADMUNet`` to wrap (see :func:`as_eps_network`; with ``num_classes`` = its label
             dimension and ``patch_size`` 1) instead of building one from the arguments above.
+        compile: ``ddpm-train`` compiles the network when fitting starts (see :class:`EpsNetwork`).
 
     Raises:
         ConfigError: ``num_classes`` not null or >= 2; ``patch_size`` not a positive integer dividing
@@ -127,9 +169,12 @@ class ADMUNetEps(EpsNetwork):
         patch_size: int = 1,
         net: nn.Module | None = None,
         learn_sigma: bool = False,
+        compile: bool = False,  # noqa: A002 - the config key model.compile
     ) -> None:
         super().__init__()
         from deepinv.models import ADMUNet
+
+        self.compile_in_training = check_bool("compile", compile)
 
         self.learn_sigma = check_bool("learn_sigma", learn_sigma, LEARN_SIGMA_ALLOWED)
         out_channels = in_channels * (2 if self.learn_sigma else 1)
@@ -159,14 +204,24 @@ class ADMUNetEps(EpsNetwork):
         self._check_labels(y)
         labels = None
         if self.num_classes is not None:
-            labels = torch.zeros(x_t.shape[0], self.num_classes, device=x_t.device, dtype=x_t.dtype)
-            if y is not None:
-                keep = y >= 0  # y = -1 marks the null label (classifier-free guidance)
-                labels[keep] = F.one_hot(y[keep], self.num_classes).to(x_t.dtype)
+            labels = one_hot_or_null(y, self.num_classes, x_t.shape[0], x_t.dtype, x_t.device)
         p = self.patch_size
         x = F.pixel_unshuffle(x_t, p) if p > 1 else x_t
         eps = self.net.forward_unet(x, t.to(x_t.dtype), class_labels=labels)
         return F.pixel_shuffle(eps, p) if p > 1 else eps
+
+
+def one_hot_or_null(y: Tensor | None, num_classes: int, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``(n, num_classes)`` one-hot rows of the labels ``y`` (``(n,)`` int64 in [0, num_classes-1]), with an all-zero
+    row for ``y = -1`` (the null label of classifier-free guidance) and for ``y`` None.
+
+    Built by one scatter into ``num_classes + 1`` columns, the null label going to the last one, which is then
+    dropped: no boolean-mask indexing, whose output size depends on the data (a host sync on a GPU)."""
+    if y is None:
+        return torch.zeros(n, num_classes, dtype=dtype, device=device)
+    column = torch.where(y >= 0, y, num_classes).unsqueeze(1)
+    rows = torch.zeros(n, num_classes + 1, dtype=dtype, device=device).scatter_(1, column, 1.0)
+    return rows[:, :num_classes]
 
 
 def split_output(out: Tensor, channels: int) -> tuple[Tensor, Tensor | None]:

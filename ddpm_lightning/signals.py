@@ -120,3 +120,71 @@ def install(trainer: Any) -> None:
     trainer._signal_connector = SafeSignalConnector(trainer)
     requeue.install(trainer)
     subprocess_script._launch_process_observer = _launch_peer_watch
+
+
+# ---------------------------------------------------------------------------------------------- NCCL (issue 26)
+#: Seconds between a SIGTERM and the abort of an NCCL process group (:func:`abort_on_sigterm`): a rank running Python
+#: code leaves through its own handler well within this; a rank blocked in NCCL or a CUDA sync is freed by the abort.
+ABORT_GRACE_S = 2.0
+_abort_watch: tuple[Any, Any] | None = None  # the wakeup socket pair, kept open for the life of the process
+
+
+def abort_on_sigterm(grace_s: float = ABORT_GRACE_S) -> bool:
+    """On SIGTERM, abort this process's NCCL process group (``torch.distributed``'s ``_abort_process_group``) after
+    ``grace_s`` seconds, from a watcher thread, so that a rank blocked in an NCCL collective or in a CUDA sync (where
+    no Python signal handler can run) errors out, and its peers' collectives with it, instead of waiting for the
+    process-group timeout (``trainer.strategy.timeout_min``).
+
+    The signal reaches the thread through :func:`signal.set_wakeup_fd` (written by the C-level handler, whatever the
+    main thread is doing). Gloo groups are left alone (a gloo rank runs its handler and leaves; measured in
+    tests/test_ddp.py). Call from the main thread, once per process; returns False (and does nothing) elsewhere or
+    when another wakeup fd is set.
+    """
+    global _abort_watch
+    import signal
+    import socket
+
+    if _abort_watch is not None or threading.current_thread() is not threading.main_thread():
+        return False
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    if signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False) != -1:  # someone else's: put it back
+        signal.set_wakeup_fd(-1)
+        reader.close()
+        writer.close()
+        return False
+
+    def watch() -> None:
+        while True:
+            data = reader.recv(64)
+            if not data:
+                return
+            if signal.SIGTERM in data:
+                time.sleep(grace_s)
+                _abort_nccl()
+
+    _abort_watch = (reader, writer)
+    threading.Thread(target=watch, name="ddpm-abort-on-sigterm", daemon=True).start()
+    return True
+
+
+def _abort_nccl() -> None:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_backend() != "nccl":
+        return
+    log.warning("SIGTERM: aborting the NCCL process group so that no rank waits in a collective")
+    try:
+        dist.distributed_c10d._abort_process_group()
+    except Exception as err:  # noqa: BLE001 - best effort: the process-group timeout still bounds the wait
+        log.warning("could not abort the process group: %s", err)
+
+
+def skip_sigterm_broadcast(trainer: Any) -> None:
+    """Lightning 2.6 broadcasts rank zero's "SIGTERM received" flag before every training batch under DDP: a tensor
+    copied to the device, a broadcast and an ``.item()``, a host sync per step. With :class:`SafeSignalConnector`
+    every rank leaves on its own SIGTERM (from SLURM or torchrun, or forwarded by rank zero to the ranks it
+    launched), so the broadcast is not needed; this turns it off for ``trainer``."""
+    loop = trainer.fit_loop.epoch_loop
+    if hasattr(loop, "_broadcast_sigterm_tensor"):
+        loop._broadcast_sigterm_tensor = lambda: None

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ddpm_lightning import evaluation, signals, slurm
 from ddpm_lightning.budget import TimeBudget, parse_minutes
-from ddpm_lightning.callbacks import HParamsSession
+from ddpm_lightning.callbacks import HParamsSession, ProgressBar
 from ddpm_lightning.checkpoint import checkpoint_file, load_checkpoint, resume_mismatch
 from ddpm_lightning.config import (
     FROM_CHECKPOINT,
@@ -88,17 +88,78 @@ class RunContext:
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
-    """``auto`` -> ``bf16-mixed`` on a GPU with bf16 support, else ``32-true``; other values pass unchanged.
+    """``auto`` -> ``bf16-mixed`` on a GPU of compute capability 8.0 or newer (Ampere, Hopper, ...), ``16-mixed`` on an
+    older one (V100, T4: ``torch.cuda.is_bf16_supported()`` says yes there too, but bf16 is emulated), ``32-true``
+    on a CPU; other values pass unchanged.
 
     CPUs get fp32: on a 2-core AMD EPYC without AVX-512, bf16 autocast trained ADMUNet 14x slower
-    (7.4 vs 102 images/s) and DiffUNet more than 4x slower than fp32 (see docs/measurements.md).
+    (7.4 vs 102 images/s) and DiffUNet more than 4x slower than fp32 (see docs/measurements.md). With ``16-mixed``,
+    Lightning's GradScaler skips the steps whose gradients overflow; that is not a non-finite weight (the weights are
+    not touched) and the non-finite guard does not stop for it.
     """
     if str(precision) != "auto":
         return str(precision)
     use_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    if use_cuda and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.get_device_capability() >= (8, 0) else "16-mixed"
     return "32-true"
+
+
+#: Keys of the ``trainer`` node that are the project's, not ``lightning.Trainer``'s (applied by ddpm-train).
+PROJECT_TRAINER_KEYS = ("float32_matmul_precision", "ddp")
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+def trainer_node(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(node, objects)``: ``cfg.trainer`` for ``lightning.Trainer`` without :data:`PROJECT_TRAINER_KEYS`, and the
+    arguments built here: ``strategy: ddp`` becomes :func:`ddpm_lightning.strategy.ddp_strategy` of ``trainer.ddp``
+    (a timeout in minutes, no buffer broadcast, gradients as bucket views; ``conf/trainer/ddp.yaml``).
+
+    Raises:
+        ConfigError: a bad ``trainer.ddp`` value, naming its key.
+    """
+    node = OmegaConf.to_container(cfg.trainer, resolve=True)
+    options = node.pop("ddp", None) or {}
+    for key in PROJECT_TRAINER_KEYS:
+        node.pop(key, None)
+    objects: dict[str, Any] = {}
+    if node.get("strategy") == "ddp":
+        from ddpm_lightning.strategy import ddp_strategy
+
+        if not isinstance(options, dict):
+            raise invalid("trainer.ddp", options, "must be a node of ddp_strategy's options (conf/trainer/ddp.yaml)")
+        try:
+            objects["strategy"] = ddp_strategy(**options)
+        except TypeError as err:
+            raise ConfigError(f"trainer.ddp is invalid: {first_line(err)}") from None
+        except ConfigError as err:
+            raise err.at("trainer.ddp") from None
+        del node["strategy"]
+    return node, objects
+
+
+def apply_matmul_precision(cfg: DictConfig) -> None:
+    """``trainer.float32_matmul_precision``: ``highest`` (fp32 matmuls), ``high`` (TF32 on Ampere and newer GPUs,
+    ``torch.set_float32_matmul_precision``) or ``medium``; null leaves torch's setting. No effect on a CPU.
+
+    Raises:
+        ConfigError: another value.
+    """
+    value = check_matmul_precision(cfg)
+    if value is not None:
+        torch.set_float32_matmul_precision(value)
+
+
+def check_matmul_precision(cfg: DictConfig) -> str | None:
+    """``trainer.float32_matmul_precision``: one of :data:`MATMUL_PRECISIONS` or null.
+
+    Raises:
+        ConfigError: another value.
+    """
+    value = cfg.trainer.get("float32_matmul_precision")
+    if value is not None and value not in MATMUL_PRECISIONS:
+        raise invalid("trainer.float32_matmul_precision", value, f"must be one of {list(MATMUL_PRECISIONS)} or null")
+    return value
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
@@ -166,6 +227,7 @@ def prepare_config(cfg: DictConfig, context: RunContext | None = None) -> DictCo
         check_int("seed", cfg.get("seed"), 0)
         check_optimized_metric(cfg)
         cfg.trainer.precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
+        check_matmul_precision(cfg)
     return cfg
 
 
@@ -396,12 +458,12 @@ def train(cfg: DictConfig, context: RunContext | None = None) -> dict[str, Any]:
         kept, then = _kept_and_resume(last)
         raise file_system_error(err, "run_dir", str(cfg.run_dir), kept=kept, then=then) from None
     except SIGTERMException:
-        newest = newest_checkpoint(Path(str(cfg.run_dir)))  # a Slurm requeue checkpoint when newer than last.ckpt
-        resume = f"resume with ckpt_path={newest}" if newest else "no checkpoint was written yet"
-        raise StoppedBySignal(f"{signals.STOPPED} ({resume})") from None
+        raise _stopped(cfg) from None
     except RuntimeError as err:
         if not _peer_failed(err):
             raise
+        if signals.SIGTERM_RECEIVED.is_set():  # this rank's own SIGTERM aborted its collectives (abort_on_sigterm)
+            raise _stopped(cfg) from None
         raise PeerRankFailed(signals.PEER_GONE.format(why=first_line(err, 200))) from None
     finally:
         if lock is not None:
@@ -413,6 +475,14 @@ def _kept_and_resume(last: Path) -> tuple[str, str | None]:
     if last.is_file():
         return f"the newest checkpoint {last} is kept as it was", f"then resume with ckpt_path={last}"
     return "no checkpoint was written yet", None
+
+
+def _stopped(cfg: DictConfig) -> StoppedBySignal:
+    """The SIGTERM stop, naming the checkpoint to resume from: the newest of last.ckpt and a Slurm requeue
+    checkpoint."""
+    newest = newest_checkpoint(Path(str(cfg.run_dir)))
+    resume = f"resume with ckpt_path={newest}" if newest else "no checkpoint was written yet"
+    return StoppedBySignal(f"{signals.STOPPED} ({resume})")
 
 
 def end_of_run_options(cfg: DictConfig, ckpt_path: str | Path, out_dir: str | Path) -> EvaluateConfig:
@@ -499,9 +569,15 @@ def _fit_and_evaluate(cfg: DictConfig, context: RunContext) -> dict[str, Any]:
     budget = _build_budget(cfg, context, ddpm, named, eval_opts if eval_dir is not None else None)
     if budget is not None:
         callbacks.append(budget)
+    if cfg.trainer.get("enable_progress_bar", True):  # redrawn every trainer.log_every_n_steps steps (no sync per step)
+        callbacks.append(ProgressBar())
     logger = build(cfg.logger, key="logger") if cfg.get("logger") else False
-    trainer: L.Trainer = build(cfg.trainer, key="trainer", callbacks=callbacks, logger=logger)
+    apply_matmul_precision(cfg)
+    node, objects = trainer_node(cfg)
+    trainer: L.Trainer = build(node, key="trainer", callbacks=callbacks, logger=logger, **objects)
     signals.install(trainer)  # a SIGTERM ends every DDP rank within seconds (no collective in the handler)
+    signals.skip_sigterm_broadcast(trainer)  # Lightning's per-step broadcast of the flag: a sync per step under DDP
+    signals.abort_on_sigterm()  # NCCL: a rank blocked in a collective or CUDA sync is freed by aborting the group
 
     trainer.fit(ddpm, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 

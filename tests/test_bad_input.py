@@ -656,6 +656,65 @@ def test_weights_that_overflow_after_a_few_steps_stop_the_run_and_keep_the_last_
         assert all(torch.isfinite(v).all() for v in ckpt[key].values() if v.is_floating_point())
 
 
+class InjectNaN:
+    """A callback that writes a NaN into the network's first parameter at the end of the step that brings the global
+    step to ``at`` (after the optimizer step, before the module's own end-of-step hook, where the check runs)."""
+
+    def __new__(cls, at: int):
+        import lightning as L
+
+        class _Inject(L.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if trainer.global_step == at:
+                    with torch.no_grad():
+                        next(pl_module.net.parameters()).view(-1)[0] = float("nan")
+
+        return _Inject()
+
+
+@pytest.mark.parametrize("at, error, needle", [
+    # injected just before the check at step 10: the weights, named, with the steps since the last verification (the
+    # step-8 checkpoint checked steps 5 to 7)
+    (10, "NonFiniteWeightsError", "is non-finite after the optimizer steps between global steps 8 and 9 (the loss was finite"),
+    # injected at step 6: the epoch-end checkpoint at step 8 comes before the next check (10) and checks first
+    (6, "NonFiniteLossError", "non-finite loss nan at global step 6"),
+])
+def test_a_nan_injected_into_the_weights_between_two_checks_never_reaches_a_checkpoint(tiny_train_overrides, at, error,
+                                                                                       needle):
+    """Checks every 5 steps (trainer.log_every_n_steps), epochs of 4 steps (a checkpoint at every epoch end): a NaN
+    written into a weight between two checks stops the run at the next check or checkpoint, whichever comes first,
+    and no checkpoint ever holds it; last.ckpt stays the one of step 8 or 4."""
+    from omegaconf import open_dict
+
+    from ddpm_lightning import errors
+
+    cfg = compose_train([*tiny_train_overrides, "data.subset_size=8", "data.batch_size=2", "trainer.max_epochs=4",
+                         "trainer.log_every_n_steps=5"])
+    with open_dict(cfg):
+        cfg.callbacks.inject = {"_target_": f"{__name__}.InjectNaN", "at": at}
+    with pytest.raises(getattr(errors, error)) as excinfo:
+        train(cfg)
+    message = str(excinfo.value)
+    assert message.startswith("training stopped: ") and needle in message, message
+    if error == "NonFiniteWeightsError":
+        assert message.split(" is non-finite")[0] == f"training stopped: {_first_param_name(cfg)}"
+    run = Path(str(cfg.run_dir))
+    saved = sorted(run.glob("checkpoints/*.ckpt"))
+    assert saved
+    for ckpt in saved:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        assert state["global_step"] <= 8 and state["global_step"] < at
+        assert all(torch.isfinite(v).all() for k in ("state_dict", "current_model_state") for v in state[k].values()
+                   if v.is_floating_point()), ckpt
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == (8 if at > 8 else 4)
+
+
+def _first_param_name(cfg) -> str:
+    from ddpm_lightning.config import build
+
+    return next(iter(build(cfg.model).named_parameters(prefix="net")))[0]
+
+
 @pytest.mark.slow
 def test_a_second_ddpm_train_on_a_held_run_dir_is_refused_in_one_line_and_can_resume_afterwards(fake_mnist_root, tmp_path):
     """Two `ddpm-train ... run_dir=X ckpt_path=last` at once: one run and one one-line refusal naming the holder

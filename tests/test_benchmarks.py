@@ -74,6 +74,29 @@ def test_gpu_check_smoke(tmp_path):
     assert result["projected_100_epochs_60k_hours"] > 0
 
 
+@pytest.mark.slow
+def test_gpu_check_sh_dry_run_runs_every_phase_on_a_cpu(tmp_path):
+    """benchmarks/gpu_check.sh --dry-run: the GPU check's own phases, in their own processes and time limits, with a
+    tiny network on a CPU and synthetic MNIST; every phase ends ok, and the JSON and markdown summary are written."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_BUDGET_S": "1500", "GPU_CHECK_LIMIT_SCALE": "4",
+           "DATA_ROOT": str(tmp_path / "none"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--dry-run", str(out)], capture_output=True,
+                          text=True, timeout=1800, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert {p.name for p in out.iterdir()} == {"phases.jsonl", "gpu_check.json", "gpu_check.md", "gpu_check.log"}
+    result = json.loads((out / "gpu_check.json").read_text())
+    assert result["summary"]["phases"] == {name: "ok" for name in ("versions", "steps", "census", "sampling",
+                                                                   "variants", "train")}, result["summary"]["phases"]
+    phases = result["phases"]
+    assert phases["steps"]["rows"][0]["ratio"] > 0 and phases["census"]["test_syncs"]["returncode"] == 0
+    assert phases["census"]["real_step"]["syncs"]["steady_step_syncs_max"] == 0
+    assert {r["sampler"] for r in phases["sampling"]["rows"]} == {"DDIM-50", "SDE-DPM-Solver++-20", "DDPM-1000"}
+    assert phases["train"]["fid"] is not None and result["summary"]["plan_100_epochs"]
+    text = (out / "gpu_check.md").read_text()
+    assert "## Training step" in text and "## Sampling" in text and "project / bare" in text
+
+
 def _assert_machine(info: dict) -> None:
     assert info["cpu_model"] and info["torch_threads"] >= 1 and isinstance(info["cpu_flags"], list)
     assert info["gemm_fp32_gflops"] > 0 and info["gemm_bf16_gflops"] > 0

@@ -331,3 +331,65 @@ def test_loss_second_moment_state_round_trips():
         LossSecondMomentTimesteps(6).load_state_dict(a.state_dict())
     with pytest.raises(ConfigError, match=r"^timestep_sampler='importance' is invalid: must be one of \['uniform', 'loss-second-moment'\]"):
         make_timestep_sampler("importance", 10)
+
+
+def _reference_update(history: torch.Tensor, counts: torch.Tensor, t: torch.Tensor, losses: torch.Tensor) -> None:
+    """The first version's update, one loss at a time: a full row shifts left and takes the new loss at the end."""
+    size = history.shape[1]
+    for step, loss in zip(t.tolist(), losses.double().tolist(), strict=True):
+        if counts[step] == size:
+            history[step, :-1] = history[step, 1:].clone()
+            history[step, -1] = loss
+        else:
+            history[step, counts[step]] = loss
+            counts[step] += 1
+
+
+def test_the_vectorised_ring_keeps_the_same_losses_as_one_at_a_time():
+    """Batches with repeated t (more than HISTORY of one t in one batch too): the same held losses, in the same
+    order, as the loop of the first version; no host read in update or sample."""
+    from ddpm_lightning.sync_census import SyncCensus
+
+    g = torch.Generator().manual_seed(0)
+    for T in (3, 7, 50):
+        s = LossSecondMomentTimesteps(T)
+        history, counts = torch.zeros(T, HISTORY, dtype=torch.float64), torch.zeros(T, dtype=torch.long)
+        for k in range(40):
+            batch = int(torch.randint(1, 4 * HISTORY, (1,), generator=g))
+            t = torch.randint(0, T, (batch,), generator=g)
+            losses = torch.rand(batch, generator=g)
+            with SyncCensus() as census:
+                s.update(t, losses)
+                s.sample(8, generator=torch.Generator().manual_seed(k))
+            assert census.count() == 0, census.summary()
+            _reference_update(history, counts, t, losses)
+            assert torch.equal(s.history, history) and torch.equal(s.counts, counts), (T, k)
+        assert T == 50 or (s.warmed_up and bool((s.written > HISTORY).any()))  # the rings wrapped round
+
+
+def test_a_checkpoint_of_the_first_version_resumes_the_same_sampler():
+    """A state dict in the first version's layout (history oldest first, counts capped) loads into the same held
+    losses and probabilities, and goes on as the loop would; today's state dict carries that layout too."""
+    T = 5
+    history, counts = torch.zeros(T, HISTORY, dtype=torch.float64), torch.zeros(T, dtype=torch.long)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(30):
+        t = torch.randint(0, T, (6,), generator=g)
+        _reference_update(history, counts, t, torch.rand(6, generator=g) + 0.1)
+    old = {"history": history.clone(), "counts": counts.clone()}
+    s = LossSecondMomentTimesteps(T)
+    s.load_state_dict(old)
+    assert torch.equal(s.history, history) and torch.equal(s.counts, counts) and s.warmed_up
+    rms = history.pow(2).mean(1).sqrt()
+    expected = rms / rms.sum() * (1 - UNIFORM_PROB) + UNIFORM_PROB / T
+    torch.testing.assert_close(s.probabilities(), expected, rtol=1e-12, atol=0)
+    t, losses = torch.tensor([0, 0, 3, 4, 0]), torch.tensor([9.0, 8.0, 7.0, 6.0, 5.0])
+    s.update(t, losses)
+    _reference_update(history, counts, t, losses)
+    assert torch.equal(s.history, history)
+    state = s.state_dict()
+    assert torch.equal(state["history"], history) and torch.equal(state["counts"], counts)
+    assert {"ring", "written"} <= set(state) and all(v.device.type == "cpu" for v in state.values())
+    again = LossSecondMomentTimesteps(T)
+    again.load_state_dict(state)
+    assert torch.equal(again.ring, s.ring) and torch.equal(again.probabilities(), s.probabilities())

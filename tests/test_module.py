@@ -293,3 +293,22 @@ def test_first_non_finite_names_the_first_bad_tensor_and_never_flags_a_large_fin
         assert first_non_finite([*ok, ("x", x), ("y", torch.tensor(float("nan")))]) == "x"
     assert first_non_finite([*ok, ("y", torch.tensor(float("nan"), dtype=torch.float64))]) == "y"
     assert first_non_finite([]) is None
+
+
+def test_class_labels_become_one_hot_rows_without_a_mask_index():
+    """one_hot_or_null: the old boolean-mask construction's values (null label -1 = a zero row), built by one scatter,
+    with no host read."""
+    import torch.nn.functional as F
+
+    from ddpm_lightning.networks import one_hot_or_null
+    from ddpm_lightning.sync_census import SyncCensus
+
+    y = torch.tensor([3, -1, 0, 9, -1, 9])
+    expected = torch.zeros(6, 10)
+    keep = y >= 0
+    expected[keep] = F.one_hot(y[keep], 10).float()
+    with SyncCensus() as census:
+        rows = one_hot_or_null(y, 10, 6, torch.float32, y.device)
+        none = one_hot_or_null(None, 10, 6, torch.float32, y.device)
+    assert census.count() == 0, census.summary()
+    assert torch.equal(rows, expected) and torch.equal(none, torch.zeros(6, 10))
