@@ -4,6 +4,7 @@ all once, one after the other, as a user would (each script in a process of its 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
