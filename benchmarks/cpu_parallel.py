@@ -17,7 +17,7 @@ the median of its rounds; each run's figure is images / second over its timed st
 parallel arms). The JSON also gives each arm's ratio to ``1x2`` and its GFLOP/s against this CPU's fp32 GEMM limit.
 
     python benchmarks/cpu_parallel.py                  # adm_fast, 5 rounds, ~10 minutes on 2 cores
-    python benchmarks/cpu_parallel.py --quick --smoke  # seconds (CI): tiny network, 2 rounds
+    python benchmarks/cpu_parallel.py --quick --smoke  # seconds (CI): tiny network, two arms, 1 round
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="20 timed steps")
-    parser.add_argument("--smoke", action="store_true", help="adm_tiny, the first two arms, 2 rounds of 2 steps: proves the "
+    parser.add_argument("--smoke", action="store_true", help="adm_tiny, the first two arms, 1 round of 2 steps: proves the "
                         "script runs")
     parser.add_argument("--json", default=result_path("cpu_parallel.json"), help="where the JSON goes (default: %(default)s)")
     args = parser.parse_args()
@@ -146,7 +146,7 @@ def main() -> None:
     if args.quick:
         steps = 20
     if args.smoke:
-        network, rounds, steps, warmup, arms = "adm_tiny", 2, 2, 1, arms[:2]
+        network, rounds, steps, warmup, arms = "adm_tiny", 1, 2, 1, arms[:2]
     info = machine(args.smoke)
     gflop = training_gflop_per_image(NETS[network]())
     runs: dict[str, list[float]] = {arm: [] for arm in arms}

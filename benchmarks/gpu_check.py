@@ -424,7 +424,8 @@ def phase_census(s: Setup) -> dict:
     k = ["-k", "cuda"] if s.cuda else []
     if not s.cuda:  # the dry run: one preset on the CPU
         test += "::test_a_steady_training_step_and_sampler_step_have_no_host_sync[mnist_cpu-cpu]"
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test, *k],
+    # -o addopts=: not the repo's -n auto (pytest-xdist may not be installed here, and one test needs no workers)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-o", "addopts=", test, *k],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     result["test_syncs"] = {"returncode": proc.returncode, "selection": "cuda" if s.cuda else "mnist_cpu-cpu",
                             "tail": (proc.stdout + proc.stderr).strip().splitlines()[-3:]}

@@ -65,17 +65,6 @@ def test_precision_smoke(smoke):
 
 
 @pytest.mark.slow
-def test_gpu_check_smoke(tmp_path):
-    out = tmp_path / "gpu.json"
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py"), "--smoke", "--batch-size", "2",
-                           "--json", str(out)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(out.read_text())
-    assert result["train_images_per_s"] > 0 and result["ddim50_images_per_s"] > 0
-    assert result["projected_100_epochs_60k_hours"] > 0
-
-
-@pytest.mark.slow
 def test_gpu_check_sh_dry_run_runs_every_phase_on_a_cpu(tmp_path):
     """benchmarks/gpu_check.sh --dry-run: the GPU check's own phases, in their own processes and time limits, with a
     tiny network on a CPU and synthetic MNIST; every phase ends ok, and the JSON and markdown summary are written."""
@@ -154,7 +143,7 @@ def test_memory_smoke(smoke):
 
 @pytest.mark.slow
 def test_cpu_parallel_smoke(tmp_path):
-    """benchmarks/cpu_parallel.py: the one-process and the two-process DDP arms, alternated, medians and ratios."""
+    """benchmarks/cpu_parallel.py: the one-process and the two-process DDP arms, their ratio and the table."""
     out = tmp_path / "cpu_parallel.json"
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "cpu_parallel.py"), "--quick", "--smoke", "--json", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
@@ -162,7 +151,7 @@ def test_cpu_parallel_smoke(tmp_path):
     result = json.loads(out.read_text())
     rows = {r["arm"]: r for r in result["rows"]}
     assert list(rows) == ["1x2", "2x1 ddp"] and rows["1x2"]["ratio_to_first"] == 1.0
-    assert all(len(r["runs"]) == 2 and r["images_per_s"] == statistics.median(r["runs"]) > 0 for r in rows.values())
+    assert all(len(r["runs"]) == 1 and r["images_per_s"] == statistics.median(r["runs"]) > 0 for r in rows.values())
     assert rows["2x1 ddp"]["processes"] == 2 and rows["2x1 ddp"]["ddp"] is True
     assert result["machine"]["cpu_model"] and "| 2x1 ddp | 2 x 1 | 32 |" in proc.stdout
     assert [p.name for p in tmp_path.iterdir()] == ["cpu_parallel.json"]

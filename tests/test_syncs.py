@@ -21,8 +21,9 @@ from ddpm_lightning.training import train
 
 STEPS, EVERY = 12, 4  #: optimizer steps per run; trainer.log_every_n_steps (checks at steps 3, 7, 11)
 PRESETS = {
-    "mnist_cpu": ["trainer.max_time=null"],  # importance-sampled timesteps, v objective, Min-SNR, SDE-DPM-Solver++
-    "mnist_cpu_cfg": ["trainer.max_time=null", "model.num_classes=10"],  # labels, label dropout, guided pictures
+    # importance-sampled timesteps, v objective, Min-SNR, SDE-DPM-Solver++, the time budget (ddpm_lightning/budget.py)
+    "mnist_cpu": [],
+    "mnist_cpu_cfg": ["model.num_classes=10"],  # labels, label dropout, guided pictures
     "seed": [],  # DDPM ancestral sampling (the DiffUNet adapter: test_the_diffunet_adapter_step_has_no_sync)
     "iddpm": ["trainer.max_time=null", "model.learn_sigma=true"],  # learned variances, L_hybrid, cosine schedule
 }
