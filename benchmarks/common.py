@@ -9,8 +9,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -72,8 +72,14 @@ def cpu_info() -> dict:
                 flags = set(value.split())
     except OSError:
         pass
-    return dict(cpu_model=model, cpu_flags=[f for f in CPU_FLAGS if f in flags], logical_cpus=os.cpu_count(),
-                torch_threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version())
+    return dict(
+        cpu_model=model,
+        cpu_flags=[f for f in CPU_FLAGS if f in flags],
+        logical_cpus=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        python=platform.python_version(),
+    )
 
 
 def gemm_gflops(n: int = 4096, dtype: torch.dtype = torch.float32, reps: int = 3) -> float:
@@ -98,11 +104,17 @@ def machine(smoke: bool = False) -> dict:
     """:func:`cpu_info` plus the fp32 and bf16 GEMM limits (4096^2; 512^2 with ``smoke``), printed in two lines."""
     info = cpu_info()
     n = 512 if smoke else 4096
-    info.update(gemm_n=n, gemm_fp32_gflops=gemm_gflops(n, torch.float32), gemm_bf16_gflops=gemm_gflops(n, torch.bfloat16))
-    print(f"machine: {info['cpu_model']}, {info['logical_cpus']} logical CPUs, torch {info['torch']} with "
-          f"{info['torch_threads']} threads; flags: {' '.join(info['cpu_flags']) or 'none of ' + ', '.join(CPU_FLAGS)}")
-    print(f"GEMM limit ({n}x{n}): fp32 {info['gemm_fp32_gflops']:.0f} GFLOP/s, bf16 {info['gemm_bf16_gflops']:.0f} GFLOP/s",
-          flush=True)
+    info.update(
+        gemm_n=n, gemm_fp32_gflops=gemm_gflops(n, torch.float32), gemm_bf16_gflops=gemm_gflops(n, torch.bfloat16)
+    )
+    print(
+        f"machine: {info['cpu_model']}, {info['logical_cpus']} logical CPUs, torch {info['torch']} with "
+        f"{info['torch_threads']} threads; flags: {' '.join(info['cpu_flags']) or 'none of ' + ', '.join(CPU_FLAGS)}"
+    )
+    print(
+        f"GEMM limit ({n}x{n}): fp32 {info['gemm_fp32_gflops']:.0f} GFLOP/s, bf16 {info['gemm_bf16_gflops']:.0f} GFLOP/s",
+        flush=True,
+    )
     return info
 
 

@@ -92,10 +92,12 @@ def worker(spec: dict) -> None:
     if spec["interop"]:
         torch.set_num_interop_threads(spec["interop"])
     if spec["ddp"]:
-        torch.distributed.init_process_group("gloo", rank=spec["rank"], world_size=spec["world"],
-                                             init_method=f"tcp://127.0.0.1:{spec['port']}")
-    seconds = _loop(spec["network"], spec["batch"], spec["steps"], spec["warmup"], spec["rank"], spec["world"],
-                    spec["ddp"])
+        torch.distributed.init_process_group(
+            "gloo", rank=spec["rank"], world_size=spec["world"], init_method=f"tcp://127.0.0.1:{spec['port']}"
+        )
+    seconds = _loop(
+        spec["network"], spec["batch"], spec["steps"], spec["warmup"], spec["rank"], spec["world"], spec["ddp"]
+    )
     if spec["ddp"]:
         torch.distributed.destroy_process_group()
     print("SECONDS", json.dumps(seconds), flush=True)
@@ -107,10 +109,27 @@ def run_arm(name: str, network: str, steps: int, warmup: int, port: int) -> floa
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(HERE.parent)}
     children = []
     for rank in range(procs):
-        spec = dict(network=network, batch=batch, steps=steps, warmup=warmup, rank=rank, world=procs, ddp=ddp,
-                    threads=threads, interop=interop, port=port)
-        children.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-                                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        spec = dict(
+            network=network,
+            batch=batch,
+            steps=steps,
+            warmup=warmup,
+            rank=rank,
+            world=procs,
+            ddp=ddp,
+            threads=threads,
+            interop=interop,
+            port=port,
+        )
+        children.append(
+            subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     seconds = []
     for child in children:
         out, err = child.communicate(timeout=1800)
@@ -132,9 +151,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="20 timed steps")
-    parser.add_argument("--smoke", action="store_true", help="adm_tiny, the first two arms, 1 round of 2 steps: proves the "
-                        "script runs")
-    parser.add_argument("--json", default=result_path("cpu_parallel.json"), help="where the JSON goes (default: %(default)s)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="adm_tiny, the first two arms, 1 round of 2 steps: proves the script runs"
+    )
+    parser.add_argument(
+        "--json", default=result_path("cpu_parallel.json"), help="where the JSON goes (default: %(default)s)"
+    )
     args = parser.parse_args()
     if args.rounds < 5 and not args.smoke:
         parser.error(f"--rounds={args.rounds}: must be >= 5 (the medians of fewer rounds are noise)")
@@ -156,20 +178,35 @@ def main() -> None:
             runs[arm].append(run_arm(arm, network, steps, warmup, port=29600 + (r * len(arms) + i) % 300))
             print(f"round {r + 1}/{rounds} {arm:14} {runs[arm][-1]:7.1f} images/s", flush=True)
         base = statistics.median(runs[arms[0]])
-        rows = [dict(arm=arm, processes=ARMS[arm][0], threads=ARMS[arm][1], interop=ARMS[arm][2],
-                     batch_per_process=ARMS[arm][3], ddp=ARMS[arm][4], runs=runs[arm],
-                     images_per_s=statistics.median(runs[arm]), ratio_to_first=statistics.median(runs[arm]) / base,
-                     gflops=statistics.median(runs[arm]) * gflop,
-                     of_fp32_gemm=statistics.median(runs[arm]) * gflop / info["gemm_fp32_gflops"])
-                for arm in arms if runs[arm]]
+        rows = [
+            dict(
+                arm=arm,
+                processes=ARMS[arm][0],
+                threads=ARMS[arm][1],
+                interop=ARMS[arm][2],
+                batch_per_process=ARMS[arm][3],
+                ddp=ARMS[arm][4],
+                runs=runs[arm],
+                images_per_s=statistics.median(runs[arm]),
+                ratio_to_first=statistics.median(runs[arm]) / base,
+                gflops=statistics.median(runs[arm]) * gflop,
+                of_fp32_gemm=statistics.median(runs[arm]) * gflop / info["gemm_fp32_gflops"],
+            )
+            for arm in arms
+            if runs[arm]
+        ]
         write_rows(args.json, header, rows)
-    print(f"\n{network}, {steps} timed steps, median of {rounds} rounds ({info['cpu_model']}; fp32 GEMM "
-          f"{info['gemm_fp32_gflops']:.0f} GFLOP/s)")
+    print(
+        f"\n{network}, {steps} timed steps, median of {rounds} rounds ({info['cpu_model']}; fp32 GEMM "
+        f"{info['gemm_fp32_gflops']:.0f} GFLOP/s)"
+    )
     print("| arm | processes x threads | batch per process | images/s | vs " + arms[0] + " | GFLOP/s | of GEMM |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        print(f"| {row['arm']} | {row['processes']} x {row['threads']} | {row['batch_per_process']} | "
-              f"{row['images_per_s']:.1f} | {row['ratio_to_first']:.2f} | {row['gflops']:.0f} | {row['of_fp32_gemm']:.2f} |")
+        print(
+            f"| {row['arm']} | {row['processes']} x {row['threads']} | {row['batch_per_process']} | "
+            f"{row['images_per_s']:.1f} | {row['ratio_to_first']:.2f} | {row['gflops']:.0f} | {row['of_fp32_gemm']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -24,15 +24,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import DEFAULT_DATA_ROOT, machine, mnist_root, result_path  # noqa: E402
 from ddpm_lightning.data import MNISTDataModule, PaddedMNISTDataset  # noqa: E402
+
+from common import DEFAULT_DATA_ROOT, machine, mnist_root, result_path  # noqa: E402
 
 
 class PerItem(PaddedMNISTDataset):
@@ -58,7 +58,9 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="100 batches per round")
     parser.add_argument("--smoke", action="store_true", help="5 batches, synthetic data when MNIST is absent (CI)")
-    parser.add_argument("--json", default=result_path("data_pipeline.json"), help="where the JSON goes (default: %(default)s)")
+    parser.add_argument(
+        "--json", default=result_path("data_pipeline.json"), help="where the JSON goes (default: %(default)s)"
+    )
     args = parser.parse_args()
     info = machine(args.smoke)
     batches = 5 if args.smoke else (100 if args.quick else args.batches)
@@ -66,12 +68,22 @@ def main() -> None:
         root = mnist_root(args.data_root, args.smoke, Path(tmp), n_train=512)
         dm = MNISTDataModule(root=root, batch_size=args.batch_size, val_size=64, num_workers=args.num_workers)
         dm.setup("fit")
-        tv = datasets.MNIST(root, train=True, download=False, transform=transforms.Compose(
-            [transforms.Pad(2), transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))]))
+        tv = datasets.MNIST(
+            root,
+            train=True,
+            download=False,
+            transform=transforms.Compose(
+                [transforms.Pad(2), transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))]
+            ),
+        )
         loaders = {
             "project": dm.train_dataloader(),
-            "project per-item": DataLoader(PerItem(dm.train_images, dm.train_labels), batch_size=args.batch_size,
-                                           shuffle=True, num_workers=args.num_workers),
+            "project per-item": DataLoader(
+                PerItem(dm.train_images, dm.train_labels),
+                batch_size=args.batch_size,
+                shuffle=True,
+                num_workers=args.num_workers,
+            ),
             "torchvision PIL": DataLoader(tv, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers),
         }
         # same values: the first unshuffled batch of each path
@@ -83,14 +95,22 @@ def main() -> None:
             for name, loader in loaders.items():
                 rates[name].append(rate(loader, batches))
     base = statistics.median(rates["torchvision PIL"])
-    rows = [dict(path=k, images_per_s=statistics.median(v), rounds=v, ratio_vs_pil=statistics.median(v) / base)
-            for k, v in rates.items()]
+    rows = [
+        dict(path=k, images_per_s=statistics.median(v), rounds=v, ratio_vs_pil=statistics.median(v) / base)
+        for k, v in rates.items()
+    ]
     print(f"{'path':18} {'images/s':>12} {'x PIL':>8}")
     for r in rows:
         print(f"{r['path']:18} {r['images_per_s']:12.0f} {r['ratio_vs_pil']:8.1f}")
     print(f"max |project - torchvision| on the first batch: {max_abs_diff:.2e}")
-    out = dict(machine=info, batch_size=args.batch_size, batches=batches, num_workers=args.num_workers, rows=rows,
-               max_abs_diff_vs_torchvision=max_abs_diff)
+    out = dict(
+        machine=info,
+        batch_size=args.batch_size,
+        batches=batches,
+        num_workers=args.num_workers,
+        rows=rows,
+        max_abs_diff_vs_torchvision=max_abs_diff,
+    )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2))
 

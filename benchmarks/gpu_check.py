@@ -95,7 +95,7 @@ def train_gflop(model: str) -> float:
         from common import training_gflop_per_image
 
         return training_gflop_per_image(build_net(model))
-    except Exception:  # noqa: BLE001 - the measured figure of the issue
+    except Exception:
         return DIFFUNET_TRAIN_GFLOP
 
 
@@ -131,17 +131,26 @@ def compose_train(overrides: list[str]):
 def phase_versions(s: Setup) -> dict:
     import lightning
 
-    info: dict = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-                  "lightning": lightning.__version__, "cpus": os.cpu_count(), "device": str(s.device)}
+    info: dict = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "lightning": lightning.__version__,
+        "cpus": os.cpu_count(),
+        "device": str(s.device),
+    }
     for name in ("deepinv", "hydra", "omegaconf", "torchvision", "torchmetrics"):
         try:
             info[name] = __import__(name).__version__
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             info[name] = f"missing: {err}"
     if s.cuda:
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, capability=list(torch.cuda.get_device_capability()),
-                    gpu_memory_gib=round(props.total_memory / 2**30, 1))
+        info.update(
+            gpu=props.name,
+            capability=list(torch.cuda.get_device_capability()),
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+        )
     n, reps = (512, 3) if s.dry else (8192, 20)
     dtype = torch.bfloat16 if s.cuda else torch.float32
     a = torch.randn(n, n, device=s.device, dtype=dtype)
@@ -159,8 +168,14 @@ def phase_versions(s: Setup) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------- steps
-def bare_step_ips(s: Setup, batch: int, fused: bool = False, channels_last: bool = False, compile: bool = False,
-                  steps: int | None = None) -> dict:
+def bare_step_ips(
+    s: Setup,
+    batch: int,
+    fused: bool = False,
+    channels_last: bool = False,
+    compile: bool = False,
+    steps: int | None = None,
+) -> dict:
     """Images/s of the bare loop: the network, q_sample, the eps-MSE, backward, clipping at 1.0 and Adam, on data
     already on the device, timed over ``steps`` steps after a warm-up (one sync at each end)."""
     from ddpm_lightning.mnist import load_mnist_split
@@ -246,8 +261,14 @@ class WindowTimer:
         return _Timer()
 
 
-def project_ips(s: Setup, batch: int, extra: list[str] = (), steps: int | None = None, callbacks: dict | None = None,
-                log_every: int = 50) -> dict:
+def project_ips(
+    s: Setup,
+    batch: int,
+    extra: list[str] = (),
+    steps: int | None = None,
+    callbacks: dict | None = None,
+    log_every: int = 50,
+) -> dict:
     """Images/s of ``ddpm-train`` (``train()`` with the real configs) over ``steps`` steps after the warm-up."""
     from omegaconf import open_dict
 
@@ -256,12 +277,25 @@ def project_ips(s: Setup, batch: int, extra: list[str] = (), steps: int | None =
     steps = steps or s.steps
     first, last = s.warmup, s.warmup + steps
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose_train([f"model={s.model}", s.trainer, f"data.root={s.data_root}", f"data.batch_size={batch}",
-                             f"trainer.max_steps={last + 1}", "trainer.max_epochs=-1",
-                             "trainer.enable_progress_bar=false", "data.val_size=64", "trainer.val_check_interval=null",
-                             "trainer.check_val_every_n_epoch=1000",
-                             "callbacks.samples=null", f"trainer.log_every_n_steps={log_every}", f"run_dir={tmp}/run",
-                             *(["trainer.precision=32-true"] if not s.cuda else []), *extra])
+        cfg = compose_train(
+            [
+                f"model={s.model}",
+                s.trainer,
+                f"data.root={s.data_root}",
+                f"data.batch_size={batch}",
+                f"trainer.max_steps={last + 1}",
+                "trainer.max_epochs=-1",
+                "trainer.enable_progress_bar=false",
+                "data.val_size=64",
+                "trainer.val_check_interval=null",
+                "trainer.check_val_every_n_epoch=1000",
+                "callbacks.samples=null",
+                f"trainer.log_every_n_steps={log_every}",
+                f"run_dir={tmp}/run",
+                *(["trainer.precision=32-true"] if not s.cuda else []),
+                *extra,
+            ]
+        )
         with open_dict(cfg):
             cfg.callbacks.window = {"_target_": f"{__name__}.WindowTimer", "first": first, "last": last}
             for name, node in (callbacks or {}).items():
@@ -271,8 +305,12 @@ def project_ips(s: Setup, batch: int, extra: list[str] = (), steps: int | None =
         wall = time.perf_counter() - start
         timer = next(c for c in result["trainer"].callbacks if getattr(c, "window_timer", False))
         elapsed = timer.end - timer.start
-        out = {"images_per_s": batch * steps / elapsed, "ms_per_step": 1000 * elapsed / steps, "run_wall_s": wall,
-               "precision": str(cfg.trainer.precision)}
+        out = {
+            "images_per_s": batch * steps / elapsed,
+            "ms_per_step": 1000 * elapsed / steps,
+            "run_wall_s": wall,
+            "precision": str(cfg.trainer.precision),
+        }
         if timer.peak is not None:
             out["peak_memory_gib"] = timer.peak
         extra_out = {c.name: c.report() for c in result["trainer"].callbacks if getattr(c, "gpu_check_report", False)}
@@ -290,16 +328,24 @@ def phase_steps(s: Setup) -> dict:
         bare = bare_step_ips(s, batch)
         proj = project_ips(s, batch)
         on_dev = project_ips(s, batch, ["data.on_device=true"])
-        row = {"batch": batch, "bare": bare, "project": proj, "project_on_device": on_dev,
-               "ratio": proj["images_per_s"] / bare["images_per_s"],
-               "ratio_on_device": on_dev["images_per_s"] / bare["images_per_s"]}
+        row = {
+            "batch": batch,
+            "bare": bare,
+            "project": proj,
+            "project_on_device": on_dev,
+            "ratio": proj["images_per_s"] / bare["images_per_s"],
+            "ratio_on_device": on_dev["images_per_s"] / bare["images_per_s"],
+        }
         for key in ("bare", "project", "project_on_device"):
             row[key]["tflops"] = row[key]["images_per_s"] * gflop / 1e3
             if peak:
                 row[key]["mfu"] = row[key]["tflops"] / peak
         rows.append(row)
-        print(f"batch {batch}: bare {bare['images_per_s']:.0f}, ddpm-train {proj['images_per_s']:.0f} "
-              f"({row['ratio']:.3f}), on_device {on_dev['images_per_s']:.0f} images/s", flush=True)
+        print(
+            f"batch {batch}: bare {bare['images_per_s']:.0f}, ddpm-train {proj['images_per_s']:.0f} "
+            f"({row['ratio']:.3f}), on_device {on_dev['images_per_s']:.0f} images/s",
+            flush=True,
+        )
     return {"network": s.model, "bf16": s.bf16, "train_gflop_per_image": gflop, "peak_tflops": peak, "rows": rows}
 
 
@@ -307,11 +353,15 @@ def phase_steps(s: Setup) -> dict:
 def phase_variants(s: Setup) -> dict:
     batch = s.batches[-1]
     rows = {}
-    for name, kwargs in (("baseline", {}), ("fused_adam", {"fused": True}), ("channels_last", {"channels_last": True}),
-                         ("compile", {"compile": True})):
+    for name, kwargs in (
+        ("baseline", {}),
+        ("fused_adam", {"fused": True}),
+        ("channels_last", {"channels_last": True}),
+        ("compile", {"compile": True}),
+    ):
         try:
             rows[f"bare {name}"] = bare_step_ips(s, batch, **kwargs)
-        except Exception as err:  # noqa: BLE001 - one variant failing is a finding, not the end of the phase
+        except Exception as err:
             rows[f"bare {name}"] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
         print(name, rows[f"bare {name}"], flush=True)
     projects = [("project fused_adam", ["optimizer.fused=true"])]
@@ -320,7 +370,7 @@ def phase_variants(s: Setup) -> dict:
     for name, extra in projects:
         try:
             rows[name] = project_ips(s, batch, extra)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             rows[name] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
         print(name, rows[name], flush=True)
     return {"batch": batch, "rows": rows}
@@ -385,9 +435,12 @@ class SyncCount:
                 per_step = {k: self.counts.get(k, 0) for k in range(first, last)}
                 check = [k for k in per_step if (k + 1) % every == 0]
                 steady = [k for k in per_step if (k + 1) % every]
-                return {"per_step": per_step, "check_every": every,
-                        "steady_step_syncs_max": max((per_step[k] for k in steady), default=0),
-                        "check_step_syncs_max": max((per_step[k] for k in check), default=0)}
+                return {
+                    "per_step": per_step,
+                    "check_every": every,
+                    "steady_step_syncs_max": max((per_step[k] for k in steady), default=0),
+                    "check_step_syncs_max": max((per_step[k] for k in check), default=0),
+                }
 
         return _Count()
 
@@ -425,14 +478,27 @@ def phase_census(s: Setup) -> dict:
     if not s.cuda:  # the dry run: one preset on the CPU
         test += "::test_a_steady_training_step_and_sampler_step_have_no_host_sync[mnist_cpu-cpu]"
     # -o addopts=: not the repo's -n auto (pytest-xdist may not be installed here, and one test needs no workers)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-o", "addopts=", test, *k],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
-    result["test_syncs"] = {"returncode": proc.returncode, "selection": "cuda" if s.cuda else "mnist_cpu-cpu",
-                            "tail": (proc.stdout + proc.stderr).strip().splitlines()[-3:]}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-o", "addopts=", test, *k],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=600,
+    )
+    result["test_syncs"] = {
+        "returncode": proc.returncode,
+        "selection": "cuda" if s.cuda else "mnist_cpu-cpu",
+        "tail": (proc.stdout + proc.stderr).strip().splitlines()[-3:],
+    }
     every = 10
-    result["real_step"] = project_ips(s, s.batches[0], steps=2 * every if not s.dry else 4, log_every=every,
-                                      callbacks={"syncs": {"_target_": f"{__name__}.SyncCount", "first": s.warmup,
-                                                           "every": every}})
+    result["real_step"] = project_ips(
+        s,
+        s.batches[0],
+        steps=2 * every if not s.dry else 4,
+        log_every=every,
+        callbacks={"syncs": {"_target_": f"{__name__}.SyncCount", "first": s.warmup, "every": every}},
+    )
     return result
 
 
@@ -443,9 +509,11 @@ def phase_sampling(s: Setup) -> dict:
     from ddpm_lightning.schedule import NoiseSchedule
 
     n = 2 if s.dry else 256
-    samplers = {"DDIM-50": DDIMSampler(steps=2 if s.dry else 50),
-                "SDE-DPM-Solver++-20": DPMSolverSampler(steps=2 if s.dry else 20, algorithm="sde-dpmsolver++"),
-                "DDPM-1000": DDPMSampler(steps=4 if s.dry else None)}
+    samplers = {
+        "DDIM-50": DDIMSampler(steps=2 if s.dry else 50),
+        "SDE-DPM-Solver++-20": DPMSolverSampler(steps=2 if s.dry else 20, algorithm="sde-dpmsolver++"),
+        "DDPM-1000": DDPMSampler(steps=4 if s.dry else None),
+    }
     torch.manual_seed(0)
     model = DDPM(build_net(s.model), NoiseSchedule()).to(s.device).eval()
     rows = []
@@ -460,8 +528,16 @@ def phase_sampling(s: Setup) -> dict:
                 x0 = model.sample(n, generator=generator, sampler=sampler).x0
                 s.sync()
             elapsed = time.perf_counter() - start
-            rows.append({"sampler": name, "precision": precision, "num_samples": n, "seconds": elapsed,
-                         "images_per_s": n / elapsed, "finite": bool(torch.isfinite(x0).all())})
+            rows.append(
+                {
+                    "sampler": name,
+                    "precision": precision,
+                    "num_samples": n,
+                    "seconds": elapsed,
+                    "images_per_s": n / elapsed,
+                    "finite": bool(torch.isfinite(x0).all()),
+                }
+            )
             print(rows[-1], flush=True)
     return {"network": s.model, "rows": rows}
 
@@ -473,23 +549,42 @@ def phase_train(s: Setup, budget_s: float) -> dict:
     minutes = max(0.5, (budget_s - 60) / 60) if not s.dry else 0.05
     mins, secs = divmod(int(minutes * 60), 60)
     with tempfile.TemporaryDirectory() as tmp:
-        over = [f"model={s.model}", s.trainer, f"data.root={s.data_root}", f"data.batch_size={4 if s.dry else 256}",
-                "optimizer.lr=2e-4", "trainer.max_epochs=-1", f"trainer.max_steps={6 if s.dry else 100000}",
-                f"++trainer.max_time='00:00:{mins:02d}:{secs:02d}'", "trainer.enable_progress_bar=false",
-                f"data.val_size={16 if s.dry else 256}",
-                "trainer.val_check_interval=null", "trainer.check_val_every_n_epoch=1000", "sampler=sde_dpmpp",
-                "callbacks.samples.num_samples=16", f"run_dir={tmp}/run", "trainer.log_every_n_steps=50",
-                "++evaluate.num_samples=" + ("8" if s.dry else "1000"),
-                "++evaluate.batch_size=" + ("8" if s.dry else "500"),
-                *(["data.subset_size=64", "trainer.precision=32-true", "++evaluate.sampler.steps=2"] if s.dry else [])]
+        over = [
+            f"model={s.model}",
+            s.trainer,
+            f"data.root={s.data_root}",
+            f"data.batch_size={4 if s.dry else 256}",
+            "optimizer.lr=2e-4",
+            "trainer.max_epochs=-1",
+            f"trainer.max_steps={6 if s.dry else 100000}",
+            f"++trainer.max_time='00:00:{mins:02d}:{secs:02d}'",
+            "trainer.enable_progress_bar=false",
+            f"data.val_size={16 if s.dry else 256}",
+            "trainer.val_check_interval=null",
+            "trainer.check_val_every_n_epoch=1000",
+            "sampler=sde_dpmpp",
+            "callbacks.samples.num_samples=16",
+            f"run_dir={tmp}/run",
+            "trainer.log_every_n_steps=50",
+            "++evaluate.num_samples=" + ("8" if s.dry else "1000"),
+            "++evaluate.batch_size=" + ("8" if s.dry else "500"),
+            *(["data.subset_size=64", "trainer.precision=32-true", "++evaluate.sampler.steps=2"] if s.dry else []),
+        ]
         start = time.perf_counter()
         result = train(compose_train(over))
         wall = time.perf_counter() - start
         trainer = result["trainer"]
         evaluation = result.get("evaluation") or {}
-    return {"network": s.model, "max_time_min": round(minutes, 2), "steps": trainer.global_step,
-            "images": trainer.global_step * (4 if s.dry else 256), "wall_s": wall, "fid": evaluation.get("fid"),
-            "confident_fraction": evaluation.get("confident_fraction"), "val_loss": result["metrics"].get("val/loss")}
+    return {
+        "network": s.model,
+        "max_time_min": round(minutes, 2),
+        "steps": trainer.global_step,
+        "images": trainer.global_step * (4 if s.dry else 256),
+        "wall_s": wall,
+        "fid": evaluation.get("fid"),
+        "confident_fraction": evaluation.get("confident_fraction"),
+        "val_loss": result["metrics"].get("val/loss"),
+    }
 
 
 # --------------------------------------------------------------------------------------------------- summary
@@ -500,14 +595,18 @@ def phase_summary(out: Path) -> dict:
     steps = ok.get("steps", {})
     sampling = ok.get("sampling", {})
     by_batch = {row["batch"]: row for row in steps.get("rows", [])}
-    fast = next((r for r in sampling.get("rows", []) if r["sampler"].startswith("SDE") and r["precision"] == "fp32"),
-                None)
+    fast = next(
+        (r for r in sampling.get("rows", []) if r["sampler"].startswith("SDE") and r["precision"] == "fp32"), None
+    )
     plan = {}
     for batch, row in by_batch.items():
         ips = row["project"]["images_per_s"]
         grid_s = 64 / fast["images_per_s"] if fast else 0.0  # one 64-image picture per epoch (fp32, as the callback)
-        plan[batch] = {"train_s": PLAN_IMAGES / ips, "grids_s": 100 * grid_s,
-                       "total_min": (PLAN_IMAGES / ips + 100 * grid_s) / 60}
+        plan[batch] = {
+            "train_s": PLAN_IMAGES / ips,
+            "grids_s": 100 * grid_s,
+            "total_min": (PLAN_IMAGES / ips + 100 * grid_s) / 60,
+        }
     summary["plan_100_epochs"] = plan
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_check.json").write_text(json.dumps({"summary": summary, "phases": records}, indent=2) + "\n")
@@ -519,22 +618,37 @@ def markdown(records: dict, summary: dict) -> str:
     records = {name: r for name, r in records.items() if r.get("status") == "ok"}  # a timed-out phase has no figures
     v = records.get("versions", {})
     gemm = v.get("gemm_bf16_tflops") or v.get("gemm_fp32_tflops") or float("nan")
-    lines = ["# GPU check", "", f"{v.get('gpu', v.get('device', '?'))}, torch {v.get('torch')}, CUDA {v.get('cuda')}, "
-             f"Lightning {v.get('lightning')}, deepinv {v.get('deepinv')}; measured GEMM peak "
-             f"{gemm:.3g} TFLOP/s ({'bf16' if v.get('gemm_bf16_tflops') else 'fp32, CPU'}).", "",
-             "| phase | status |", "|---|---|"]
+    lines = [
+        "# GPU check",
+        "",
+        f"{v.get('gpu', v.get('device', '?'))}, torch {v.get('torch')}, CUDA {v.get('cuda')}, "
+        f"Lightning {v.get('lightning')}, deepinv {v.get('deepinv')}; measured GEMM peak "
+        f"{gemm:.3g} TFLOP/s ({'bf16' if v.get('gemm_bf16_tflops') else 'fp32, CPU'}).",
+        "",
+        "| phase | status |",
+        "|---|---|",
+    ]
     lines += [f"| {name} | {status} |" for name, status in summary["phases"].items()]
     steps = records.get("steps")
     if steps and steps.get("rows"):
-        lines += ["", f"## Training step ({steps['network']}, {'bf16' if steps['bf16'] else 'fp32'})", "",
-                  "| batch | arm | images/s | ms/step | MFU | peak GiB |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Training step ({steps['network']}, {'bf16' if steps['bf16'] else 'fp32'})",
+            "",
+            "| batch | arm | images/s | ms/step | MFU | peak GiB |",
+            "|---|---|---|---|---|---|",
+        ]
         for row in steps["rows"]:
             for arm in ("bare", "project", "project_on_device"):
                 r = row[arm]
-                lines.append(f"| {row['batch']} | {arm} | {r['images_per_s']:.0f} | {r['ms_per_step']:.1f} | "
-                             f"{r.get('mfu', float('nan')):.3f} | {r.get('peak_memory_gib', float('nan')):.1f} |")
-            lines.append(f"| {row['batch']} | project / bare | {row['ratio']:.3f} "
-                         f"(on_device {row['ratio_on_device']:.3f}) | | | |")
+                lines.append(
+                    f"| {row['batch']} | {arm} | {r['images_per_s']:.0f} | {r['ms_per_step']:.1f} | "
+                    f"{r.get('mfu', float('nan')):.3f} | {r.get('peak_memory_gib', float('nan')):.1f} |"
+                )
+            lines.append(
+                f"| {row['batch']} | project / bare | {row['ratio']:.3f} "
+                f"(on_device {row['ratio_on_device']:.3f}) | | | |"
+            )
     variants = records.get("variants")
     if variants and variants.get("rows"):
         lines += ["", f"## Variants (batch {variants['batch']})", "", "| variant | images/s | note |", "|---|---|---|"]
@@ -543,22 +657,37 @@ def markdown(records: dict, summary: dict) -> str:
     census = records.get("census")
     if census:
         real = census.get("real_step", {}).get("syncs", {})
-        lines += ["", "## Host syncs", "", f"tests/test_syncs.py ({census['test_syncs']['selection']}): return code "
-                  f"{census['test_syncs']['returncode']}; the real step: at most {real.get('steady_step_syncs_max')} "
-                  f"per steady step, {real.get('check_step_syncs_max')} on a check step "
-                  f"(every {real.get('check_every')})."]
+        lines += [
+            "",
+            "## Host syncs",
+            "",
+            f"tests/test_syncs.py ({census['test_syncs']['selection']}): return code "
+            f"{census['test_syncs']['returncode']}; the real step: at most {real.get('steady_step_syncs_max')} "
+            f"per steady step, {real.get('check_step_syncs_max')} on a check step "
+            f"(every {real.get('check_every')}).",
+        ]
     sampling = records.get("sampling")
     if sampling and sampling.get("rows"):
         lines += ["", "## Sampling", "", "| sampler | precision | images/s |", "|---|---|---|"]
         lines += [f"| {r['sampler']} | {r['precision']} | {r['images_per_s']:.1f} |" for r in sampling["rows"]]
     train = records.get("train")
     if train and "steps" in train:
-        lines += ["", "## Short ddpm-train run", "", f"{train['steps']} steps ({train['images']} images) in "
-                  f"{train['max_time_min']} min of training, {train['wall_s']:.0f} s in all; end-of-run FID "
-                  f"{train['fid']}, val/loss {train['val_loss']}."]
+        lines += [
+            "",
+            "## Short ddpm-train run",
+            "",
+            f"{train['steps']} steps ({train['images']} images) in "
+            f"{train['max_time_min']} min of training, {train['wall_s']:.0f} s in all; end-of-run FID "
+            f"{train['fid']}, val/loss {train['val_loss']}.",
+        ]
     if summary.get("plan_100_epochs"):
-        lines += ["", "## The 100-epoch plan (60,000 images, one 64-image grid per epoch)", "",
-                  "| batch | training min | grids min | total min |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "## The 100-epoch plan (60,000 images, one 64-image grid per epoch)",
+            "",
+            "| batch | training min | grids min | total min |",
+            "|---|---|---|---|",
+        ]
         for batch, p in summary["plan_100_epochs"].items():
             lines.append(f"| {batch} | {p['train_s'] / 60:.1f} | {p['grids_s'] / 60:.1f} | {p['total_min']:.1f} |")
     return "\n".join(lines) + "\n"
@@ -587,9 +716,12 @@ def smoke(args: argparse.Namespace) -> None:
     train_ips = 2 * args.batch_size / (time.perf_counter() - start)
     start = time.perf_counter()
     model.sample(4, generator=torch.Generator(device=device).manual_seed(0), sampler=DDIMSampler(steps=50))
-    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "train_images_per_s": train_ips,
-              "ddim50_images_per_s": 4 / (time.perf_counter() - start),
-              "projected_100_epochs_60k_hours": PLAN_IMAGES / train_ips / 3600}
+    result = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "train_images_per_s": train_ips,
+        "ddim50_images_per_s": 4 / (time.perf_counter() - start),
+        "projected_100_epochs_60k_hours": PLAN_IMAGES / train_ips / 3600,
+    }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
@@ -601,15 +733,19 @@ PHASES = ("versions", "steps", "variants", "census", "sampling", "train", "summa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phase", choices=PHASES, help="the phase to run (benchmarks/gpu_check.sh runs them all)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help="folder of phases.jsonl, gpu_check.json, gpu_check.md "
-                        "(default: %(default)s)")
+    parser.add_argument(
+        "--out", default=DEFAULT_OUT, help="folder of phases.jsonl, gpu_check.json, gpu_check.md (default: %(default)s)"
+    )
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"), help="folder holding MNIST/raw")
     parser.add_argument("--dry-run", action="store_true", help="CPU allowed: a tiny network and a few steps")
     parser.add_argument("--budget-s", type=float, default=120.0, help="the phase's time limit (gpu_check.sh sets it)")
     parser.add_argument("--smoke", action="store_true", help="the former one-process check, tiny network (CI)")
     parser.add_argument("--batch-size", type=int, default=64, help="--smoke only")
-    parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "gpu_check.json"),
-                        help="--smoke only: where its JSON goes (default: %(default)s)")
+    parser.add_argument(
+        "--json",
+        default=str(REPO / "benchmarks" / "results" / "gpu_check.json"),
+        help="--smoke only: where its JSON goes (default: %(default)s)",
+    )
     args = parser.parse_args()
     if args.smoke:
         smoke(args)
@@ -637,7 +773,7 @@ def main() -> None:
         elif args.phase == "train":
             record.update(phase_train(s, args.budget_s))
         record["status"] = "ok"
-    except Exception as err:  # noqa: BLE001 - recorded, so that the summary says which phase failed and why
+    except Exception as err:
         record["status"] = f"failed: {type(err).__name__}: {str(err)[:400]}"
         import traceback
 

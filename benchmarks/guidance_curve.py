@@ -30,32 +30,61 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import write_rows  # noqa: E402
+
 KEPT = ("fid", "fid_floor", "normalised_entropy", "confident_fraction", "label_accuracy", "inception_score", "seconds")
 
 
-def run_scale(ckpt: str, data_root: str, scale: float, steps: int | None, num_samples: int, batch_size: int,
-              seed: int, out_dir: Path) -> dict:
+def run_scale(
+    ckpt: str,
+    data_root: str,
+    scale: float,
+    steps: int | None,
+    num_samples: int,
+    batch_size: int,
+    seed: int,
+    out_dir: Path,
+) -> dict:
     from ddpm_lightning.config import compose_config
     from ddpm_lightning.evaluation import evaluate
 
-    cfg = compose_config("evaluate", [f"ckpt_path={ckpt}", f"guidance_scale={scale}", f"num_samples={num_samples}",
-                                      f"batch_size={batch_size}", f"seed={seed}", f"data.root={data_root}",
-                                      f"out_dir={out_dir}", "overwrite=true",
-                                      *([f"sampler.steps={steps}"] if steps else [])])
+    cfg = compose_config(
+        "evaluate",
+        [
+            f"ckpt_path={ckpt}",
+            f"guidance_scale={scale}",
+            f"num_samples={num_samples}",
+            f"batch_size={batch_size}",
+            f"seed={seed}",
+            f"data.root={data_root}",
+            f"out_dir={out_dir}",
+            "overwrite=true",
+            *([f"sampler.steps={steps}"] if steps else []),
+        ],
+    )
     start = time.perf_counter()
     metrics = evaluate(cfg)
-    return {"guidance_scale": scale, "sampler": metrics.get("sampler"), **{k: metrics.get(k) for k in KEPT},
-            "wall_seconds": time.perf_counter() - start}
+    return {
+        "guidance_scale": scale,
+        "sampler": metrics.get("sampler"),
+        **{k: metrics.get(k) for k in KEPT},
+        "wall_seconds": time.perf_counter() - start,
+    }
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| guidance scale | FID | entropy | confident | label accuracy | seconds |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| guidance scale | FID | entropy | confident | label accuracy | seconds |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
-        lines.append(f"| {r['guidance_scale']:g} | {r['fid']:.2f} | {r['normalised_entropy']:.4f} | "
-                     f"{r['confident_fraction']:.3f} | {r['label_accuracy']:.3f} | {r['wall_seconds']:.0f} |")
+        lines.append(
+            f"| {r['guidance_scale']:g} | {r['fid']:.2f} | {r['normalised_entropy']:.4f} | "
+            f"{r['confident_fraction']:.3f} | {r['label_accuracy']:.3f} | {r['wall_seconds']:.0f} |"
+        )
     floor = rows[0].get("fid_floor") if rows else None
-    return "\n".join(lines) + (f"\n\nFID floor (real train vs real test, same n): {floor:.2f}" if floor is not None else "")
+    return "\n".join(lines) + (
+        f"\n\nFID floor (real train vs real test, same n): {floor:.2f}" if floor is not None else ""
+    )
 
 
 def plot(rows: list[dict], path: Path, title: str, num_samples: int) -> None:
@@ -69,7 +98,9 @@ def plot(rows: list[dict], path: Path, title: str, num_samples: int) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
     left.plot(s, [r["fid"] for r in rows], marker="o", color="C0", label="classifier FID")
     if rows and rows[0].get("fid_floor") is not None:
-        left.axhline(rows[0]["fid_floor"], color="C0", linestyle="--", alpha=0.6, label=f"FID floor {rows[0]['fid_floor']:.2f}")
+        left.axhline(
+            rows[0]["fid_floor"], color="C0", linestyle="--", alpha=0.6, label=f"FID floor {rows[0]['fid_floor']:.2f}"
+        )
     left.set_xlabel("guidance scale s")
     left.set_ylabel(f"classifier FID ({num_samples:,} samples)", color="C0")
     twin = left.twinx()
@@ -121,8 +152,16 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for scale in args.scales:
-            row = run_scale(args.ckpt, args.data_root, scale, args.steps, args.num_samples, args.batch_size, args.seed,
-                            Path(tmp) / f"s{scale:g}")
+            row = run_scale(
+                args.ckpt,
+                args.data_root,
+                scale,
+                args.steps,
+                args.num_samples,
+                args.batch_size,
+                args.seed,
+                Path(tmp) / f"s{scale:g}",
+            )
             rows.append(row)
             print(json.dumps(row), flush=True)
             write_rows(args.out, {"ckpt": args.ckpt, "num_samples": args.num_samples, "seed": args.seed}, rows)

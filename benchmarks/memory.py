@@ -49,8 +49,9 @@ print("PEAK_GPU_GIB", json.dumps(gpu))
 
 
 def run_case(kind: str, net: str, root: str, batch: int, steps: int) -> dict:
-    code = _CHILD.format(repo=str(REPO), conf=str(REPO / "conf"), kind=kind, net=net, root=root, batch=batch,
-                         steps=steps)
+    code = _CHILD.format(
+        repo=str(REPO), conf=str(REPO / "conf"), kind=kind, net=net, root=root, batch=batch, steps=steps
+    )
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=subprocess.STDOUT, text=True)
         _, status, usage = os.wait4(proc.pid, 0)
@@ -60,8 +61,12 @@ def run_case(kind: str, net: str, root: str, batch: int, steps: int) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{kind} {net} failed:\n{text[-3000:]}")
     gpu = json.loads(text.rsplit("PEAK_GPU_GIB", 1)[1].split("\n", 1)[0])
-    return dict(case=f"{kind} {net}" if kind != "baseline" else "baseline", batch_size=batch if kind != "baseline" else None,
-                peak_rss_gib=usage.ru_maxrss / 2**20, peak_gpu_gib=gpu)  # ru_maxrss is in KiB on Linux
+    return dict(
+        case=f"{kind} {net}" if kind != "baseline" else "baseline",
+        batch_size=batch if kind != "baseline" else None,
+        peak_rss_gib=usage.ru_maxrss / 2**20,
+        peak_gpu_gib=gpu,
+    )  # ru_maxrss is in KiB on Linux
 
 
 def main() -> None:

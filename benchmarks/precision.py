@@ -28,19 +28,19 @@ import copy
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common import NETS, machine, randomize_zero_init, result_path
 from ddpm_lightning.networks import count_parameters
 from ddpm_lightning.samplers import DDIMSampler
 from ddpm_lightning.schedule import NoiseSchedule
 
+from common import NETS, machine, randomize_zero_init, result_path
 
 
 def make_variant(name: str, base: nn.Module, device: torch.device) -> SimpleNamespace:
@@ -48,9 +48,16 @@ def make_variant(name: str, base: nn.Module, device: torch.device) -> SimpleName
     fmt = torch.channels_last if name == "channels_last" else torch.contiguous_format
     net = copy.deepcopy(base).to(device).to(memory_format=fmt)
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if name == "bf16" else contextlib.nullcontext
-    return SimpleNamespace(name=name, net=net, fwd=torch.compile(net) if name == "compile" else net, amp=amp,
-                           fmt=fmt, opt=torch.optim.Adam(net.parameters(), lr=1e-4), ms={"train": [], "sample": []},
-                           peak={"train": 0.0, "sample": 0.0})
+    return SimpleNamespace(
+        name=name,
+        net=net,
+        fwd=torch.compile(net) if name == "compile" else net,
+        amp=amp,
+        fmt=fmt,
+        opt=torch.optim.Adam(net.parameters(), lr=1e-4),
+        ms={"train": [], "sample": []},
+        peak={"train": 0.0, "sample": 0.0},
+    )
 
 
 def eps_loss(v: SimpleNamespace, schedule: NoiseSchedule, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
@@ -70,15 +77,24 @@ def main() -> None:
     parser.add_argument("--ddim-steps", type=int, default=20)
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions (medians are reported)")
     parser.add_argument("--compile", action="store_true", help="add a torch.compile variant (minutes on a CPU)")
-    parser.add_argument("--quick", action="store_true", help="~2 minutes on a CPU: adm_small only, 1 step x 2 reps, DDIM-10 of 8 images")
+    parser.add_argument(
+        "--quick", action="store_true", help="~2 minutes on a CPU: adm_small only, 1 step x 2 reps, DDIM-10 of 8 images"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny network, batch 2, DDIM-2: proves the script runs")
-    parser.add_argument("--json", default=result_path("precision.json"), help="where the JSON goes (default: %(default)s)")
+    parser.add_argument(
+        "--json", default=result_path("precision.json"), help="where the JSON goes (default: %(default)s)"
+    )
     args = parser.parse_args()
     info = machine(args.smoke)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    names, batch, num_samples, ddim_steps, reps = (args.networks.split(","), args.batch_size, args.num_samples,
-                                                   args.ddim_steps, args.reps)
+    names, batch, num_samples, ddim_steps, reps = (
+        args.networks.split(","),
+        args.batch_size,
+        args.num_samples,
+        args.ddim_steps,
+        args.reps,
+    )
     train_steps = args.train_steps or (20 if cuda else 2)
     if args.quick:
         names, reps, train_steps = ["adm_small"], 2, args.train_steps or (20 if cuda else 1)
@@ -117,7 +133,9 @@ def main() -> None:
 
     def sample(v: SimpleNamespace, steps: int) -> Tensor:
         with v.amp():
-            return DDIMSampler(steps=steps)(lambda x, tt: v.fwd(x, tt), schedule, x_T.contiguous(memory_format=v.fmt)).x0
+            return DDIMSampler(steps=steps)(
+                lambda x, tt: v.fwd(x, tt), schedule, x_T.contiguous(memory_format=v.fmt)
+            ).x0
 
     for name in names:
         torch.manual_seed(0)
@@ -135,7 +153,7 @@ def main() -> None:
             sample(v, 2)  # warm-up (and compilation)
         for rep in range(reps):
             for v in vs:
-                x = timed(v, "sample", lambda: sample(v, ddim_steps))
+                x = timed(v, "sample", lambda v=v: sample(v, ddim_steps))
                 if rep == 0:
                     v.x0 = x.float()
         # 3. training speed (train mode: dropout on; the weights of the variants diverge from here)
@@ -144,33 +162,58 @@ def main() -> None:
             train(v)  # warm-up (and compilation)
         for _ in range(reps):
             for v in vs:
-                timed(v, "train", lambda: train(v))
+                timed(v, "train", lambda v=v: train(v))
         ref = vs[0]
         train_ips = {v.name: batch * train_steps / statistics.median(v.ms["train"]) for v in vs}
         sample_ips = {v.name: num_samples / statistics.median(v.ms["sample"]) for v in vs}
         for v in vs:
-            rows.append(dict(
-                network=name, variant=v.name, device=str(device),
-                train_images_per_s=train_ips[v.name], train_speedup=train_ips[v.name] / train_ips["fp32"],
-                loss=v.loss, loss_rel_diff=abs(v.loss - ref.loss) / abs(ref.loss),
-                grad_rel_l2=float((v.grad - ref.grad).norm() / ref.grad.norm()),
-                sample_images_per_s=sample_ips[v.name], sample_speedup=sample_ips[v.name] / sample_ips["fp32"],
-                sample_rel_l2=float((v.x0 - ref.x0).norm() / ref.x0.norm()),
-                peak_train_gib=v.peak["train"] if cuda else None, peak_sample_gib=v.peak["sample"] if cuda else None,
-            ))
+            rows.append(
+                dict(
+                    network=name,
+                    variant=v.name,
+                    device=str(device),
+                    train_images_per_s=train_ips[v.name],
+                    train_speedup=train_ips[v.name] / train_ips["fp32"],
+                    loss=v.loss,
+                    loss_rel_diff=abs(v.loss - ref.loss) / abs(ref.loss),
+                    grad_rel_l2=float((v.grad - ref.grad).norm() / ref.grad.norm()),
+                    sample_images_per_s=sample_ips[v.name],
+                    sample_speedup=sample_ips[v.name] / sample_ips["fp32"],
+                    sample_rel_l2=float((v.x0 - ref.x0).norm() / ref.x0.norm()),
+                    peak_train_gib=v.peak["train"] if cuda else None,
+                    peak_sample_gib=v.peak["sample"] if cuda else None,
+                )
+            )
 
-    print(f"\ntraining: batch {batch}, {train_steps} step(s) x {reps} reps; sampling: DDIM-{ddim_steps}, "
-          f"{num_samples} images x {reps} reps; x fp32 = speed ratio to fp32")
-    print(f"{'network':10} {'variant':14} {'train img/s':>11} {'x fp32':>7} {'loss rel':>9} {'grad relL2':>10} "
-          f"{'DDIM img/s':>10} {'x fp32':>7} {'sample relL2':>12}" + (f" {'peak GiB tr/smp':>16}" if cuda else ""))
+    print(
+        f"\ntraining: batch {batch}, {train_steps} step(s) x {reps} reps; sampling: DDIM-{ddim_steps}, "
+        f"{num_samples} images x {reps} reps; x fp32 = speed ratio to fp32"
+    )
+    print(
+        f"{'network':10} {'variant':14} {'train img/s':>11} {'x fp32':>7} {'loss rel':>9} {'grad relL2':>10} "
+        f"{'DDIM img/s':>10} {'x fp32':>7} {'sample relL2':>12}" + (f" {'peak GiB tr/smp':>16}" if cuda else "")
+    )
     for r in rows:
-        print(f"{r['network']:10} {r['variant']:14} {r['train_images_per_s']:11.2f} {r['train_speedup']:7.2f} "
-              f"{r['loss_rel_diff']:9.1e} {r['grad_rel_l2']:10.1e} {r['sample_images_per_s']:10.2f} "
-              f"{r['sample_speedup']:7.2f} {r['sample_rel_l2']:12.1e}"
-              + (f" {r['peak_train_gib']:7.2f} / {r['peak_sample_gib']:6.2f}" if cuda else ""))
-    result = dict(machine=info, device=torch.cuda.get_device_name() if cuda else "cpu", threads=torch.get_num_threads(),
-                  torch=torch.__version__, quick=args.quick, smoke=args.smoke, batch_size=batch,
-                  train_steps_per_rep=train_steps, num_samples=num_samples, ddim_steps=ddim_steps, reps=reps, rows=rows)
+        print(
+            f"{r['network']:10} {r['variant']:14} {r['train_images_per_s']:11.2f} {r['train_speedup']:7.2f} "
+            f"{r['loss_rel_diff']:9.1e} {r['grad_rel_l2']:10.1e} {r['sample_images_per_s']:10.2f} "
+            f"{r['sample_speedup']:7.2f} {r['sample_rel_l2']:12.1e}"
+            + (f" {r['peak_train_gib']:7.2f} / {r['peak_sample_gib']:6.2f}" if cuda else "")
+        )
+    result = dict(
+        machine=info,
+        device=torch.cuda.get_device_name() if cuda else "cpu",
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        quick=args.quick,
+        smoke=args.smoke,
+        batch_size=batch,
+        train_steps_per_rep=train_steps,
+        num_samples=num_samples,
+        ddim_steps=ddim_steps,
+        reps=reps,
+        rows=rows,
+    )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)

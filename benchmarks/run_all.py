@@ -35,13 +35,22 @@ def main() -> None:
     total = time.perf_counter()
     for script in args.only.split(","):
         start = time.perf_counter()
-        cmd = [sys.executable, str(HERE / script), *(flags_train if script == "train_overhead.py" else flags),
-               "--json", str(out / script.replace(".py", ".json"))]
+        cmd = [
+            sys.executable,
+            str(HERE / script),
+            *(flags_train if script == "train_overhead.py" else flags),
+            "--json",
+            str(out / script.replace(".py", ".json")),
+        ]
         print(f"\n== {' '.join(cmd[1:])}", flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"{script} failed:\n{proc.stderr[-3000:]}")
-        table = [ln for ln in proc.stdout.splitlines() if not ln.startswith(("Done in", "  checkpoint", "  samples", "  tensorboard")) and ln.strip()]
+        table = [
+            ln
+            for ln in proc.stdout.splitlines()
+            if not ln.startswith(("Done in", "  checkpoint", "  samples", "  tensorboard")) and ln.strip()
+        ]
         print("\n".join(table[-40:]))
         print(f"({time.perf_counter() - start:.0f} s)", flush=True)
     print(f"\nall benchmarks: {time.perf_counter() - total:.0f} s", flush=True)

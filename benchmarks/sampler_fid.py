@@ -42,30 +42,54 @@ SAMPLERS = {
     "dpmpp": ["sampler=dpmpp"],
     "dpmpp_sde": ["sampler=dpmpp", "sampler.algorithm=sde-dpmsolver++"],
 }
-LABELS = {"ddpm": "DDPM (respaced)", "ddim0": "DDIM eta=0", "ddim1": "DDIM eta=1", "dpmpp": "DPM-Solver++(2M)",
-          "dpmpp_sde": "SDE-DPM-Solver++(2M)"}
+LABELS = {
+    "ddpm": "DDPM (respaced)",
+    "ddim0": "DDIM eta=0",
+    "ddim1": "DDIM eta=1",
+    "dpmpp": "DPM-Solver++(2M)",
+    "dpmpp_sde": "SDE-DPM-Solver++(2M)",
+}
 KEPT = ("fid", "fid_floor", "confident_fraction", "inception_score", "normalised_entropy", "seconds")
 
 
-def run_arm(ckpt: str, data_root: str, sampler: str, steps: int, num_samples: int, batch_size: int, seed: int,
-            out_dir: Path) -> dict:
+def run_arm(
+    ckpt: str, data_root: str, sampler: str, steps: int, num_samples: int, batch_size: int, seed: int, out_dir: Path
+) -> dict:
     from ddpm_lightning.config import compose_config
     from ddpm_lightning.evaluation import evaluate
 
-    cfg = compose_config("evaluate", [f"ckpt_path={ckpt}", *SAMPLERS[sampler], f"sampler.steps={steps}",
-                                      f"num_samples={num_samples}", f"batch_size={batch_size}", f"seed={seed}",
-                                      f"data.root={data_root}", f"out_dir={out_dir}", "overwrite=true"])
+    cfg = compose_config(
+        "evaluate",
+        [
+            f"ckpt_path={ckpt}",
+            *SAMPLERS[sampler],
+            f"sampler.steps={steps}",
+            f"num_samples={num_samples}",
+            f"batch_size={batch_size}",
+            f"seed={seed}",
+            f"data.root={data_root}",
+            f"out_dir={out_dir}",
+            "overwrite=true",
+        ],
+    )
     start = time.perf_counter()
     metrics = evaluate(cfg)
-    return {"sampler": sampler, "steps": steps, "nfe": steps, **{k: metrics.get(k) for k in KEPT},
-            "wall_seconds": time.perf_counter() - start}
+    return {
+        "sampler": sampler,
+        "steps": steps,
+        "nfe": steps,
+        **{k: metrics.get(k) for k in KEPT},
+        "wall_seconds": time.perf_counter() - start,
+    }
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| sampler | steps (NFE) | FID | confident | seconds |", "| --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {LABELS[r['sampler']]} | {r['steps']} | {r['fid']:.2f} | {r['confident_fraction']:.3f} | "
-                     f"{r['wall_seconds']:.0f} |")
+        lines.append(
+            f"| {LABELS[r['sampler']]} | {r['steps']} | {r['fid']:.2f} | {r['confident_fraction']:.3f} | "
+            f"{r['wall_seconds']:.0f} |"
+        )
     floor = rows[0].get("fid_floor") if rows else None
     return "\n".join(lines) + (f"\n\nFID floor (real test vs real train): {floor:.2f}" if floor is not None else "")
 
@@ -119,8 +143,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.samplers:
             for steps in args.steps:
-                row = run_arm(args.ckpt, args.data_root, name, steps, args.num_samples, args.batch_size, args.seed,
-                              Path(tmp) / f"{name}_{steps}")
+                row = run_arm(
+                    args.ckpt,
+                    args.data_root,
+                    name,
+                    steps,
+                    args.num_samples,
+                    args.batch_size,
+                    args.seed,
+                    Path(tmp) / f"{name}_{steps}",
+                )
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 write_rows(args.out, {"ckpt": args.ckpt, "num_samples": args.num_samples, "seed": args.seed}, rows)

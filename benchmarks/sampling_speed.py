@@ -27,18 +27,18 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from common import NETS, machine, randomize_zero_init, result_path
 from ddpm_lightning.module import DDPM
 from ddpm_lightning.networks import count_parameters
 from ddpm_lightning.samplers import DDIMSampler, DDPMSampler, strided_timesteps
 from ddpm_lightning.schedule import NoiseSchedule
 
+from common import NETS, machine, randomize_zero_init, result_path
 
 
 def diffusers_schedulers(schedule: NoiseSchedule):
@@ -54,8 +54,15 @@ def diffusers_schedulers(schedule: NoiseSchedule):
     except ImportError:
         return None
     T = schedule.num_timesteps  # NoiseSchedule() defaults: linear 1e-4 .. 0.02
-    common = dict(num_train_timesteps=T, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                  clip_sample=True, clip_sample_range=1.0, prediction_type="epsilon")
+    common = dict(
+        num_train_timesteps=T,
+        beta_start=1e-4,
+        beta_end=0.02,
+        beta_schedule="linear",
+        clip_sample=True,
+        clip_sample_range=1.0,
+        prediction_type="epsilon",
+    )
     ddpm = DDPMScheduler(variance_type="fixed_small", **common)
     # set_alpha_to_one=True: the last DDIM step goes to abar = 1 (the clean image), as ours does
     ddim = DDIMScheduler(set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading", **common)
@@ -116,15 +123,22 @@ def step_times(name: str, model: DDPM, scheds, batch: int, steps: int, reps: int
         kind = k.split()[-1]
         other = ("diffusers " if k.startswith("ours") else "ours ") + kind
         full = ddim_steps if kind == "DDIM" else 1000
-        rows.append(dict(
-            network=name, variant=k, batch_size=batch, timed_steps=steps, reps=reps, ms_per_step=v,
-            ms_per_step_all=[1000 * s for s in samples[k]],
-            overhead_pct=None if k == "forward" else 100 * (v - ms["forward"]) / ms["forward"],
-            ratio_ours_over_diffusers=ms[k] / ms[other] if k.startswith("ours") and other in ms else None,
-            full_run=None if k == "forward" else f"{kind}-{full}",
-            full_run_seconds=None if k == "forward" else v * full / 1000,
-            images_per_s=None if k == "forward" else batch / (v * full / 1000),
-        ))
+        rows.append(
+            dict(
+                network=name,
+                variant=k,
+                batch_size=batch,
+                timed_steps=steps,
+                reps=reps,
+                ms_per_step=v,
+                ms_per_step_all=[1000 * s for s in samples[k]],
+                overhead_pct=None if k == "forward" else 100 * (v - ms["forward"]) / ms["forward"],
+                ratio_ours_over_diffusers=ms[k] / ms[other] if k.startswith("ours") and other in ms else None,
+                full_run=None if k == "forward" else f"{kind}-{full}",
+                full_run_seconds=None if k == "forward" else v * full / 1000,
+                images_per_s=None if k == "forward" else batch / (v * full / 1000),
+            )
+        )
     return rows
 
 
@@ -139,23 +153,38 @@ def cross_check(name: str, model: DDPM, scheds, batch: int, ddim_steps: int, ddp
     abar_ref = model.schedule.alphas_cumprod
     abar_rel = float(((scheds[1].alphas_cumprod.double() - abar_ref) / abar_ref).abs().max())
     rows = [
-        (f"DDIM-{ddim_steps}", "use_clipped_model_output=True (matches ours)",
-         diff(ddim, diffusers_sample(scheds[1], net, noise, ddim_steps))),
-        (f"DDIM-{ddim_steps}", "diffusers default use_clipped_model_output=False",
-         diff(ddim, diffusers_sample(scheds[1], net, noise, ddim_steps, clipped_eps=False))),
-        (f"DDPM-{ddpm_steps}", "same generator, our respaced timesteps",
-         diff(ddpm, diffusers_sample(scheds[0], net, noise, ddpm_steps, generator=gen()))),
+        (
+            f"DDIM-{ddim_steps}",
+            "use_clipped_model_output=True (matches ours)",
+            diff(ddim, diffusers_sample(scheds[1], net, noise, ddim_steps)),
+        ),
+        (
+            f"DDIM-{ddim_steps}",
+            "diffusers default use_clipped_model_output=False",
+            diff(ddim, diffusers_sample(scheds[1], net, noise, ddim_steps, clipped_eps=False)),
+        ),
+        (
+            f"DDPM-{ddpm_steps}",
+            "same generator, our respaced timesteps",
+            diff(ddpm, diffusers_sample(scheds[0], net, noise, ddpm_steps, generator=gen())),
+        ),
     ]
-    return [dict(network=name, sampler=s, batch_size=batch, setting=c, max_abs_diff=d,
-                 alphas_cumprod_max_rel_diff=abar_rel) for s, c, d in rows]
+    return [
+        dict(network=name, sampler=s, batch_size=batch, setting=c, max_abs_diff=d, alphas_cumprod_max_rel_diff=abar_rel)
+        for s, c, d in rows
+    ]
 
 
 def batch_sweep(name: str, model: DDPM, batch_sizes: list[int], steps: int) -> list[dict]:
     rows = []
     model.sample(batch_sizes[0], sampler=DDIMSampler(steps=1))  # warm-up
     for b in batch_sizes:
-        seconds = timed(lambda: model.sample(b, generator=torch.Generator().manual_seed(5), sampler=DDIMSampler(steps=steps)))
-        rows.append(dict(network=name, sampler=f"DDIM-{steps}", batch_size=b, seconds=seconds, images_per_s=b / seconds))
+        seconds = timed(
+            lambda b=b: model.sample(b, generator=torch.Generator().manual_seed(5), sampler=DDIMSampler(steps=steps))
+        )
+        rows.append(
+            dict(network=name, sampler=f"DDIM-{steps}", batch_size=b, seconds=seconds, images_per_s=b / seconds)
+        )
     return rows
 
 
@@ -170,10 +199,15 @@ def main() -> None:
     parser.add_argument("--check-batch", type=int, default=4, help="batch size of the cross-check")
     parser.add_argument("--batch-sizes", default="1,16,64,256", help="batch sweep (first network only)")
     parser.add_argument("--sweep-steps", type=int, default=10)
-    parser.add_argument("--quick", action="store_true",
-                        help="~2 minutes: 5 steps x 5 reps, batches <= 64; DiffUNet at batch 2, 2 steps x 3 reps")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="~2 minutes: 5 steps x 5 reps, batches <= 64; DiffUNet at batch 2, 2 steps x 3 reps",
+    )
     parser.add_argument("--smoke", action="store_true", help="a tiny network and 2 steps: proves the script runs")
-    parser.add_argument("--json", default=result_path("sampling_speed.json"), help="where the JSON goes (default: %(default)s)")
+    parser.add_argument(
+        "--json", default=result_path("sampling_speed.json"), help="where the JSON goes (default: %(default)s)"
+    )
     args = parser.parse_args()
     info = machine(args.smoke)
     names = args.networks.split(",")
@@ -189,8 +223,19 @@ def main() -> None:
     notes = [] if scheds is not None else ["diffusers not installed: skipped"]
     if scheds is None:
         print("diffusers not installed: skipped")
-    result = dict(machine=info, device="cpu", threads=torch.get_num_threads(), torch=torch.__version__, quick=args.quick,
-                  smoke=args.smoke, diffusers=None, step_time=[], cross_check=[], batch_sweep=[], notes=notes)
+    result = dict(
+        machine=info,
+        device="cpu",
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        quick=args.quick,
+        smoke=args.smoke,
+        diffusers=None,
+        step_time=[],
+        cross_check=[],
+        batch_sweep=[],
+        notes=notes,
+    )
     if scheds is not None:
         import diffusers
 
@@ -211,12 +256,16 @@ def main() -> None:
 
     cell = lambda v, spec, width: "-".rjust(width) if v is None else format(v, spec).rjust(width)  # noqa: E731
     print("\nper-step time (median of interleaved reps; overhead vs a bare forward)")
-    print(f"{'network':10} {'variant':15} {'ms/step':>9} {'overhead':>9} {'ours/diff':>9} {'full run':>10} {'seconds':>8}")
+    print(
+        f"{'network':10} {'variant':15} {'ms/step':>9} {'overhead':>9} {'ours/diff':>9} {'full run':>10} {'seconds':>8}"
+    )
     for r in result["step_time"]:
         overhead = None if r["overhead_pct"] is None else f"{r['overhead_pct']:+.2f}%"
-        print(f"{r['network']:10} {r['variant']:15} {r['ms_per_step']:9.1f} {cell(overhead, 's', 9)} "
-              f"{cell(r['ratio_ours_over_diffusers'], '.3f', 9)} {cell(r['full_run'], 's', 10)} "
-              f"{cell(r['full_run_seconds'], '.1f', 8)}")
+        print(
+            f"{r['network']:10} {r['variant']:15} {r['ms_per_step']:9.1f} {cell(overhead, 's', 9)} "
+            f"{cell(r['ratio_ours_over_diffusers'], '.3f', 9)} {cell(r['full_run'], 's', 10)} "
+            f"{cell(r['full_run_seconds'], '.1f', 8)}"
+        )
     if result["cross_check"]:
         print("\nours vs diffusers, final samples from the same noise")
         print(f"{'network':10} {'sampler':9} {'max|diff|':>10}  setting")
@@ -224,7 +273,9 @@ def main() -> None:
             print(f"{r['network']:10} {r['sampler']:9} {r['max_abs_diff']:10.2e}  {r['setting']}")
     print("\nimages/s vs batch size")
     for r in result["batch_sweep"]:
-        print(f"{r['network']:10} {r['sampler']:8} batch {r['batch_size']:4d} {r['seconds']:8.2f} s {r['images_per_s']:8.2f} images/s")
+        print(
+            f"{r['network']:10} {r['sampler']:8} batch {r['batch_size']:4d} {r['seconds']:8.2f} s {r['images_per_s']:8.2f} images/s"
+        )
     for n in notes:
         print("note:", n)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -43,10 +43,11 @@ from omegaconf import open_dict
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import DEFAULT_DATA_ROOT, machine, mnist_root, result_path, training_gflop_per_image  # noqa: E402
 from ddpm_lightning.mnist import load_mnist_split  # noqa: E402
 from ddpm_lightning.schedule import NoiseSchedule  # noqa: E402
 from ddpm_lightning.training import train  # noqa: E402
+
+from common import DEFAULT_DATA_ROOT, machine, mnist_root, result_path, training_gflop_per_image  # noqa: E402
 
 
 class StepTimer(L.Callback):
@@ -70,7 +71,7 @@ class StepTimer(L.Callback):
         self.ends.append(time.perf_counter())
 
     def step_times(self) -> list[float]:
-        return [b - a for a, b in zip(self.starts, [*self.starts[1:], self.ends[-1]])]
+        return [b - a for a, b in zip(self.starts, [*self.starts[1:], self.ends[-1]], strict=True)]
 
 
 def _sync(device: torch.device) -> None:
@@ -83,8 +84,9 @@ def compose_train(overrides: list[str]):
         return compose(config_name="train", overrides=overrides)
 
 
-def bare_loop(model_cfg, root: str, batch_size: int, steps: int, warmup: int, lr: float, threads: int,
-              device: str = "cpu") -> float:
+def bare_loop(
+    model_cfg, root: str, batch_size: int, steps: int, warmup: int, lr: float, threads: int, device: str = "cpu"
+) -> float:
     """Images/s of the bare loop on ``device``: the median of ``steps`` timed steps after ``warmup`` untimed ones."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -116,14 +118,26 @@ def bare_loop(model_cfg, root: str, batch_size: int, steps: int, warmup: int, lr
     return batch_size / statistics.median(times)
 
 
-def project_run(model: str, root: str, batch_size: int, steps: int, warmup: int, run_dir: Path, threads: int,
-                device: str = "cpu") -> float:
+def project_run(
+    model: str, root: str, batch_size: int, steps: int, warmup: int, run_dir: Path, threads: int, device: str = "cpu"
+) -> float:
     """Images/s of ``ddpm-train`` on ``device``: the median of ``steps`` timed steps after ``warmup`` untimed ones."""
     torch.set_num_threads(threads)
     trainer = ["trainer=cpu"] if device == "cpu" else ["trainer=gpu", "trainer.precision=32-true"]
-    cfg = compose_train([*trainer, f"model={model}", f"data.root={root}", f"data.batch_size={batch_size}",
-                         f"trainer.max_steps={warmup + steps}", "trainer.enable_progress_bar=false", "data.val_size=64",
-                         "callbacks.samples=null", f"run_dir={run_dir}", "overwrite=true"])
+    cfg = compose_train(
+        [
+            *trainer,
+            f"model={model}",
+            f"data.root={root}",
+            f"data.batch_size={batch_size}",
+            f"trainer.max_steps={warmup + steps}",
+            "trainer.enable_progress_bar=false",
+            "data.val_size=64",
+            "callbacks.samples=null",
+            f"run_dir={run_dir}",
+            "overwrite=true",
+        ]
+    )
     with open_dict(cfg):
         cfg.callbacks.timer = {"_target_": f"{__name__}.StepTimer"}
     result = train(cfg)
@@ -142,56 +156,111 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run (DiffUNet: --diffunet-steps)")
     parser.add_argument("--diffunet-steps", type=int, default=4)
-    parser.add_argument("--diffunet-batch-size", type=int, default=None, help="DiffUNet's batch (default: --batch-size; "
-                        "16 with --quick)")
+    parser.add_argument(
+        "--diffunet-batch-size",
+        type=int,
+        default=None,
+        help="DiffUNet's batch (default: --batch-size; 16 with --quick)",
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of every run")
     parser.add_argument("--rounds", type=int, default=5, help="bare/project pairs, alternating (>= 5 unless --smoke)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads of both arms")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="the device of both arms")
     parser.add_argument("--data-root", default=DEFAULT_DATA_ROOT)
     parser.add_argument("--quick", action="store_true", help="adm_fast (10 steps) and DiffUNet (batch 16, 2 steps)")
-    parser.add_argument("--smoke", action="store_true", help="adm_tiny, 2 rounds of 2 steps, synthetic data if needed (CI)")
-    parser.add_argument("--json", default=result_path("train_overhead.json"), help="where the JSON goes (default: %(default)s)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="adm_tiny, 2 rounds of 2 steps, synthetic data if needed (CI)"
+    )
+    parser.add_argument(
+        "--json", default=result_path("train_overhead.json"), help="where the JSON goes (default: %(default)s)"
+    )
     args = parser.parse_args()
     if args.rounds < 5 and not args.smoke:
         parser.error(f"--rounds={args.rounds}: must be >= 5 (the figures are medians over the rounds)")
     torch.set_num_threads(args.threads)
     info = machine(args.smoke)
     rounds = 2 if args.smoke else args.rounds
-    networks = ["adm_tiny"] if args.smoke else (["adm_fast", "diffunet"] if args.quick and args.networks == parser.get_default("networks")
-                                                 else args.networks.split(","))
+    networks = (
+        ["adm_tiny"]
+        if args.smoke
+        else (
+            ["adm_fast", "diffunet"]
+            if args.quick and args.networks == parser.get_default("networks")
+            else args.networks.split(",")
+        )
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = mnist_root(args.data_root, args.smoke, Path(tmp), n_train=256)
         for name in networks:
             diffunet = name == "diffunet"
-            batch = (args.diffunet_batch_size or (16 if args.quick else args.batch_size)) if diffunet else args.batch_size
-            steps = 2 if args.smoke else (2 if args.quick and diffunet else 10 if args.quick else args.diffunet_steps if diffunet else args.steps)
+            batch = (
+                (args.diffunet_batch_size or (16 if args.quick else args.batch_size)) if diffunet else args.batch_size
+            )
+            steps = (
+                2
+                if args.smoke
+                else (
+                    2
+                    if args.quick and diffunet
+                    else 10
+                    if args.quick
+                    else args.diffunet_steps
+                    if diffunet
+                    else args.steps
+                )
+            )
             warmup = 1 if (args.smoke or diffunet) else args.warmup
             cfg = compose_train([f"model={name}"])
             gflop = training_gflop_per_image(instantiate(cfg.model))
             bare, proj = [], []
             for r in range(rounds):  # ABAB: drift on a shared machine hits both arms alike
-                bare.append(bare_loop(cfg.model, root, batch, steps, warmup, float(cfg.optimizer.lr), args.threads,
-                                      args.device))
-                proj.append(project_run(name, root, batch, steps, warmup, Path(tmp) / f"run_{name}", args.threads,
-                                        args.device))
-                print(f"  {name} round {r + 1}/{rounds}: bare {bare[-1]:.2f}, ddpm-train {proj[-1]:.2f} images/s", flush=True)
+                bare.append(
+                    bare_loop(cfg.model, root, batch, steps, warmup, float(cfg.optimizer.lr), args.threads, args.device)
+                )
+                proj.append(
+                    project_run(name, root, batch, steps, warmup, Path(tmp) / f"run_{name}", args.threads, args.device)
+                )
+                print(
+                    f"  {name} round {r + 1}/{rounds}: bare {bare[-1]:.2f}, ddpm-train {proj[-1]:.2f} images/s",
+                    flush=True,
+                )
             b, p = statistics.median(bare), statistics.median(proj)
-            rows.append(dict(network=name, batch_size=batch, timed_steps=steps, warmup_steps=warmup, rounds=rounds,
-                             threads=args.threads, device=args.device, bare_images_per_s=b, bare_runs=bare, project_images_per_s=p,
-                             project_runs=proj, ratio=p / b, round_ratios=[q / a for a, q in zip(bare, proj)],
-                             gflop_per_image=gflop, project_gflops=p * gflop,
-                             fraction_of_fp32_gemm=p * gflop / info["gemm_fp32_gflops"]))
-    print(f"\n{'network':10} {'batch':>5} {'steps':>5} {'bare img/s':>11} {'ddpm-train img/s':>17} {'ratio':>6} "
-          f"{'GFLOP/img':>9} {'GFLOP/s':>8} {'of fp32 GEMM':>12}")
+            rows.append(
+                dict(
+                    network=name,
+                    batch_size=batch,
+                    timed_steps=steps,
+                    warmup_steps=warmup,
+                    rounds=rounds,
+                    threads=args.threads,
+                    device=args.device,
+                    bare_images_per_s=b,
+                    bare_runs=bare,
+                    project_images_per_s=p,
+                    project_runs=proj,
+                    ratio=p / b,
+                    round_ratios=[q / a for a, q in zip(bare, proj, strict=True)],
+                    gflop_per_image=gflop,
+                    project_gflops=p * gflop,
+                    fraction_of_fp32_gemm=p * gflop / info["gemm_fp32_gflops"],
+                )
+            )
+    print(
+        f"\n{'network':10} {'batch':>5} {'steps':>5} {'bare img/s':>11} {'ddpm-train img/s':>17} {'ratio':>6} "
+        f"{'GFLOP/img':>9} {'GFLOP/s':>8} {'of fp32 GEMM':>12}"
+    )
     for r in rows:
-        print(f"{r['network']:10} {r['batch_size']:5d} {r['timed_steps']:5d} {r['bare_images_per_s']:11.2f} "
-              f"{r['project_images_per_s']:17.2f} {r['ratio']:6.3f} {r['gflop_per_image']:9.3f} {r['project_gflops']:8.1f} "
-              f"{r['fraction_of_fp32_gemm']:12.2f}")
+        print(
+            f"{r['network']:10} {r['batch_size']:5d} {r['timed_steps']:5d} {r['bare_images_per_s']:11.2f} "
+            f"{r['project_images_per_s']:17.2f} {r['ratio']:6.3f} {r['gflop_per_image']:9.3f} {r['project_gflops']:8.1f} "
+            f"{r['fraction_of_fp32_gemm']:12.2f}"
+        )
         if not 0.95 <= r["ratio"] <= 1.05:
-            print(f"  {r['network']}: ratio {r['ratio']:.3f} is outside [0.95, 1.05]: a finding to explain "
-                  f"(per-round ratios {', '.join(f'{x:.2f}' for x in r['round_ratios'])})")
+            print(
+                f"  {r['network']}: ratio {r['ratio']:.3f} is outside [0.95, 1.05]: a finding to explain "
+                f"(per-round ratios {', '.join(f'{x:.2f}' for x in r['round_ratios'])})"
+            )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(dict(machine=info, rows=rows), indent=2))
     print(f"wrote {args.json}")

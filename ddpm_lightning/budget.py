@@ -92,7 +92,7 @@ def parse_minutes(value: Any, key: str = "budget.minutes") -> float | None:
         return float(value)
     if isinstance(value, str) and all(part.isdigit() for part in value.split(":")) and 3 <= value.count(":") + 1 <= 4:
         parts = [int(p) for p in value.split(":")]
-        days, hours, minutes, seconds = ([0] * (4 - len(parts)) + parts)
+        days, hours, minutes, seconds = [0] * (4 - len(parts)) + parts
         total = days * 1440 + hours * 60 + minutes + seconds / 60
         if total > 0:
             return total
@@ -144,13 +144,16 @@ class TimeBudget(L.Callback):
         self._started, self._base = now, self.elapsed
         self._publish(trainer)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.world_size == 1:  # the time since the last step (an epoch end, a validation) counts for this one
             self.elapsed = self._base + time.monotonic() - self._started
             self._publish(trainer)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.world_size > 1 and trainer.global_step % self.sync_every:
             return
         elapsed = self._base + time.monotonic() - self._started
@@ -161,8 +164,10 @@ class TimeBudget(L.Callback):
         if self.time_fraction >= 1.0 and not self.stopped_by_budget:
             self.stopped_by_budget = True
             trainer.should_stop = True
-            rank_zero_info(f"time budget spent: training stops at global step {trainer.global_step} "
-                           f"({self.elapsed:.0f} s of {self.seconds:.0f} s)")
+            rank_zero_info(
+                f"time budget spent: training stops at global step {trainer.global_step} "
+                f"({self.elapsed:.0f} s of {self.seconds:.0f} s)"
+            )
 
     def _publish(self, trainer: L.Trainer) -> None:
         self.time_fraction = min(1.0, self.elapsed / self.seconds) if self.seconds else 0.0

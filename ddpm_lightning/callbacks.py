@@ -115,8 +115,9 @@ class EMA(WeightAveraging):
             torch._foreach_lerp_(averaged, current, 1.0 - ema_decay(self.decay, self.num_averaged, self.warmup))
         self.num_averaged += 1
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step_idx = trainer.global_step - 1  # as WeightAveraging: the zero-based index of the last optimizer step
         if trainer.global_step > self._latest_update_step and self.should_update(step_idx=step_idx):
             self.update(pl_module)
@@ -171,8 +172,9 @@ def fast_sampler() -> Sampler:
     network calls per picture instead of DDPM's 1,000."""
     from ddpm_lightning.samplers import DPMSolverSampler
 
-    return DPMSolverSampler(steps=20, order=2, timestep_spacing="trailing", clip_denoised=True,
-                            algorithm="sde-dpmsolver++")
+    return DPMSolverSampler(
+        steps=20, order=2, timestep_spacing="trailing", clip_denoised=True, algorithm="sde-dpmsolver++"
+    )
 
 
 def sample_across_ranks(
@@ -203,8 +205,16 @@ def sample_across_ranks(
     """
     world, rank = trainer.world_size, trainer.global_rank
     share = -(-num_samples // world)
-    drawn = draw_samples(module, share, sampler=sampler, batch_size=share, seed=seed + 7919 * rank,
-                         guidance_scale=guidance_scale, trajectory_frames=trajectory_frames, trajectory_rows=trajectory_rows)
+    drawn = draw_samples(
+        module,
+        share,
+        sampler=sampler,
+        batch_size=share,
+        seed=seed + 7919 * rank,
+        guidance_scale=guidance_scale,
+        trajectory_frames=trajectory_frames,
+        trajectory_rows=trajectory_rows,
+    )
     x0 = drawn.x0.to(module.device)
     frames = torch.stack(drawn.frames).to(module.device) if drawn.frames else None  # (F, rows, C, H, W)
     if world > 1:
@@ -253,8 +263,12 @@ class SampleCallback(L.Callback):
         check_guidance_scale(guidance_scale)
         if isinstance(sampler, str):
             if sampler != "fast":
-                raise invalid("sampler", sampler, "must be 'fast' (SDE-DPM-Solver++(2M), 20 steps), null (the run's "
-                              "sampler) or a sampler node with a _target_")
+                raise invalid(
+                    "sampler",
+                    sampler,
+                    "must be 'fast' (SDE-DPM-Solver++(2M), 20 steps), null (the run's "
+                    "sampler) or a sampler node with a _target_",
+                )
             sampler = fast_sampler()
         for key, value, low in [
             ("every_n_epochs", every_n_epochs, 0),
@@ -289,11 +303,20 @@ class SampleCallback(L.Callback):
         check_finite(pl_module)
         sampler = self.sampler or pl_module.sampler
         module = ema_module(trainer) or pl_module
-        rank_zero_info(f"[samples] epoch {epoch}: drawing {self.num_samples} samples with {sampler!r}"
-                       + (f" on {trainer.world_size} ranks" if trainer.world_size > 1 else ""))
-        x0, frames = sample_across_ranks(trainer, module, self.num_samples, self.seed, sampler,
-                                         self.trajectory_frames if self.trajectory_samples else None,
-                                         self.trajectory_samples, self.guidance_scale)
+        rank_zero_info(
+            f"[samples] epoch {epoch}: drawing {self.num_samples} samples with {sampler!r}"
+            + (f" on {trainer.world_size} ranks" if trainer.world_size > 1 else "")
+        )
+        x0, frames = sample_across_ranks(
+            trainer,
+            module,
+            self.num_samples,
+            self.seed,
+            sampler,
+            self.trajectory_frames if self.trajectory_samples else None,
+            self.trajectory_samples,
+            self.guidance_scale,
+        )
         self._drawn_epoch = epoch
         if not trainer.is_global_zero:
             return
@@ -401,7 +424,11 @@ class BitsPerDimCallback(L.Callback):
     """
 
     def __init__(self, every_n_epochs: int = 0, num_images: int = 16, seed: int = 2468) -> None:
-        for key, value, low in [("every_n_epochs", every_n_epochs, 0), ("num_images", num_images, 1), ("seed", seed, 0)]:
+        for key, value, low in [
+            ("every_n_epochs", every_n_epochs, 0),
+            ("num_images", num_images, 1),
+            ("seed", seed, 0),
+        ]:
             check_int(key, value, low)
         self.every_n_epochs = every_n_epochs
         self.num_images = num_images
@@ -416,8 +443,9 @@ class BitsPerDimCallback(L.Callback):
         """
         available = getattr(datamodule, "val_images", None)
         if self.every_n_epochs and available is not None and self.num_images > available.shape[0]:
-            raise invalid("num_images", self.num_images,
-                          f"must be <= data.val_size={available.shape[0]} (the validation images)")
+            raise invalid(
+                "num_images", self.num_images, f"must be <= data.val_size={available.shape[0]} (the validation images)"
+            )
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.every_n_epochs or (trainer.current_epoch + 1) % self.every_n_epochs:
@@ -439,9 +467,15 @@ class BitsPerDimCallback(L.Callback):
         if world > 1:
             parts = [trainer.strategy.all_gather(p.to(module.device)).flatten(0, 1).cpu() for p in parts]
         n = self.num_images
-        whole = Bound(parts[0][:n], parts[1][:n], parts[2][:n], bound.num_dims, bound.num_real_dims, bound.variance).summary()
-        for name, key in [("val/bpd", "bpd"), ("val/bpd_prior", "prior_bpd"), ("val/bpd_vb", "vb_bpd"),
-                          ("val/bpd_decoder", "decoder_bpd")]:
+        whole = Bound(
+            parts[0][:n], parts[1][:n], parts[2][:n], bound.num_dims, bound.num_real_dims, bound.variance
+        ).summary()
+        for name, key in [
+            ("val/bpd", "bpd"),
+            ("val/bpd_prior", "prior_bpd"),
+            ("val/bpd_vb", "vb_bpd"),
+            ("val/bpd_decoder", "decoder_bpd"),
+        ]:
             pl_module.log(name, whole[key], sync_dist=False)
 
 
@@ -493,8 +527,9 @@ class ProgressBar(TQDMProgressBar):
         super().on_train_start(trainer, pl_module)
         self._refresh_rate = self._every or trainer.log_every_n_steps or 1
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         bar, n = self.train_progress_bar, batch_idx + 1
         if bar is not None and self.is_enabled and (trainer.global_step % self.refresh_rate == 0 or n == bar.total):
             _update_n(bar, n)

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from hydra.errors import InstantiationException
@@ -102,7 +103,9 @@ def stored_value(config: Mapping[str, Any], key: str) -> Any:
     return node
 
 
-def resume_mismatch(stored: Mapping[str, Any], config: Mapping[str, Any], groups: tuple[str, ...] = RESUME_KEYS) -> str | None:
+def resume_mismatch(
+    stored: Mapping[str, Any], config: Mapping[str, Any], groups: tuple[str, ...] = RESUME_KEYS
+) -> str | None:
     """Say how the network, schedule or objective of a checkpoint's stored config differs from the config of a resumed
     run. A key the checkpoint predates (:data:`ADDED_KEYS`) counts as its old implicit value.
 
@@ -126,7 +129,9 @@ def resume_mismatch(stored: Mapping[str, Any], config: Mapping[str, Any], groups
             if key in RESUME_FREE_KEYS:
                 continue
             if old.get(key, "<unset>") != new.get(key, "<unset>"):
-                diffs.append(f"{key}={old.get(key, '<unset>')!r} in the checkpoint, {new.get(key, '<unset>')!r} in the config")
+                diffs.append(
+                    f"{key}={old.get(key, '<unset>')!r} in the checkpoint, {new.get(key, '<unset>')!r} in the config"
+                )
     if not diffs:
         return None
     more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
@@ -173,7 +178,9 @@ def ddpm_from_checkpoint(
     try:
         model.load_state_dict(ckpt[key])
     except (RuntimeError, KeyError) as err:
-        raise invalid("ckpt_path", path, f"its {key} does not match the stored model config ({first_line(err)})") from None
+        raise invalid(
+            "ckpt_path", path, f"its {key} does not match the stored model config ({first_line(err)})"
+        ) from None
     model.eval()
     return model.to(map_location)
 
@@ -218,6 +225,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
+
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
                 torch.save(checkpoint, f)

@@ -22,7 +22,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 import torch.nn as nn
@@ -142,14 +142,14 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def train_classifier(
     root: PathLike,
-    out_path: Optional[PathLike] = None,
+    out_path: PathLike | None = None,
     epochs: int = 3,
     seed: int = 0,
     batch_size: int = 128,
     lr: float = 3e-3,
     augment: bool = True,
-    max_steps: Optional[int] = None,
-    train_size: Optional[int] = None,
+    max_steps: int | None = None,
+    train_size: int | None = None,
     verbose: bool = True,
 ) -> dict[str, Any]:
     """Train :class:`MNISTClassifier` on the MNIST training images under ``root`` and evaluate it on the test images.
@@ -254,7 +254,7 @@ def missing_classifier_error(path: Path, root: str = "<dir containing MNIST/raw>
     )
 
 
-def load_classifier(path: Optional[PathLike] = None) -> tuple[MNISTClassifier, dict[str, Any]]:
+def load_classifier(path: PathLike | None = None) -> tuple[MNISTClassifier, dict[str, Any]]:
     """Load a classifier written by :func:`train_classifier` (``torch.load(weights_only=True)``), in eval mode.
 
     ``path=None`` loads the packaged reference classifier (:func:`reference_classifier_path`), whose weights must
@@ -282,7 +282,7 @@ def load_classifier(path: Optional[PathLike] = None) -> tuple[MNISTClassifier, d
         raise missing_classifier_error(p)
     try:
         blob = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
+    except Exception as err:
         raise bad_file(f"not a readable classifier file ({type(err).__name__})") from None
     if not isinstance(blob, dict) or "state_dict" not in blob or "meta" not in blob:
         raise bad_file("not a ddpm-train-classifier file (no state_dict/meta)")

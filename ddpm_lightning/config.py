@@ -19,10 +19,10 @@ import difflib
 import functools
 import re
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
@@ -92,7 +92,9 @@ def build(node: Any, key: str | None = None, **kwargs: Any) -> Any:
             raise cause from None
         if key is None:
             raise
-        raise ConfigError(f"{key} is invalid: cannot build {node.get('_target_', '?')}: {first_line(cause or err)}") from None
+        raise ConfigError(
+            f"{key} is invalid: cannot build {node.get('_target_', '?')}: {first_line(cause or err)}"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------------- schemas
@@ -117,7 +119,7 @@ class SampleConfig(SamplingOptions):
     ckpt_path: str = MISSING
     trajectory: bool = MISSING
     trajectory_frames: int = MISSING
-    class_label: Optional[int] = MISSING
+    class_label: int | None = MISSING
     out_dir: Any = MISSING
     task_name: str = MISSING
 
@@ -134,22 +136,22 @@ class EvaluateOptions(SamplingOptions):
     """The keys of ``ddpm-train``'s ``evaluate:`` node (an end-of-run ``ddpm-evaluate`` of ``last.ckpt``): their
     types; their values and meaning are in ``conf/evaluate.yaml``."""
 
-    n: Optional[int] = MISSING
-    classifier_path: Optional[str] = MISSING
+    n: int | None = MISSING
+    classifier_path: str | None = MISSING
     train_classifier_if_missing: bool = MISSING
     classifier_epochs: int = MISSING
     inception_fid: bool = MISSING
     nll: bool = MISSING
     nll_n: int = MISSING
-    nll_variance: Optional[str] = MISSING
+    nll_variance: str | None = MISSING
 
 
 @dataclass
 class EvaluateConfig(EvaluateOptions):
     """``ddpm-evaluate``'s options: :class:`EvaluateOptions` plus what to evaluate and where to write."""
 
-    samples: Optional[str] = MISSING
-    ckpt_path: Optional[str] = MISSING
+    samples: str | None = MISSING
+    ckpt_path: str | None = MISSING
     data: EvaluationData = field(default_factory=EvaluationData)
     out_dir: Any = MISSING
     task_name: str = MISSING
@@ -160,14 +162,14 @@ class TrainClassifierConfig:
     """``ddpm-train-classifier``'s options: types here, values and meaning in ``conf/train_classifier.yaml``."""
 
     data: EvaluationData = field(default_factory=EvaluationData)
-    out: Optional[str] = MISSING
+    out: str | None = MISSING
     epochs: int = MISSING
     seed: int = MISSING
     batch_size: int = MISSING
     lr: float = MISSING
     augment: bool = MISSING
-    max_steps: Optional[int] = MISSING
-    train_size: Optional[int] = MISSING
+    max_steps: int | None = MISSING
+    train_size: int | None = MISSING
 
 
 def _register_schemas() -> None:
@@ -191,7 +193,9 @@ def options(cfg: Any, schema: type, command: str) -> Any:
         ConfigError: a key the schema lacks (naming the nearest valid key), a value of the wrong type, or an
             ``out_dir`` that cannot be resolved (``${hydra:...}`` outside a Hydra run: pass ``out_dir=<folder>``).
     """
-    node = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False)) if not isinstance(cfg, DictConfig) else cfg.copy()
+    node = (
+        OmegaConf.create(OmegaConf.to_container(cfg, resolve=False)) if not isinstance(cfg, DictConfig) else cfg.copy()
+    )
     with one_line_omegaconf(node, ""):
         node = OmegaConf.merge(OmegaConf.structured(schema), node)
     if "out_dir" in node:
@@ -216,7 +220,11 @@ def check_out_dir(out_dir: Path, holds: str, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise invalid("out_dir", str(out_dir), "exists and is not a folder")
     if (out_dir / holds).exists() and not overwrite:
-        raise invalid("out_dir", str(out_dir), f"already holds {holds}; set overwrite=true to replace it, or choose another out_dir")
+        raise invalid(
+            "out_dir",
+            str(out_dir),
+            f"already holds {holds}; set overwrite=true to replace it, or choose another out_dir",
+        )
     from ddpm_lightning.filesystem import check_writable_folder
 
     check_writable_folder("out_dir", str(out_dir))
@@ -233,8 +241,12 @@ def out_dir_path(cfg: Any, command: str) -> Path:
     return Path(str(value)).expanduser()
 
 
-_TYPE_WORDS = {"Integer": "must be an integer", "Float": "must be a number", "bool": "must be true or false",
-               "str": "must be a string"}
+_TYPE_WORDS = {
+    "Integer": "must be an integer",
+    "Float": "must be a number",
+    "bool": "must be true or false",
+    "str": "must be a string",
+}
 
 
 @contextlib.contextmanager
@@ -260,7 +272,7 @@ def one_line_omegaconf(node: Any, prefix: str, given: Mapping[str, Any] | None =
 def _select(node: Any, key: str) -> Any:
     try:
         return OmegaConf.select(node, key, throw_on_missing=False)
-    except Exception:  # noqa: BLE001 - only used to quote the bad value
+    except Exception:
         return None
 
 
@@ -277,8 +289,16 @@ def _paths(node: Any, prefix: str = "") -> list[str]:
     return out
 
 
-def unknown_key_error(key: str, value: Any, known: Iterable[str], parent: str = "", add: str = "",
-                      absent: Iterable[str] = (), absent_add: str = "+", text: str | None = None) -> ConfigError:
+def unknown_key_error(
+    key: str,
+    value: Any,
+    known: Iterable[str],
+    parent: str = "",
+    add: str = "",
+    absent: Iterable[str] = (),
+    absent_add: str = "+",
+    text: str | None = None,
+) -> ConfigError:
     """``<key>=<value> is invalid: no such key; did you mean <nearest>?`` (one line), the nearest valid key chosen
     among ``known`` and ``absent`` by its last part first (``label_dropout`` -> ``diffusion.label_dropout``), then by
     spelling.
@@ -295,8 +315,11 @@ def unknown_key_error(key: str, value: Any, known: Iterable[str], parent: str = 
     leaf = key.rsplit(".", 1)[-1]
     same_leaf = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
     siblings = [k for k in known if (k.rsplit(".", 1)[0] if "." in k else "") == parent]
-    nearest = (same_leaf[:1] or difflib.get_close_matches(key, siblings or known, n=1, cutoff=0.5)
-               or difflib.get_close_matches(key, known, n=1, cutoff=0.5))
+    nearest = (
+        same_leaf[:1]
+        or difflib.get_close_matches(key, siblings or known, n=1, cutoff=0.5)
+        or difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    )
     shown = _text(value) if text is None else text
     if nearest:
         prefix = add or (absent_add if nearest[0] in absent else "")
@@ -315,9 +338,11 @@ PASSED_BY_CODE: dict[str, tuple[str, ...]] = {
 #: ``{config name: {node: (class, arguments the code passes itself, the name in messages)}}``.
 NODE_OWNERS: dict[str, dict[str, tuple[str, tuple[str, ...], str]]] = {
     "train": {
-        "diffusion": ("ddpm_lightning.module.DDPM",
-                      ("net", "schedule", "optimizer", "sampler", "seed", "config", "lr_scheduler"),
-                      "ddpm_lightning.module.DDPM"),
+        "diffusion": (
+            "ddpm_lightning.module.DDPM",
+            ("net", "schedule", "optimizer", "sampler", "seed", "config", "lr_scheduler"),
+            "ddpm_lightning.module.DDPM",
+        ),
         "evaluate": ("ddpm_lightning.config.EvaluateOptions", (), "ddpm-evaluate (conf/evaluate.yaml)"),
     },
 }
@@ -385,7 +410,7 @@ def _overrides(argv: list[str]) -> list[tuple[str, str, str]]:
             continue
         key, value = arg.split("=", 1)
         prefix = re.match(r"^[+~]*", key).group(0)
-        out.append((prefix, key[len(prefix):], value))
+        out.append((prefix, key[len(prefix) :], value))
     return out
 
 
@@ -431,8 +456,12 @@ def _compose(config_name: str, overrides: list[str], hydra_node: bool = False) -
         return compose(config_name=config_name, overrides=overrides, return_hydra_config=hydra_node)
 
 
-def compose_config(config_name: str, overrides: list[str] = (), exclude: Mapping[str, Iterable[str]] | None = None,
-                   hydra_node: bool = False) -> DictConfig:
+def compose_config(
+    config_name: str,
+    overrides: list[str] = (),
+    exclude: Mapping[str, Iterable[str]] | None = None,
+    hydra_node: bool = False,
+) -> DictConfig:
     """Compose ``conf/<config_name>.yaml`` with command-line ``overrides`` as the command does, with one-line
     errors: an unknown group option, an unknown key (naming the nearest valid key, e.g. ``num_sample=5 is invalid:
     no such key; did you mean num_samples=5?``) or a value of the wrong type for a schema (``num_samples=1.5 is
@@ -450,8 +479,11 @@ def compose_config(config_name: str, overrides: list[str] = (), exclude: Mapping
     overrides = list(overrides)
     check_group_choices(overrides, CONFIG_DIR, exclude)
     parsed = _overrides(overrides)
-    group_overrides = [(p, k, v) for p, k, v in parsed
-                       if (Path(CONFIG_DIR) / k).is_dir() and "(" not in v and not k.startswith("hydra")]
+    group_overrides = [
+        (p, k, v)
+        for p, k, v in parsed
+        if (Path(CONFIG_DIR) / k).is_dir() and "(" not in v and not k.startswith("hydra")
+    ]
     # a group sweep (experiment=a,b) composes with its first item, for the key check and the final compose alike
     groups = [f"{p}{k}={v.split(',')[0] if _is_sweep(v) else v}" for p, k, v in group_overrides]
     base = _compose(config_name, groups)
@@ -470,11 +502,14 @@ def compose_config(config_name: str, overrides: list[str] = (), exclude: Mapping
         options_ = target_options(config_name, base)
         add = "++" if any(_is_sweep(v) for _, _, v in group_overrides) else "+"
         if key in options_:
-            raise invalid(key, _typed(value), f"not in this config, but an option of {options_[key]}; add it with "
-                                              f"{add}{key}={value}")
+            raise invalid(
+                key,
+                _typed(value),
+                f"not in this config, but an option of {options_[key]}; add it with {add}{key}={value}",
+            )
         raise unknown_key_error(key, _typed(value), known, parent, absent=options_, absent_add=add, text=value)
     plain = [f"{p}{k}={v}" for p, k, v in parsed if not _is_sweep(v)]
-    plain += [group for group, (_, _, v) in zip(groups, group_overrides) if _is_sweep(v)]
+    plain += [group for group, (_, _, v) in zip(groups, group_overrides, strict=True) if _is_sweep(v)]
     try:
         return _compose(config_name, plain, hydra_node)
     except HydraException as err:
@@ -496,7 +531,7 @@ def _typed(text: str) -> Any:
         parsed = OverridesParser.create().parse_override(f"key={text}")
         if not parsed.is_sweep_override():
             return parsed.value()
-    except Exception:  # noqa: BLE001 - Hydra reports what it cannot parse itself; quote it as YAML reads it
+    except Exception:
         pass
     try:
         return yaml.safe_load(text)
@@ -525,15 +560,24 @@ def run_command(fn: Callable[[Any], Any], cfg: Any) -> Any:
             raise
         key, value, mode = path_option(cfg, cause.filename)
         named = cause.filename is not None or value is None  # else: the option's own folder, "cannot write in <it>"
-        fault = file_system_error(cause, key, value, path=None if named else value,
-                                  action=mode if named else f"{mode} in", mode=mode)
+        fault = file_system_error(
+            cause, key, value, path=None if named else value, action=mode if named else f"{mode} in", mode=mode
+        )
         print_error(fault)
         sys.exit(fault.exit_status)
 
 
 #: The options that name paths: ``(key, "write" | "read")``, outputs first.
-PATH_OPTIONS = (("run_dir", "write"), ("out_dir", "write"), ("out", "write"), ("ckpt_path", "read"),
-                ("samples", "read"), ("classifier_path", "read"), ("data.root", "read"), ("sweep", "read"))
+PATH_OPTIONS = (
+    ("run_dir", "write"),
+    ("out_dir", "write"),
+    ("out", "write"),
+    ("ckpt_path", "read"),
+    ("samples", "read"),
+    ("classifier_path", "read"),
+    ("data.root", "read"),
+    ("sweep", "read"),
+)
 
 
 def path_option(cfg: Any, filename: Any) -> tuple[str | None, Any, str]:
@@ -553,7 +597,7 @@ def path_option(cfg: Any, filename: Any) -> tuple[str | None, Any, str]:
                 shown = f"--{key}" if key == "out" else key
             else:
                 value, shown = OmegaConf.select(cfg, key, default=None), key
-        except Exception:  # noqa: BLE001 - ${hydra:...} outside a run: this option cannot be told
+        except Exception:
             continue
         if isinstance(value, (str, Path)) and str(value):
             found.append((shown, value, mode, Path(os.path.abspath(Path(str(value)).expanduser()))))
@@ -567,8 +611,9 @@ def path_option(cfg: Any, filename: Any) -> tuple[str | None, Any, str]:
     return (outputs[0][0], outputs[0][1], "write") if outputs else (None, None, "write")
 
 
-def check_output_folders(cfg: DictConfig, args: list[str], folders: Iterable[str] = (),
-                         files: Iterable[str] = ()) -> None:
+def check_output_folders(
+    cfg: DictConfig, args: list[str], folders: Iterable[str] = (), files: Iterable[str] = ()
+) -> None:
     """Before Hydra starts: the folder Hydra creates (``hydra.run.dir``, ``hydra.sweep.dir`` under ``-m``), each
     option of ``folders`` (``run_dir``, ``out_dir``) and the folder of each option of ``files`` (``out``) must be
     creatable and writable (:func:`ddpm_lightning.filesystem.check_writable_folder`). An option still at a
@@ -606,13 +651,17 @@ def _resolved(cfg: DictConfig, key: str) -> str | None:
     """``cfg``'s ``key`` as a string, None when it is null, empty, missing or cannot be resolved before Hydra runs."""
     try:
         value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
-    except Exception:  # noqa: BLE001 - ${hydra:runtime.output_dir}: known only inside the run
+    except Exception:
         return None
     return str(value) if isinstance(value, (str, Path)) and str(value) else None
 
 
-def command(config_name: str, exclude: Mapping[str, Iterable[str]] | None = None, folders: Iterable[str] = (),
-            files: Iterable[str] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def command(
+    config_name: str,
+    exclude: Mapping[str, Iterable[str]] | None = None,
+    folders: Iterable[str] = (),
+    files: Iterable[str] = (),
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Make ``fn(cfg)`` a Hydra console entry point on ``conf/<config_name>.yaml``.
 
     The command line is checked first with :func:`compose_config` (one line on stderr and exit status 2 for a bad
@@ -649,7 +698,10 @@ def command(config_name: str, exclude: Mapping[str, Iterable[str]] | None = None
 # ------------------------------------------------------------------------------------------------ sampler nodes
 #: The sampler of checkpoints that stored none (the DDPM module's own default: ancestral sampling, all T steps).
 DEFAULT_SAMPLER_NODE = {
-    "_target_": "ddpm_lightning.samplers.DDPMSampler", "variance": "fixed_small", "clip_denoised": True, "steps": None
+    "_target_": "ddpm_lightning.samplers.DDPMSampler",
+    "variance": "fixed_small",
+    "clip_denoised": True,
+    "steps": None,
 }
 
 
@@ -681,12 +733,16 @@ def sampler_node(requested: Any, stored: Any) -> tuple[dict[str, Any], str]:
     for key, value in changes.items():
         if key not in base:
             raise invalid(
-                key, value, f"the checkpoint's sampler {target} has no such option; "
-                f"choose another sampler with {training_samplers()}"
+                key,
+                value,
+                f"the checkpoint's sampler {target} has no such option; "
+                f"choose another sampler with {training_samplers()}",
             )
     changed = {k: v for k, v in changes.items() if base[k] != v}
     base.update(changes)
-    source = "the checkpoint's sampler" + (f", with {', '.join(f'{k}={v}' for k, v in changed.items())}" if changed else "")
+    source = "the checkpoint's sampler" + (
+        f", with {', '.join(f'{k}={v}' for k, v in changed.items())}" if changed else ""
+    )
     return base, source
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import lightning
 import torch
@@ -54,13 +54,9 @@ class PaddedMNISTDataset(Dataset):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batched: bool = False) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(
-                f"images must be uint8 of shape (N, 1, H, W), got {images.dtype} {tuple(images.shape)}"
-            )
+            raise ValueError(f"images must be uint8 of shape (N, 1, H, W), got {images.dtype} {tuple(images.shape)}")
         if labels.shape != (images.shape[0],):
-            raise ValueError(
-                f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}"
-            )
+            raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
         self.images = images
         self.labels = labels
         self.batched = batched
@@ -158,7 +154,7 @@ class MNISTDataModule(lightning.LightningDataModule):
         self,
         root: PathLike = "data",
         batch_size: int = 64,
-        subset_size: Optional[int] = None,
+        subset_size: int | None = None,
         val_size: int = 1000,
         num_workers: int = 0,
         download: bool = False,
@@ -171,17 +167,19 @@ class MNISTDataModule(lightning.LightningDataModule):
         check_int("subset_size", subset_size, 1, "must be a positive integer, or null for all images", nullable=True)
         check_int("val_size", val_size, 1, "must be a positive integer")
         if val_size > MNIST_NUM_TEST:
-            raise invalid(
-                "val_size", val_size, f"must be at most {MNIST_NUM_TEST} (the MNIST test set size)"
-            )
+            raise invalid("val_size", val_size, f"must be at most {MNIST_NUM_TEST} (the MNIST test set size)")
         check_int("num_workers", num_workers, 0, "must be a non-negative integer")
         if not is_int(seed):
             raise invalid("seed", seed, "must be an integer")
         for key, flag in (("download", download), ("pin_memory", pin_memory), ("on_device", on_device)):
             check_bool(key, flag)
         if on_device and (num_workers or pin_memory):
-            raise invalid("on_device", on_device, "needs num_workers=0 and pin_memory=false (the batches are gathered on "
-                          "the training device, in the training process)")
+            raise invalid(
+                "on_device",
+                on_device,
+                "needs num_workers=0 and pin_memory=false (the batches are gathered on "
+                "the training device, in the training process)",
+            )
         if root is None or os.fspath(root) == "":
             raise invalid("root", root, "must be a directory containing MNIST/raw")
 
@@ -198,10 +196,10 @@ class MNISTDataModule(lightning.LightningDataModule):
         self.save_hyperparameters()
 
         #: uint8 (N, 1, 32, 32) / int64 (N,) tensors, set by :meth:`setup`.
-        self.train_images: Optional[torch.Tensor] = None
-        self.train_labels: Optional[torch.Tensor] = None
-        self.val_images: Optional[torch.Tensor] = None
-        self.val_labels: Optional[torch.Tensor] = None
+        self.train_images: torch.Tensor | None = None
+        self.train_labels: torch.Tensor | None = None
+        self.val_images: torch.Tensor | None = None
+        self.val_labels: torch.Tensor | None = None
 
     # -- Lightning hooks -------------------------------------------------------------
 
@@ -216,7 +214,7 @@ class MNISTDataModule(lightning.LightningDataModule):
         else:
             check_mnist_files(self.root)
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         """Load the training subset and the validation subset into memory (once).
 
         Idempotent: later calls (any ``stage``) reuse the tensors already loaded.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 
-
 _UNSET = object()
 
 
@@ -35,7 +34,7 @@ class ConfigError(ProjectError, ValueError):
         super().__init__(message)
         self.key, self.value, self.allowed = key, value, allowed
 
-    def at(self, prefix: str | None) -> "ConfigError":
+    def at(self, prefix: str | None) -> ConfigError:
         """The same error under the config node ``prefix``: ``eta=-1 ...`` -> ``callbacks.fid.sampler.eta=-1 ...``.
         A message about no single key gets ``<prefix>: `` in front. ``prefix`` None or empty: unchanged."""
         if not prefix:

@@ -21,8 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddpm_lightning.classifier import load_classifier, missing_classifier_error, reference_classifier_path, train_classifier
 from ddpm_lightning.checkpoint import checkpoint_file
+from ddpm_lightning.classifier import (
+    load_classifier,
+    missing_classifier_error,
+    reference_classifier_path,
+    train_classifier,
+)
 from ddpm_lightning.config import EvaluateConfig, check_out_dir, options
 from ddpm_lightning.errors import ConfigError, check_bool, check_int, invalid, is_int
 from ddpm_lightning.images import atomic_write, nhwc_to_nchw, to_model_range, to_uint8
@@ -30,9 +35,17 @@ from ddpm_lightning.losses import Bound, digit_mask
 from ddpm_lightning.metrics import evaluate_images
 from ddpm_lightning.mnist import MNIST_NUM_TEST, check_mnist_files, load_mnist_split
 from ddpm_lightning.module import check_conditioning
+from ddpm_lightning.sampling import (
+    SAMPLES_FILE,
+    build_sampler,
+    checkpoint_ddpm,
+    draw_samples,
+    learn_sigma_of,
+    open_checkpoint,
+    resolve_device,
+    write_samples,
+)
 from ddpm_lightning.schedule import VARIANCES, check_variance
-from ddpm_lightning.sampling import (SAMPLES_FILE, build_sampler, checkpoint_ddpm, draw_samples, learn_sigma_of,
-                                     open_checkpoint, resolve_device, write_samples)
 
 METRICS_FILE = "metrics.json"
 REAL_MODES = ("real", "real-train")
@@ -117,8 +130,13 @@ def check(opts: EvaluateConfig, ckpt_must_exist: bool = True) -> Path:
     return clf
 
 
-def check_before_training(opts: EvaluateConfig, num_timesteps: int, run_sampler: Any, learn_sigma: bool = False,
-                          num_classes: int | None = None) -> None:
+def check_before_training(
+    opts: EvaluateConfig,
+    num_timesteps: int,
+    run_sampler: Any,
+    learn_sigma: bool = False,
+    num_classes: int | None = None,
+) -> None:
     """Check an end-of-run evaluation before training starts (the checkpoint does not exist yet): the options, the
     guidance scale against the network's ``num_classes`` (None = unconditional), and the sampler it will build from
     the run's ``sampler`` node (which the checkpoint will store)."""
@@ -145,7 +163,7 @@ def inception_fid(images: torch.Tensor, real_test: torch.Tensor) -> dict[str, An
             for i in range(0, batch.shape[0], 500):
                 fid.update(batch[i : i + 500].expand(-1, 3, -1, -1), real=real)
         return {"inception_fid": float(fid.compute()), "inception_fid_skipped": None}
-    except Exception as err:  # noqa: BLE001 - offline / missing package: report and carry on
+    except Exception as err:
         reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:300]
         return {"inception_fid": None, "inception_fid_skipped": reason}
 
@@ -158,20 +176,31 @@ def format_table(m: dict[str, Any]) -> str:
     which = "the reference" if m.get("classifier_reference") else "a non-reference"
     rows = [
         f"\nEvaluated {m['n']} images ({m['source']}) with {which} classifier {sha[:16]} (test accuracy {acc * 100:.2f}%)"
-        if acc is not None else f"\nEvaluated {m['n']} images ({m['source']})",
+        if acc is not None
+        else f"\nEvaluated {m['n']} images ({m['source']})",
         *([f"  {'sampler':<34}: {m['sampler']} ({m['sampler_source']})"] if m.get("sampler") else []),
-        *([f"  {'classifier-free guidance scale':<34}: {m['guidance_scale']:g}"] if m.get("guidance_scale") is not None else []),
+        *(
+            [f"  {'classifier-free guidance scale':<34}: {m['guidance_scale']:g}"]
+            if m.get("guidance_scale") is not None
+            else []
+        ),
         f"  {'FID vs ' + str(m['n_test']) + ' test images':<34}: {m['fid']:.4f}",
         f"  {'FID floor (' + str(m['floor_n']) + ' train vs test)':<34}: {m['fid_floor']:.4f}",
         f"  {'Inception Score':<34}: {m['inception_score']:.3f}  (real test images: {m['inception_score_test']:.3f})",
         f"  {'class histogram':<34}: {hist}",
         f"  {'normalised class entropy':<34}: {m['normalised_entropy']:.4f}  (1 = uniform)",
         f"  {'confident fraction (p >= 0.9)':<34}: {m['confident_fraction']:.4f}",
-        *([f"  {'classified as the requested label':<34}: {m['label_accuracy']:.4f}"] if m.get("label_accuracy") is not None else []),
+        *(
+            [f"  {'classified as the requested label':<34}: {m['label_accuracy']:.4f}"]
+            if m.get("label_accuracy") is not None
+            else []
+        ),
         f"  {'metrics':<34}: {m['metrics_json']}",
     ]
     if "inception_fid" in m:
-        value = f"{m['inception_fid']:.4f}" if m["inception_fid"] is not None else f"skipped ({m['inception_fid_skipped']})"
+        value = (
+            f"{m['inception_fid']:.4f}" if m["inception_fid"] is not None else f"skipped ({m['inception_fid_skipped']})"
+        )
         rows.insert(-1, f"  {'Inception-v3 FID (standard)':<34}: {value}")
     if "bpd" in m:
         q = " ".join(f"{v:.4f}" for v in m["quartile_bpd"])
@@ -187,8 +216,15 @@ def format_table(m: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def bound_metrics(ddpm: Any, images: torch.Tensor, labels: torch.Tensor | None, variance: str | None, batch_size: int,
-                  seed: int, progress: bool = False) -> dict[str, Any]:
+def bound_metrics(
+    ddpm: Any,
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    variance: str | None,
+    batch_size: int,
+    seed: int,
+    progress: bool = False,
+) -> dict[str, Any]:
     """The variational bound of uint8 ``(N, 1, 32, 32)`` images under ``ddpm``
     (:meth:`~ddpm_lightning.module.DDPM.variational_bound`), in batches of ``batch_size`` (batch i draws its eps from a
     generator seeded ``seed + i``), as the flat metrics ``bpd``, ``bpd_stderr``, ``bpd_all_pixels``, ``prior_bpd``,
@@ -199,16 +235,25 @@ def bound_metrics(ddpm: Any, images: torch.Tensor, labels: torch.Tensor | None, 
         x0 = to_model_range(images[start : start + batch_size]).to(ddpm.device)
         y = labels[start : start + batch_size] if labels is not None and ddpm.num_classes is not None else None
         generator = torch.Generator(device=ddpm.device).manual_seed(seed + i)
-        parts.append(ddpm.variational_bound(x0, labels=y, variance=variance, generator=generator, mask=digit_mask(),
-                                            progress=progress))
+        parts.append(
+            ddpm.variational_bound(
+                x0, labels=y, variance=variance, generator=generator, mask=digit_mask(), progress=progress
+            )
+        )
     bound = Bound.cat(parts)
     summary = bound.summary()
     summary["nll_n"] = summary.pop("n")
-    return {**summary, "nll_variance": bound.variance, "nll_seconds": bound.seconds,
-            "nll_forward_passes": bound.forward_passes}
+    return {
+        **summary,
+        "nll_variance": bound.variance,
+        "nll_seconds": bound.seconds,
+        "nll_forward_passes": bound.forward_passes,
+    }
 
 
-def _images(opts: EvaluateConfig, real_train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, str, dict[str, Any]]:
+def _images(
+    opts: EvaluateConfig, real_train: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None, str, dict[str, Any]]:
     """The images to judge (uint8 ``(N, 1, 32, 32)``), their requested labels, a description, and sampler facts
     (with the checkpoint's DDPM under ``"ddpm"``)."""
     kind = mode(opts)
@@ -231,11 +276,23 @@ def _images(opts: EvaluateConfig, real_train: torch.Tensor) -> tuple[torch.Tenso
     if opts.nll and opts.nll_variance is not None:
         check_variance(opts.nll_variance, learn_sigma_of(opened.ckpt["hyper_parameters"]["config"]), key="nll_variance")
     ddpm, _ = checkpoint_ddpm(opened, device, use_ema=opts.use_ema)
-    drawn = draw_samples(ddpm, opts.num_samples, sampler=opened.sampler, batch_size=opts.batch_size, seed=opts.seed,
-                         guidance_scale=opts.guidance_scale, progress=True)
+    drawn = draw_samples(
+        ddpm,
+        opts.num_samples,
+        sampler=opened.sampler,
+        batch_size=opts.batch_size,
+        seed=opts.seed,
+        guidance_scale=opts.guidance_scale,
+        progress=True,
+    )
     written = write_samples(opts.out_dir / "samples", drawn, overwrite=opts.overwrite)
-    info = {"sampler": repr(opened.sampler), "sampler_source": opened.sampler_source, "samples": str(written["samples"]),
-            "guidance_scale": float(opts.guidance_scale) if ddpm.num_classes is not None else None, "ddpm": ddpm}
+    info = {
+        "sampler": repr(opened.sampler),
+        "sampler_source": opened.sampler_source,
+        "samples": str(written["samples"]),
+        "guidance_scale": float(opts.guidance_scale) if ddpm.num_classes is not None else None,
+        "ddpm": ddpm,
+    }
     return to_uint8(drawn.x0), drawn.labels, f"{opts.num_samples} samples from {ckpt} -> {written['samples']}", info
 
 
@@ -251,8 +308,11 @@ def evaluate(opts: EvaluateConfig | Any) -> dict[str, Any]:
     clf_path = check(opts)
     start = time.perf_counter()
     if not clf_path.is_file():
-        print(f"classifier {clf_path} not found: training it now on data.root={opts.data.root} "
-              f"({opts.classifier_epochs} epochs; train_classifier_if_missing=true) ...", flush=True)
+        print(
+            f"classifier {clf_path} not found: training it now on data.root={opts.data.root} "
+            f"({opts.classifier_epochs} epochs; train_classifier_if_missing=true) ...",
+            flush=True,
+        )
         trained = train_classifier(opts.data.root, clf_path, epochs=opts.classifier_epochs)
         print(f"classifier test accuracy {trained['test_accuracy'] * 100:.2f}%, saved to {clf_path}", flush=True)
     classifier, meta = load_classifier(clf_path)
@@ -267,25 +327,41 @@ def evaluate(opts: EvaluateConfig | Any) -> dict[str, Any]:
         metrics.update(inception_fid(images, real_test))
     if opts.nll:
         if opts.nll_n > real_test.shape[0]:
-            raise invalid("nll_n", opts.nll_n, f"exceeds the {real_test.shape[0]} test images under data.root={opts.data.root}")
-        print(f"variational bound of {opts.nll_n} test images ({opts.nll_n * ddpm.schedule.num_timesteps} network calls) ...",
-              flush=True)
-        metrics.update(bound_metrics(ddpm, real_test[: opts.nll_n], test_labels[: opts.nll_n], opts.nll_variance,
-                                     opts.batch_size, opts.seed, progress=True))
+            raise invalid(
+                "nll_n", opts.nll_n, f"exceeds the {real_test.shape[0]} test images under data.root={opts.data.root}"
+            )
+        print(
+            f"variational bound of {opts.nll_n} test images ({opts.nll_n * ddpm.schedule.num_timesteps} network calls) ...",
+            flush=True,
+        )
+        metrics.update(
+            bound_metrics(
+                ddpm,
+                real_test[: opts.nll_n],
+                test_labels[: opts.nll_n],
+                opts.nll_variance,
+                opts.batch_size,
+                opts.seed,
+                progress=True,
+            )
+        )
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = opts.out_dir / METRICS_FILE
     kind = mode(opts)
-    metrics.update({
-        "mode": kind,
-        "source": source,
-        "samples": info.pop("samples", None) or (str(Path(opts.samples).expanduser().resolve()) if kind == "samples" else "real"),
-        "ckpt_path": str(Path(opts.ckpt_path).expanduser().resolve()) if kind == "checkpoint" else None,
-        **info,
-        "classifier_path": str(clf_path),
-        "data_root": str(opts.data.root),
-        "seconds": time.perf_counter() - start,
-        "metrics_json": str(metrics_path),
-    })
+    metrics.update(
+        {
+            "mode": kind,
+            "source": source,
+            "samples": info.pop("samples", None)
+            or (str(Path(opts.samples).expanduser().resolve()) if kind == "samples" else "real"),
+            "ckpt_path": str(Path(opts.ckpt_path).expanduser().resolve()) if kind == "checkpoint" else None,
+            **info,
+            "classifier_path": str(clf_path),
+            "data_root": str(opts.data.root),
+            "seconds": time.perf_counter() - start,
+            "metrics_json": str(metrics_path),
+        }
+    )
     atomic_write(metrics_path, lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
     print(format_table(metrics), flush=True)
     return metrics

@@ -33,10 +33,13 @@ from ddpm_lightning.errors import (
 )
 
 _KINDS: dict[int, type[FileSystemError]] = {
-    E.EACCES: PermissionDeniedError, E.EPERM: PermissionDeniedError,
+    E.EACCES: PermissionDeniedError,
+    E.EPERM: PermissionDeniedError,
     E.EROFS: ReadOnlyFileSystemError,
-    E.ENOENT: NoSuchFolderError, E.ENOTDIR: NoSuchFolderError,
-    E.ENOSPC: NoSpaceError, E.EDQUOT: NoSpaceError,
+    E.ENOENT: NoSuchFolderError,
+    E.ENOTDIR: NoSuchFolderError,
+    E.ENOSPC: NoSpaceError,
+    E.EDQUOT: NoSpaceError,
 }
 #: Other errnos that are the file system's answer (exit status 8) even when the error names no file.
 _OTHER = {E.EIO, E.EISDIR, E.ENAMETOOLONG, E.ELOOP, E.EFBIG, E.EMLINK, E.EXDEV, E.EEXIST, E.ENOTEMPTY}
@@ -147,9 +150,17 @@ def _advice(err: OSError, key: str | None, path: Path | None, mode: str) -> str:
     return f"check {path}" + (f", or set {key} to another path" if key else "")
 
 
-def file_system_error(err: OSError, key: str | None = None, value: Any = _UNSET, path: Any = None,
-                      action: str = "write", start: bool = False, kept: str | None = None,
-                      then: str | None = None, mode: str = "write") -> FileSystemError:
+def file_system_error(
+    err: OSError,
+    key: str | None = None,
+    value: Any = _UNSET,
+    path: Any = None,
+    action: str = "write",
+    start: bool = False,
+    kept: str | None = None,
+    then: str | None = None,
+    mode: str = "write",
+) -> FileSystemError:
     """The one-line :class:`~ddpm_lightning.errors.FileSystemError` of the kind of ``err`` (exit statuses: 4
     permission denied, 5 read-only file system, 6 no such folder or a path under a file, 7 no space left, 8 other).
 
@@ -180,13 +191,15 @@ def file_system_error(err: OSError, key: str | None = None, value: Any = _UNSET,
     if then:
         text += f"; {then}"
     fault = _KINDS.get(err.errno, FileSystemError)(text, err.errno, shown)
-    fault.parts = dict(err=err, key=key, value=value, path=shown, action=action, start=start, kept=kept, then=then,
-                       mode=mode)
+    fault.parts = dict(
+        err=err, key=key, value=value, path=shown, action=action, start=start, kept=kept, then=then, mode=mode
+    )
     return fault
 
 
-def rekey(fault: FileSystemError, key: str, value: Any, kept: str | None = None,
-          then: str | None = None) -> FileSystemError:
+def rekey(
+    fault: FileSystemError, key: str, value: Any, kept: str | None = None, then: str | None = None
+) -> FileSystemError:
     """``fault`` (from :func:`file_system_error` without a key) under the option ``key`` (and with ``kept`` /
     ``then`` where it had none); unchanged when it already names a key."""
     parts = dict(getattr(fault, "parts", {}))
@@ -199,8 +212,9 @@ def rekey(fault: FileSystemError, key: str, value: Any, kept: str | None = None,
 
 
 @contextlib.contextmanager
-def writing(key: str | None, value: Any = _UNSET, action: str = "write", kept: str | None = None,
-            then: str | None = None) -> Iterator[None]:
+def writing(
+    key: str | None, value: Any = _UNSET, action: str = "write", kept: str | None = None, then: str | None = None
+) -> Iterator[None]:
     """Inside the block, an ``OSError`` that is the file system's answer (:func:`is_file_system_error`) becomes the
     one-line :func:`file_system_error` under ``key``, and a keyless :class:`FileSystemError` gets ``key``."""
     try:

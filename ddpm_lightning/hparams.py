@@ -20,13 +20,28 @@ from typing import Any
 #: The metric columns of the HParams table: ``hp/<name>`` <- the run's figure of that name.
 HP_METRICS = ("val_loss", "fid", "fid_floor", "confident_fraction", "normalised_entropy", "inception_score", "bpd")
 #: The figures of the end-of-run evaluation (``ddpm-evaluate``'s metrics.json names) that a run reports.
-EVAL_METRICS = ("fid", "fid_floor", "confident_fraction", "normalised_entropy", "inception_score", "label_accuracy",
-                "bpd", "bpd_stderr", "bpd_all_pixels")
+EVAL_METRICS = (
+    "fid",
+    "fid_floor",
+    "confident_fraction",
+    "normalised_entropy",
+    "inception_score",
+    "label_accuracy",
+    "bpd",
+    "bpd_stderr",
+    "bpd_all_pixels",
+)
 #: Config nodes whose leaves are hyperparameters.
 HPARAM_GROUPS = ("schedule", "diffusion", "model", "optimizer", "lr_scheduler", "sampler")
 #: Single keys that are hyperparameters too.
-HPARAM_KEYS = ("seed", "data.batch_size", "data.subset_size", "trainer.max_steps",
-               "trainer.max_epochs", "trainer.precision")
+HPARAM_KEYS = (
+    "seed",
+    "data.batch_size",
+    "data.subset_size",
+    "trainer.max_steps",
+    "trainer.max_epochs",
+    "trainer.precision",
+)
 #: Command-line keys that are paths or switches, not hyperparameters.
 NOT_HPARAMS = ("run_dir", "ckpt_path", "data.root", "overwrite", "data.download")
 
@@ -85,7 +100,9 @@ def run_hparams(
     params: dict[str, Any] = {}
     for group in HPARAM_GROUPS:
         node = config.get(group)
-        params.update(flatten(node, group, _NOT_LEAVES) if isinstance(node, Mapping) else {group: node} if group in config else {})
+        params.update(
+            flatten(node, group, _NOT_LEAVES) if isinstance(node, Mapping) else {group: node} if group in config else {}
+        )
     for key in HPARAM_KEYS:
         found, value = _select(config, key)
         if found:
@@ -144,8 +161,11 @@ def evaluation_metrics(evaluation: Mapping[str, Any] | None) -> dict[str, float]
     """The :data:`EVAL_METRICS` figures of an end-of-run evaluation that are numbers (``{"fid": 12.5, ...}``;
     non-finite ones included, None left out), under their metrics.json names: ``ddpm-train`` adds them to its
     ``metrics``, next to ``val/loss``, for ``optimized_metric``."""
-    return {name: float(v) for name in EVAL_METRICS if isinstance(v := (evaluation or {}).get(name), (int, float))
-            and not isinstance(v, bool)}
+    return {
+        name: float(v)
+        for name in EVAL_METRICS
+        if isinstance(v := (evaluation or {}).get(name), (int, float)) and not isinstance(v, bool)
+    }
 
 
 def log_final_metrics(writer: Any, values: Mapping[str, float], step: int) -> None:

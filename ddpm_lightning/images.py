@@ -17,8 +17,9 @@ from __future__ import annotations
 import math
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Union
+from typing import Union
 
 import torch
 from torch import Tensor
@@ -110,7 +111,6 @@ def as_model_input(images: Tensor) -> Tensor:
     return images.to(torch.float32)
 
 
-
 # ----------------------------------------------------------------------------- pictures
 
 
@@ -194,5 +194,9 @@ def save_gif(frames: list[Tensor], path: PathLike) -> Path:
 
     images = [Image.fromarray((sample_grid(x)[0] * 255).round().to(torch.uint8).numpy(), mode="L") for x in frames]
     durations = [GIF_FRAME_MS] * (len(images) - 1) + [GIF_LAST_FRAME_MS]
-    return atomic_write(path, lambda tmp: images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
-                                                         duration=durations, loop=0))
+    return atomic_write(
+        path,
+        lambda tmp: images[0].save(
+            tmp, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0
+        ),
+    )

@@ -34,5 +34,9 @@ def tidy_lightning_output() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropAdvertisement) for f in logger.filters):
             logger.addFilter(_DropAdvertisement())
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-                            category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )

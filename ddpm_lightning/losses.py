@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -91,7 +91,9 @@ def bits_per_dim(nats: Tensor | float, num_dims: int) -> Tensor | float:
 
 
 # ------------------------------------------------------------------------------------------------ the terms
-def model_log_variance(schedule: NoiseSchedule, t: Tensor, like: Tensor, variance: str, v: Tensor | None = None) -> Tensor:
+def model_log_variance(
+    schedule: NoiseSchedule, t: Tensor, like: Tensor, variance: str, v: Tensor | None = None
+) -> Tensor:
     """``log sigma_t^2`` of p_theta(x_{t-1} | x_t), float64, broadcastable to ``like`` (``(N, 1, 1, 1)`` for a fixed
     variance, like ``v`` for a learned one).
 
@@ -187,12 +189,19 @@ class Bound:
     forward_passes: int = 0
 
     @classmethod
-    def cat(cls, parts: "list[Bound]") -> "Bound":
+    def cat(cls, parts: list[Bound]) -> Bound:
         """The bounds of several batches of images (same pixels and variance) as one."""
         first = parts[0]
-        return cls(torch.cat([b.prior for b in parts]), torch.cat([b.terms for b in parts]),
-                   torch.cat([b.padding for b in parts]), first.num_dims, first.num_real_dims, first.variance,
-                   sum(b.seconds for b in parts), sum(b.forward_passes for b in parts))
+        return cls(
+            torch.cat([b.prior for b in parts]),
+            torch.cat([b.terms for b in parts]),
+            torch.cat([b.padding for b in parts]),
+            first.num_dims,
+            first.num_real_dims,
+            first.variance,
+            sum(b.seconds for b in parts),
+            sum(b.forward_passes for b in parts),
+        )
 
     @property
     def total(self) -> Tensor:
@@ -285,8 +294,16 @@ def variational_bound(
         px = vb_terms(schedule, x0, x_t, t, mean, log_var)
         terms[:, step] = px[:, real].sum(1).cpu()
         padding += px[:, pad].sum(1).cpu()
-    return Bound(prior_px[:, real].sum(1).cpu(), terms, padding, int(mask.numel()), int(mask.sum()), variance,
-                 seconds=time.perf_counter() - start, forward_passes=n * T)
+    return Bound(
+        prior_px[:, real].sum(1).cpu(),
+        terms,
+        padding,
+        int(mask.numel()),
+        int(mask.sum()),
+        variance,
+        seconds=time.perf_counter() - start,
+        forward_passes=n * T,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ training losses
@@ -300,15 +317,20 @@ def check_loss(loss: object, learn_sigma: bool, min_snr_gamma: float | None) -> 
     if loss not in LOSSES:
         raise invalid("loss", loss, f"must be one of {list(LOSSES)}")
     if loss == "hybrid" and not learn_sigma:
-        raise invalid("loss", loss, "needs model.learn_sigma=true (with a fixed variance the VLB term, its mean "
-                      "stop-gradiented, trains nothing); use loss=simple or loss=vlb")
+        raise invalid(
+            "loss",
+            loss,
+            "needs model.learn_sigma=true (with a fixed variance the VLB term, its mean "
+            "stop-gradiented, trains nothing); use loss=simple or loss=vlb",
+        )
     if loss == "vlb" and min_snr_gamma is not None:
         raise invalid("loss", loss, "has no MSE term for min_snr_gamma to weight; set min_snr_gamma=null")
     return str(loss)
 
 
-def training_vb(schedule: NoiseSchedule, x0: Tensor, x_t: Tensor, t: Tensor, x0_hat: Tensor, v: Tensor | None,
-                stop_grad_mean: bool) -> Tensor:
+def training_vb(
+    schedule: NoiseSchedule, x0: Tensor, x_t: Tensor, t: Tensor, x0_hat: Tensor, v: Tensor | None, stop_grad_mean: bool
+) -> Tensor:
     """The VLB term of each sample's timestep for training, in bits per pixel (``(N,)`` float32 with gradients): the
     mean of p_theta from the network's ``x0_hat`` (:func:`predict_x0`; detached for L_hybrid, ``stop_grad_mean``: only
     the variance learns from it, Nichol & Dhariwal Sec. 3.1), the variance learned from ``v`` (or ``fixed_small`` when ``v`` is None), in float64.

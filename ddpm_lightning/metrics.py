@@ -18,7 +18,7 @@ This module imports neither Hydra nor Lightning.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -156,9 +156,9 @@ def evaluate_images(
     classifier: MNISTClassifier,
     real_test: torch.Tensor,
     real_train: torch.Tensor,
-    meta: Optional[dict[str, Any]] = None,
+    meta: dict[str, Any] | None = None,
     floor_offset: int = 0,
-    labels: Optional[torch.Tensor] = None,
+    labels: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """All metrics of ``images`` (uint8 ``(N, 1, 32, 32)`` or ``(N, 32, 32, 1)``, N >= 2).
 
@@ -203,5 +203,7 @@ def evaluate_images(
         "classifier_sha256": meta.get("sha256_of_weights"),
         "classifier_test_accuracy": meta.get("test_accuracy"),
         "classifier_reference": meta.get("reference"),
-        "label_accuracy": None if labels is None else float((probs.argmax(1).cpu() == labels.long().cpu()).float().mean()),
+        "label_accuracy": None
+        if labels is None
+        else float((probs.argmax(1).cpu() == labels.long().cpu()).float().mean()),
     }

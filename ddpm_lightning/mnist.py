@@ -76,8 +76,6 @@ _ROOT_HINT = (
 _READER_ERRORS = (AssertionError, RuntimeError, TypeError, ValueError, KeyError, IndexError, OSError)
 
 
-
-
 def raw_dir(root: PathLike) -> Path:
     """``<root>/MNIST/raw`` (``~`` expanded), torchvision's folder for the four IDX files."""
     return Path(root).expanduser() / "MNIST" / "raw"
@@ -159,8 +157,7 @@ def _read_split(raw: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         )
     if labels.numel() and int(labels.max()) > 9:  # read from uint8, so never below 0
         raise MNISTDataError(
-            f"MNIST file {lbl_path} is corrupt: labels range "
-            f"{int(labels.min())}..{int(labels.max())}, expected 0..9"
+            f"MNIST file {lbl_path} is corrupt: labels range {int(labels.min())}..{int(labels.max())}, expected 0..9"
         )
     return digits, labels
 

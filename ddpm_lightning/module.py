@@ -13,8 +13,9 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import lightning as L
 import torch
@@ -64,8 +65,10 @@ def finite_flags(named: Any, device: torch.device) -> tuple[list[tuple[str, Tens
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for _, value in items:
         groups.setdefault((value.device, value.dtype), []).append(value.detach())
-    flags = [torch.isfinite(torch.stack(torch._foreach_norm(ts, ord=math.inf))).all().to(device, non_blocking=True)
-             for ts in groups.values()]
+    flags = [
+        torch.isfinite(torch.stack(torch._foreach_norm(ts, ord=math.inf))).all().to(device, non_blocking=True)
+        for ts in groups.values()
+    ]
     return items, flags
 
 
@@ -256,14 +259,17 @@ class DDPM(L.LightningModule):
         """Per-sample MSE of the objective's target (the eps-MSE for ``objective="eps"``), ``(N,)`` float32."""
         return self._losses(x0, t, noise, y, with_vb=False)[0]
 
-    def _losses(self, x0: Tensor, t: Tensor, noise: Tensor, y: Tensor | None, with_vb: bool) -> tuple[Tensor, Tensor | None]:
+    def _losses(
+        self, x0: Tensor, t: Tensor, noise: Tensor, y: Tensor | None, with_vb: bool
+    ) -> tuple[Tensor, Tensor | None]:
         """Per-sample ``(mse, vb)``, ``(N,)`` float32: the MSE between the output and the objective's target
         (:func:`~ddpm_lightning.objectives.target`) and, ``with_vb``, the VLB term of each sample's timestep in bits/dim
         (:func:`~ddpm_lightning.losses.training_vb`; its mean detached for L_hybrid)."""
         x_t = self.schedule.q_sample(x0, t, noise)
         out, v = self.model_output(x_t, t, y if self.num_classes is not None else None)
-        alpha, sigma = (extract(b, t, x0) for b in (self.schedule.sqrt_alphas_cumprod,
-                                                    self.schedule.sqrt_one_minus_alphas_cumprod))
+        alpha, sigma = (
+            extract(b, t, x0) for b in (self.schedule.sqrt_alphas_cumprod, self.schedule.sqrt_one_minus_alphas_cumprod)
+        )
         goal = target(self.objective, x0, noise, alpha, sigma)
         mse = F.mse_loss(out.float(), goal.float(), reduction="none").flatten(1).mean(1)
         if not with_vb:
@@ -415,7 +421,7 @@ class DDPM(L.LightningModule):
                 f"(lr={watch.lrs.get(first_step, float('nan')):g}); the newest checkpoint is the last good one. "
                 "Try a lower optimizer.lr or trainer.gradient_clip_val"
             )
-        if not all(values[len(loss_record):]):
+        if not all(values[len(loss_record) :]):
             bad = first_bad_name(items)
             one = start == last
             when = f"step at global step {last}" if one else f"steps between global steps {start} and {last}"
@@ -546,8 +552,16 @@ class DDPM(L.LightningModule):
         check_conditioning(self.num_classes, labels, 1.0)
         y = labels.to(self.device) if (labels is not None and self.num_classes is not None) else None
         with eval_mode(self.net):
-            return variational_bound(lambda x, t: self.model_output(x, t, y), self.schedule, x0, variance=variance,
-                                     generator=generator, mask=mask, progress=progress, objective=self.objective)
+            return variational_bound(
+                lambda x, t: self.model_output(x, t, y),
+                self.schedule,
+                x0,
+                variance=variance,
+                generator=generator,
+                mask=mask,
+                progress=progress,
+                objective=self.objective,
+            )
 
     def _guided_eps_fn(
         self, num_samples: int, class_labels: Tensor | None, guidance_scale: float
@@ -564,7 +578,9 @@ class DDPM(L.LightningModule):
         if y.numel() == 1:
             y = y.expand(num_samples)
         if y.shape != (num_samples,):
-            raise invalid("class_label", _label_repr(class_labels), f"must be one label or {num_samples} (one per sample)")
+            raise invalid(
+                "class_label", _label_repr(class_labels), f"must be one label or {num_samples} (one per sample)"
+            )
         if guidance_scale == 1.0:
             return lambda x, t: split_output(self.net(x, t, y), channels)
         null = torch.full_like(y, -1)
@@ -606,10 +622,16 @@ def check_conditioning(num_classes: int | None, class_labels: Any, guidance_scal
     check_guidance_scale(guidance_scale)
     if num_classes is None:
         if class_labels is not None:
-            raise invalid("class_label", _label_repr(class_labels), "the model is unconditional (model.num_classes=null)")
+            raise invalid(
+                "class_label", _label_repr(class_labels), "the model is unconditional (model.num_classes=null)"
+            )
         if guidance_scale != 1.0:
-            raise invalid("guidance_scale", guidance_scale, "the model is unconditional (model.num_classes=null); use 1.0")
+            raise invalid(
+                "guidance_scale", guidance_scale, "the model is unconditional (model.num_classes=null); use 1.0"
+            )
     elif class_labels is not None:
         y = torch.as_tensor(class_labels)
         if y.is_floating_point() or bool(((y < 0) | (y >= num_classes)).any()):
-            raise invalid("class_label", _label_repr(class_labels), f"must be in [0, {num_classes - 1}] (one integer per sample)")
+            raise invalid(
+                "class_label", _label_repr(class_labels), f"must be in [0, {num_classes - 1}] (one integer per sample)"
+            )

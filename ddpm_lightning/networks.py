@@ -69,7 +69,7 @@ class DiffUNetEps(EpsNetwork):
         num_classes: int | None = None,
         net: nn.Module | None = None,
         learn_sigma: bool = False,
-        compile: bool = False,  # noqa: A002 - the config key model.compile
+        compile: bool = False,
     ) -> None:
         super().__init__()
         from deepinv.models import DiffUNet
@@ -77,13 +77,19 @@ class DiffUNetEps(EpsNetwork):
         self.compile_in_training = check_bool("compile", compile)
 
         if num_classes is not None:
-            raise invalid("num_classes", num_classes, "deepinv's DiffUNet is unconditional; use model=adm_small for labels")
+            raise invalid(
+                "num_classes", num_classes, "deepinv's DiffUNet is unconditional; use model=adm_small for labels"
+            )
         self.learn_sigma = check_bool("learn_sigma", learn_sigma, LEARN_SIGMA_ALLOWED)
         self.out_channels = in_channels * (2 if self.learn_sigma else 1)
         # pretrained=None: random initialisation (the released weights are RGB 256x256 and cannot load at 1 channel).
         # deepinv turns out_channels=3 into 6 (its own learned sigma); forward keeps the first out_channels.
-        self.net = net if net is not None else DiffUNet(
-            in_channels=in_channels, out_channels=self.out_channels, large_model=large_model, pretrained=None
+        self.net = (
+            net
+            if net is not None
+            else DiffUNet(
+                in_channels=in_channels, out_channels=self.out_channels, large_model=large_model, pretrained=None
+            )
         )
         self.in_channels = in_channels
         # deepinv's timestep_embedding builds these frequencies on the CPU and copies them to the device at every
@@ -122,7 +128,7 @@ class DiffUNetEps(EpsNetwork):
         for module in net.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             h = module(h, emb)
-        out = net.out(h.type(x.dtype))[..., pad[-2]:, pad[-4]:]
+        out = net.out(h.type(x.dtype))[..., pad[-2] :, pad[-4] :]
         return out[:, : self.out_channels]
 
 
@@ -169,7 +175,7 @@ class ADMUNetEps(EpsNetwork):
         patch_size: int = 1,
         net: nn.Module | None = None,
         learn_sigma: bool = False,
-        compile: bool = False,  # noqa: A002 - the config key model.compile
+        compile: bool = False,
     ) -> None:
         super().__init__()
         from deepinv.models import ADMUNet
@@ -182,20 +188,26 @@ class ADMUNetEps(EpsNetwork):
         if num_classes is not None and (not is_int(num_classes) or num_classes < 2):
             raise invalid("num_classes", num_classes, "must be null or an integer >= 2")
         if not is_int(patch_size) or patch_size < 1 or img_resolution % patch_size:
-            raise invalid("patch_size", patch_size, f"must be a positive integer dividing img_resolution={img_resolution}")
+            raise invalid(
+                "patch_size", patch_size, f"must be a positive integer dividing img_resolution={img_resolution}"
+            )
         self.patch_size = int(patch_size)
-        self.net = net if net is not None else ADMUNet(
-            img_resolution=img_resolution // self.patch_size,
-            in_channels=in_channels * self.patch_size**2,
-            out_channels=out_channels * self.patch_size**2,
-            label_dim=num_classes or 0,
-            model_channels=model_channels,
-            channel_mult=tuple(channel_mult),
-            num_blocks=num_blocks,
-            attn_resolutions=tuple(attn_resolutions),
-            dropout=dropout,
-            label_dropout=0,
-            pretrained=None,
+        self.net = (
+            net
+            if net is not None
+            else ADMUNet(
+                img_resolution=img_resolution // self.patch_size,
+                in_channels=in_channels * self.patch_size**2,
+                out_channels=out_channels * self.patch_size**2,
+                label_dim=num_classes or 0,
+                model_channels=model_channels,
+                channel_mult=tuple(channel_mult),
+                num_blocks=num_blocks,
+                attn_resolutions=tuple(attn_resolutions),
+                dropout=dropout,
+                label_dropout=0,
+                pretrained=None,
+            )
         )
         self.net.train()  # deepinv's constructor leaves the network in eval mode
         self.num_classes = num_classes

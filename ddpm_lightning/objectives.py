@@ -48,8 +48,12 @@ def check_objective(objective: object, zero_terminal_snr: bool = False, key: str
     if objective not in OBJECTIVES:
         raise invalid(key, objective, f"must be one of {list(OBJECTIVES)}")
     if objective == "eps" and zero_terminal_snr:
-        raise invalid(key, objective, "schedule.rescale_zero_terminal_snr=true needs objective=v (Lin et al. 2023) or "
-                      "x0: with eps, x0_hat is undefined at t = T-1 where abar = 0")
+        raise invalid(
+            key,
+            objective,
+            "schedule.rescale_zero_terminal_snr=true needs objective=v (Lin et al. 2023) or "
+            "x0: with eps, x0_hat is undefined at t = T-1 where abar = 0",
+        )
     return str(objective)
 
 
@@ -116,4 +120,3 @@ def min_snr_weights(objective: str, alphas_cumprod: Tensor, t: Tensor, gamma: fl
 def zero_terminal_snr(alphas_cumprod: Tensor) -> bool:
     """Whether a schedule's last abar is exactly 0 (:func:`~ddpm_lightning.schedule.rescale_zero_terminal_snr`)."""
     return bool(alphas_cumprod[-1] == 0)
-

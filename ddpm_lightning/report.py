@@ -63,8 +63,16 @@ from ddpm_lightning.errors import ProjectError
 from ddpm_lightning.filesystem import check_writable_folder
 
 #: TensorBoard scalar tags read from every job, in table order.
-SCALAR_TAGS = ["val/loss", "val/loss_q0", "val/loss_q1", "val/loss_q2", "val/loss_q3", "train/loss_epoch", "val/fid",
-               "val/bpd"]
+SCALAR_TAGS = [
+    "val/loss",
+    "val/loss_q0",
+    "val/loss_q1",
+    "val/loss_q2",
+    "val/loss_q3",
+    "train/loss_epoch",
+    "val/fid",
+    "val/bpd",
+]
 #: Tags read only when some job logged them (the optional callbacks).
 OPTIONAL_TAGS = ("val/fid", "val/bpd")
 #: Short markdown column names of the scalar tags.
@@ -95,9 +103,7 @@ def find_jobs(sweep: Path) -> list[Path]:
     if sweep.is_dir():
         jobs = [p for p in sweep.iterdir() if p.name.isdigit() and (p / ".hydra" / "overrides.yaml").is_file()]
     if not jobs:
-        raise NotASweepError(
-            f"{sweep} is not a Hydra multirun directory (expected {sweep}/0/.hydra/overrides.yaml)"
-        )
+        raise NotASweepError(f"{sweep} is not a Hydra multirun directory (expected {sweep}/0/.hydra/overrides.yaml)")
     return sorted(jobs, key=lambda p: int(p.name))
 
 
@@ -296,8 +302,13 @@ def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def markdown_table(jobs: list[dict[str, Any]], swept: list[str], best: str | None, rank_metric: str,
-                   optuna: dict[str, Any] | None = None) -> str:
+def markdown_table(
+    jobs: list[dict[str, Any]],
+    swept: list[str],
+    best: str | None,
+    rank_metric: str,
+    optuna: dict[str, Any] | None = None,
+) -> str:
     """The ``report.md`` text: the table, then the ranking metric, Optuna's best trial (``optuna``: see
     :func:`read_optuna`) and the overrides shared by all jobs."""
     has_fid = any(metric_value(j, "fid") is not None for j in jobs)
@@ -324,20 +335,32 @@ def markdown_table(jobs: list[dict[str, Any]], swept: list[str], best: str | Non
     lines.append("")
     lines.append(f"best: lowest {rank_metric}" + (f" (job {best})" if best is not None else " (no job has one)"))
     if optuna is not None:
-        where = f"job {optuna['job']} (marked optuna)" if optuna["job"] is not None else "no job folder with these parameters"
+        where = (
+            f"job {optuna['job']} (marked optuna)"
+            if optuna["job"] is not None
+            else "no job folder with these parameters"
+        )
         params = ", ".join(f"`{k}={v}`" for k, v in optuna["best_params"].items())
         lines.append("")
-        lines.append(f"Optuna's best trial ({OPTUNA_RESULTS}): {where}, {optuna['metric'] or 'value'}="
-                     f"{_fmt(optuna['best_value'])} with {params}")
+        lines.append(
+            f"Optuna's best trial ({OPTUNA_RESULTS}): {where}, {optuna['metric'] or 'value'}="
+            f"{_fmt(optuna['best_value'])} with {params}"
+        )
     classifiers: dict[str, list[str]] = {}
     for j in jobs:
         if j.get("classifier"):
             classifiers.setdefault(str(j["classifier"]), []).append(j["job"])
     if classifiers:
         lines.append("")
-        lines.append("FID measured with the classifier " + "; ".join(
-            f"`{sha}`" + (" (the packaged reference)" if sha == REFERENCE_CLASSIFIER_SHA256 else "")
-            + (f" (jobs {', '.join(js)})" if len(classifiers) > 1 else "") for sha, js in classifiers.items()))
+        lines.append(
+            "FID measured with the classifier "
+            + "; ".join(
+                f"`{sha}`"
+                + (" (the packaged reference)" if sha == REFERENCE_CLASSIFIER_SHA256 else "")
+                + (f" (jobs {', '.join(js)})" if len(classifiers) > 1 else "")
+                for sha, js in classifiers.items()
+            )
+        )
     if fixed:
         lines.append("")
         lines.append("Overrides shared by all jobs: " + ", ".join(f"`{k}={v}`" for k, v in fixed.items()))
@@ -384,13 +407,13 @@ def plot_metric(path: Path, jobs: list[dict[str, Any]], swept: list[str], metric
     nums = [_number(x) for x in xs_raw]
     numeric = all(n is not None for n in nums)
     if numeric:
-        xpos = {x: n for x, n in zip(xs_raw, nums)}
+        xpos = {x: n for x, n in zip(xs_raw, nums, strict=True)}
     else:
         order = sorted({str(x) for x in xs_raw})
         xpos = {x: float(order.index(str(x))) for x in xs_raw}
 
     groups: dict[str, list[tuple[float, float]]] = {}
-    for j, x in zip(jobs, xs_raw):
+    for j, x in zip(jobs, xs_raw, strict=True):
         label = ", ".join(f"{k}={j['overrides'].get(k, '')}" for k in swept[1:])
         y = metric_value(j, metric)
         if y is not None:
@@ -446,8 +469,9 @@ def report(sweep: Path, out: Path | None = None, metrics: list[str] | None = Non
     (out / "report.md").write_text(f"# Sweep report: {sweep}\n\n" + text)
     write_csv(out / "report.csv", jobs, swept, best)
     if metrics is None:
-        metrics = [m for m in DEFAULT_METRICS
-                   if m not in OPTIONAL_METRICS or any(metric_value(j, m) is not None for j in jobs)]
+        metrics = [
+            m for m in DEFAULT_METRICS if m not in OPTIONAL_METRICS or any(metric_value(j, m) is not None for j in jobs)
+        ]
     plots = []
     for metric in metrics:
         path = out / metric_filename(metric)

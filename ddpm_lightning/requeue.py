@@ -156,13 +156,17 @@ class RequeueCallback(L.Callback):
         if not REQUEST.requeue:
             return True, f"Slurm job {job} is being requeued ({reason}); {saved}; the requeued job resumes it"
         if reason.startswith("SIGUSR") and step <= self.start_step:
-            return False, (f"not requeuing Slurm job {job} ({reason}): no step was trained since it started at "
-                           f"step {self.start_step} (raise the job's time or lower hydra.launcher.signal_delay_s); "
-                           f"{saved}")
+            return False, (
+                f"not requeuing Slurm job {job} ({reason}): no step was trained since it started at "
+                f"step {self.start_step} (raise the job's time or lower hydra.launcher.signal_delay_s); "
+                f"{saved}"
+            )
         done, why = slurm.requeue(job)
         if not done:
-            return False, (f"could not requeue Slurm job {job} ({reason}): scontrol requeue: {why}; {saved} "
-                           "(resume with ckpt_path=last and the same run_dir); training goes on")
+            return False, (
+                f"could not requeue Slurm job {job} ({reason}): scontrol requeue: {why}; {saved} "
+                "(resume with ckpt_path=last and the same run_dir); training goes on"
+            )
         return True, f"Slurm job {job} requeued ({reason}); {saved}; the requeued job resumes it"
 
 

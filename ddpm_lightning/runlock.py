@@ -34,22 +34,34 @@ class RunDirLock:
         self.path = self.run_dir / LOCK_FILE
         self._file: IO[str] | None = None
 
-    def acquire(self) -> "RunDirLock":
+    def acquire(self) -> RunDirLock:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+")  # noqa: SIM115 - kept open while the lock is held
+        f = open(self.path, "a+")
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             f.seek(0)
             holder = f.read().strip()
             f.close()
-            raise invalid("run_dir", str(self.run_dir), f"another ddpm-train is writing it ({_describe(holder)}); wait for "
-                          "it to end (ckpt_path=last then resumes its checkpoint), or choose another run_dir") from None
+            raise invalid(
+                "run_dir",
+                str(self.run_dir),
+                f"another ddpm-train is writing it ({_describe(holder)}); wait for "
+                "it to end (ckpt_path=last then resumes its checkpoint), or choose another run_dir",
+            ) from None
         f.seek(0)
         f.truncate()
-        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                            "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                            "slurm_job_id": os.environ.get("SLURM_JOB_ID")}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                }
+            )
+            + "\n"
+        )
         f.flush()
         self._file = f
         return self
@@ -60,7 +72,7 @@ class RunDirLock:
             self._file.close()
             self._file = None
 
-    def __enter__(self) -> "RunDirLock":
+    def __enter__(self) -> RunDirLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:

@@ -31,7 +31,8 @@ training uses too, so the samplers work on a zero-terminal-SNR schedule (abar = 
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -128,9 +129,13 @@ def dpm_solver_timesteps(num_timesteps: int, steps: int, spacing: str = "trailin
         ts = np.arange(num_timesteps, 0, -num_timesteps / steps).round()[:steps].astype(np.int64) - 1
     elif spacing in ("linspace", "leading"):
         if steps > num_timesteps - 1:
-            raise invalid("steps", steps, f"must be an integer in [1, {num_timesteps - 1}] with timestep_spacing="
-                          f"{spacing!r}, which spaces steps + 1 points over the schedule's {num_timesteps} timesteps "
-                          f"(timestep_spacing='trailing' takes up to {num_timesteps})")
+            raise invalid(
+                "steps",
+                steps,
+                f"must be an integer in [1, {num_timesteps - 1}] with timestep_spacing="
+                f"{spacing!r}, which spaces steps + 1 points over the schedule's {num_timesteps} timesteps "
+                f"(timestep_spacing='trailing' takes up to {num_timesteps})",
+            )
         if spacing == "linspace":
             ts = np.linspace(0, num_timesteps - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
         else:
@@ -194,8 +199,9 @@ class Sampler:
         if getattr(self, "variance", None) is not None:
             check_variance(self.variance, learn_sigma)
 
-    def _step(self, x: Tensor, pred: Prediction, c: dict[str, float], z: Tensor | None, v: Tensor | None,
-              state: dict) -> Tensor:
+    def _step(
+        self, x: Tensor, pred: Prediction, c: dict[str, float], z: Tensor | None, v: Tensor | None, state: dict
+    ) -> Tensor:
         raise NotImplementedError  # pragma: no cover - abstract
 
     def _needs_noise(self, c: dict[str, float]) -> bool:
@@ -269,7 +275,6 @@ class Sampler:
         return Prediction(x0, eps_from_x0(x, x0, alpha, sigma))
 
 
-
 class DDPMSampler(Sampler):
     """Ancestral DDPM sampling (Ho et al. 2020, Algorithm 2), optionally respaced to fewer steps.
 
@@ -306,8 +311,9 @@ class DDPMSampler(Sampler):
     def _needs_noise(self, c: dict[str, float]) -> bool:
         return c["alphas_cumprod_prev"] < 1.0  # not the last step (abar_{-1} = 1)
 
-    def _step(self, x: Tensor, pred: Prediction, c: dict[str, float], z: Tensor | None, v: Tensor | None,
-              state: dict) -> Tensor:
+    def _step(
+        self, x: Tensor, pred: Prediction, c: dict[str, float], z: Tensor | None, v: Tensor | None, state: dict
+    ) -> Tensor:
         # Eq. 7: mu~_t(x_t, x0_hat) = coef1_t x0_hat + coef2_t x_t (= Eq. 11 for the unclipped x0_hat of eps)
         mean = c["posterior_mean_coef1"] * pred.x0 + c["posterior_mean_coef2"] * x
         if z is None:
@@ -367,8 +373,9 @@ class DDIMSampler(Sampler):
     def _needs_noise(self, c: dict[str, float]) -> bool:
         return self.eta > 0 and c["alphas_cumprod_prev"] < 1.0
 
-    def _step(self, x: Tensor, pred: Prediction, c: dict[str, float], z: Tensor | None, v: Tensor | None,
-              state: dict) -> Tensor:
+    def _step(
+        self, x: Tensor, pred: Prediction, c: dict[str, float], z: Tensor | None, v: Tensor | None, state: dict
+    ) -> Tensor:
         abar_prev = c["alphas_cumprod_prev"]
         x0, eps = pred  # with clip_denoised: x0 clipped, eps the one it implies (Eq. 4)
         sigma = self.eta * math.sqrt(c["posterior_variance"])  # Eq. 16
@@ -433,8 +440,14 @@ class DPMSolverSampler(Sampler):
         ConfigError (a ValueError): one line naming ``steps``, ``order``, ``algorithm`` or ``timestep_spacing``.
     """
 
-    def __init__(self, steps: int = 20, order: int = 2, timestep_spacing: str = "trailing", clip_denoised: bool = True,
-                 algorithm: str = "dpmsolver++"):
+    def __init__(
+        self,
+        steps: int = 20,
+        order: int = 2,
+        timestep_spacing: str = "trailing",
+        clip_denoised: bool = True,
+        algorithm: str = "dpmsolver++",
+    ):
         _check_steps(steps, None)
         if not is_int(order) or order not in (1, 2):
             raise invalid("order", order, "must be 1 or 2 (DPM-Solver++(2M) is order 2)")
@@ -459,8 +472,9 @@ class DPMSolverSampler(Sampler):
     def _needs_noise(self, c: dict[str, float]) -> bool:
         return self.algorithm == "sde-dpmsolver++" and c["alphas_cumprod_prev"] < 1.0
 
-    def _step(self, x: Tensor, pred: Prediction, c: dict[str, float], z: Tensor | None, v: Tensor | None,
-              state: dict) -> Tensor:
+    def _step(
+        self, x: Tensor, pred: Prediction, c: dict[str, float], z: Tensor | None, v: Tensor | None, state: dict
+    ) -> Tensor:
         abar_next = c["alphas_cumprod_prev"]
         lam, lam_next = _log_snr(c["alphas_cumprod"]), _log_snr(abar_next)
         alpha_next, sigma_next = math.sqrt(abar_next), math.sqrt(max(1.0 - abar_next, 0.0))

@@ -21,8 +21,16 @@ from torch import Tensor
 from ddpm_lightning.checkpoint import ddpm_from_checkpoint, has_ema, load_checkpoint
 from ddpm_lightning.config import at_key, build, sampler_node
 from ddpm_lightning.errors import invalid
+from ddpm_lightning.images import (
+    atomic_write,
+    sample_grid,
+    save_gif,
+    save_png,
+    to_model_range,
+    to_uint8,
+    trajectory_grid,
+)
 from ddpm_lightning.module import check_conditioning
-from ddpm_lightning.images import atomic_write, sample_grid, save_gif, save_png, to_model_range, to_uint8, trajectory_grid
 from ddpm_lightning.samplers import Sampler
 
 SAMPLES_FILE = "samples.npz"
@@ -120,11 +128,22 @@ def draw_samples(
         labels = None
         if num_classes is not None:
             first = i * batch_size
-            labels = torch.full((size,), class_label) if class_label is not None else torch.arange(first, first + size) % num_classes
+            labels = (
+                torch.full((size,), class_label)
+                if class_label is not None
+                else torch.arange(first, first + size) % num_classes
+            )
             label_chunks.append(labels)
         want = min(trajectory_rows - rows, size) if every is not None else 0
-        out = ddpm.sample(size, generator=generator, sampler=sampler, trajectory_every=every if want > 0 else None,
-                           progress=progress, class_labels=labels, guidance_scale=guidance_scale)
+        out = ddpm.sample(
+            size,
+            generator=generator,
+            sampler=sampler,
+            trajectory_every=every if want > 0 else None,
+            progress=progress,
+            class_labels=labels,
+            guidance_scale=guidance_scale,
+        )
         chunks.append(out.x0.float().cpu())
         if want > 0:
             traj_chunks.append([x[:want] for _, x in out.trajectory])
@@ -132,8 +151,13 @@ def draw_samples(
     if ddpm.device.type == "cuda":
         torch.cuda.synchronize(ddpm.device)
     frames = [torch.cat([batch[f] for batch in traj_chunks]) for f in range(len(traj_chunks[0]))] if traj_chunks else []
-    return Drawn(torch.cat(chunks), torch.cat(label_chunks) if label_chunks else None, frames, num_steps,
-                 time.perf_counter() - start)
+    return Drawn(
+        torch.cat(chunks),
+        torch.cat(label_chunks) if label_chunks else None,
+        frames,
+        num_steps,
+        time.perf_counter() - start,
+    )
 
 
 @dataclass
@@ -170,8 +194,9 @@ def learn_sigma_of(config: Any) -> bool:
     return (config.get("model") or {}).get("learn_sigma") is True
 
 
-def open_checkpoint(path: str | Path, sampler: Any, class_label: int | None = None,
-                    guidance_scale: float = 1.0) -> CheckpointSampler:
+def open_checkpoint(
+    path: str | Path, sampler: Any, class_label: int | None = None, guidance_scale: float = 1.0
+) -> CheckpointSampler:
     """Read a ``ddpm-train`` checkpoint and build the sampler to use with it, checking everything that needs
     neither the weights nor the network: the requested ``sampler`` node (see :func:`~ddpm_lightning.config.sampler_node`)
     against the checkpoint's schedule, and the conditioning against its model.
@@ -199,8 +224,9 @@ def checkpoint_ddpm(opened: CheckpointSampler, device: torch.device, use_ema: bo
     return ddpm, used_ema
 
 
-def sample_checkpoint(opened: CheckpointSampler, num_samples: int, device: torch.device, use_ema: bool = True,
-                      **draw: Any) -> tuple[Drawn, bool]:
+def sample_checkpoint(
+    opened: CheckpointSampler, num_samples: int, device: torch.device, use_ema: bool = True, **draw: Any
+) -> tuple[Drawn, bool]:
     """Build the checkpoint's DDPM on ``device`` and :func:`draw_samples` from it with the opened sampler.
 
     Returns:
@@ -224,6 +250,7 @@ def write_samples(out_dir: Path, drawn: Drawn, overwrite: bool = False) -> dict[
     arrays = [images.permute(0, 2, 3, 1).contiguous().numpy()]
     if drawn.labels is not None:
         arrays.append(drawn.labels.numpy())
+
     def write_npz(tmp: Path) -> None:
         with open(tmp, "wb") as f:  # an open file: np.savez would append .npz to a path
             np.savez(f, *arrays)

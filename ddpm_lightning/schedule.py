@@ -26,7 +26,8 @@ This module does not import Lightning or Hydra.
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -57,8 +58,9 @@ def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> T
     return (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
 
 
-def sigmoid_betas(timesteps: int, start: float = -3.0, end: float = 3.0, tau: float = 1.0,
-                  max_beta: float = 0.999) -> Tensor:
+def sigmoid_betas(
+    timesteps: int, start: float = -3.0, end: float = 3.0, tau: float = 1.0, max_beta: float = 0.999
+) -> Tensor:
     """Sigmoid schedule in abar (Chen 2023, arXiv:2301.10972, Algorithm 1, ``sigmoid_schedule``; lucidrains'
     ``sigmoid_beta_schedule`` with its defaults start = -3, end = 3, tau = 1).
 
@@ -93,19 +95,40 @@ def _check(ok: bool, key: str, value: object, allowed: str) -> None:
         raise invalid(key, value, allowed)
 
 
-def _checked_betas(kind: str, timesteps: int, beta_start: float, beta_end: float, cosine_s: float, max_beta: float,
-                   sigmoid_start: float, sigmoid_end: float, sigmoid_tau: float, rescale: object) -> Tensor:
+def _checked_betas(
+    kind: str,
+    timesteps: int,
+    beta_start: float,
+    beta_end: float,
+    cosine_s: float,
+    max_beta: float,
+    sigmoid_start: float,
+    sigmoid_end: float,
+    sigmoid_tau: float,
+    rescale: object,
+) -> Tensor:
     """Validate the parameters of :class:`NoiseSchedule` (which holds their defaults) and return its betas."""
     _check(isinstance(rescale, bool), "rescale_zero_terminal_snr", rescale, "must be true or false")
-    betas = _kind_betas(kind, timesteps, beta_start, beta_end, cosine_s, max_beta, sigmoid_start, sigmoid_end, sigmoid_tau)
+    betas = _kind_betas(
+        kind, timesteps, beta_start, beta_end, cosine_s, max_beta, sigmoid_start, sigmoid_end, sigmoid_tau
+    )
     if not rescale:
         return betas
     _check(timesteps >= 2, "rescale_zero_terminal_snr", rescale, "needs timesteps >= 2")
     return rescale_zero_terminal_snr(betas)
 
 
-def _kind_betas(kind: str, timesteps: int, beta_start: float, beta_end: float, cosine_s: float, max_beta: float,
-                sigmoid_start: float, sigmoid_end: float, sigmoid_tau: float) -> Tensor:
+def _kind_betas(
+    kind: str,
+    timesteps: int,
+    beta_start: float,
+    beta_end: float,
+    cosine_s: float,
+    max_beta: float,
+    sigmoid_start: float,
+    sigmoid_end: float,
+    sigmoid_tau: float,
+) -> Tensor:
     _check(kind in SCHEDULE_KINDS, "kind", kind, f"must be one of {list(SCHEDULE_KINDS)}")
     _check(
         is_int(timesteps) and timesteps >= 1,
@@ -125,7 +148,9 @@ def _kind_betas(kind: str, timesteps: int, beta_start: float, beta_end: float, c
     for key, value in (("sigmoid_start", sigmoid_start), ("sigmoid_end", sigmoid_end)):
         _check(is_number(value) and math.isfinite(value), key, value, "must be a finite number")
     _check(sigmoid_start < sigmoid_end, "sigmoid_start", sigmoid_start, f"must be < sigmoid_end={sigmoid_end!r}")
-    _check(is_number(sigmoid_tau) and 0 < sigmoid_tau < float("inf"), "sigmoid_tau", sigmoid_tau, "must be a number > 0")
+    _check(
+        is_number(sigmoid_tau) and 0 < sigmoid_tau < float("inf"), "sigmoid_tau", sigmoid_tau, "must be a number > 0"
+    )
     return sigmoid_betas(timesteps, sigmoid_start, sigmoid_end, sigmoid_tau, max_beta)
 
 
@@ -180,7 +205,9 @@ def check_variance(variance: object, learn_sigma: bool, key: str = "variance") -
     if variance not in VARIANCES:
         raise invalid(key, variance, f"must be one of {list(VARIANCES)}")
     if variance == "learned" and not learn_sigma:
-        raise invalid(key, variance, "the model has no variance output (model.learn_sigma=false); use fixed_small or fixed_large")
+        raise invalid(
+            key, variance, "the model has no variance output (model.learn_sigma=false); use fixed_small or fixed_large"
+        )
     return str(variance)
 
 
@@ -251,8 +278,18 @@ class NoiseSchedule(nn.Module):
         rescale_zero_terminal_snr: bool = False,
     ) -> None:
         super().__init__()
-        betas = _checked_betas(kind, timesteps, beta_start, beta_end, cosine_s, max_beta, sigmoid_start, sigmoid_end,
-                               sigmoid_tau, rescale_zero_terminal_snr)
+        betas = _checked_betas(
+            kind,
+            timesteps,
+            beta_start,
+            beta_end,
+            cosine_s,
+            max_beta,
+            sigmoid_start,
+            sigmoid_end,
+            sigmoid_tau,
+            rescale_zero_terminal_snr,
+        )
         self.kind = kind
         self.config = dict(
             kind=kind,
@@ -275,8 +312,9 @@ class NoiseSchedule(nn.Module):
         for name, value in buffers.items():
             self.register_buffer(name, value, persistent=False)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
         """Drop the copies of the buffers that checkpoints written before they became non-persistent hold: the
         schedule is rebuilt from its config, so they are redundant (and loading them would change nothing)."""
         for name in list(self._buffers):
@@ -300,7 +338,7 @@ class NoiseSchedule(nn.Module):
         """T, the number of diffusion steps."""
         return self.betas.shape[0]
 
-    def _apply(self, fn, recurse=True):  # noqa: D401 - keep float64 under .half()/.to(dtype)
+    def _apply(self, fn, recurse=True):
         """Move buffers across devices but never change their float64 dtype (``.half()`` etc.)."""
         for name, buf in self._buffers.items():
             if buf is not None:
@@ -308,7 +346,7 @@ class NoiseSchedule(nn.Module):
                 self._buffers[name] = moved if moved.dtype == buf.dtype else buf.to(moved.device)
         return self
 
-    def respaced(self, timesteps: Sequence[int]) -> "NoiseSchedule":
+    def respaced(self, timesteps: Sequence[int]) -> NoiseSchedule:
         """The schedule restricted to the kept ``timesteps`` (Nichol & Dhariwal 2021, Sec. 4, "respacing").
 
         With the kept steps sorted ascending, ``t_0 < t_1 < ... < t_{S-1}``, index i of the result has
@@ -354,18 +392,19 @@ class NoiseSchedule(nn.Module):
         Returns:
             x_t with the shape and dtype of ``x0``.
         """
-        return extract(self.sqrt_alphas_cumprod, t, x0) * x0 + extract(
-            self.sqrt_one_minus_alphas_cumprod, t, x0
-        ) * noise
+        return (
+            extract(self.sqrt_alphas_cumprod, t, x0) * x0 + extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        )
 
     def predict_x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """Invert Eq. 4 for x0: ``x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)``.
 
         Shapes as in :meth:`q_sample`; returns x0 with the dtype of ``x_t`` (not clipped).
         """
-        return extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - extract(
-            self.sqrt_recipm1_alphas_cumprod, t, x_t
-        ) * eps
+        return (
+            extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+            - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        )
 
     def q_posterior_mean_variance(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and variance of q(x_{t-1} | x_t, x0), Ho et al. Eqs. 6-7.
@@ -373,9 +412,7 @@ class NoiseSchedule(nn.Module):
         ``mean = coef1_t x0 + coef2_t x_t``, ``variance = beta-tilde_t``. At t = 0 the mean is x0 and the
         variance is 0. Returns ``(mean, variance)``, mean shaped like ``x_t``, variance ``(N, 1, 1, 1)``.
         """
-        mean = extract(self.posterior_mean_coef1, t, x_t) * x0 + extract(
-            self.posterior_mean_coef2, t, x_t
-        ) * x_t
+        mean = extract(self.posterior_mean_coef1, t, x_t) * x0 + extract(self.posterior_mean_coef2, t, x_t) * x_t
         return mean, extract(self.posterior_variance, t, x_t)
 
     def extra_repr(self) -> str:

@@ -32,8 +32,16 @@ from ddpm_lightning.errors import invalid
 
 #: Logged by every run (ddpm_lightning/module.py): the training loss (per step and per epoch) and the validation loss
 #: with its timestep quartiles (a quartile no validation t fell into is not logged).
-RUN_METRICS = ("train/loss", "train/loss_step", "train/loss_epoch", "val/loss", "val/loss_q0", "val/loss_q1",
-               "val/loss_q2", "val/loss_q3")
+RUN_METRICS = (
+    "train/loss",
+    "train/loss_step",
+    "train/loss_epoch",
+    "val/loss",
+    "val/loss_q0",
+    "val/loss_q1",
+    "val/loss_q2",
+    "val/loss_q3",
+)
 #: With diffusion.loss=hybrid or vlb: the two parts of the loss.
 VB_METRICS = tuple(f"train/{part}{suffix}" for part in ("mse", "vb") for suffix in ("", "_step", "_epoch"))
 #: With callbacks.bpd on (every_n_epochs > 0): the bound of validation images.
@@ -97,9 +105,12 @@ def check_optimized_metric(cfg: Any) -> None:
     name, names = cfg.get("optimized_metric"), metric_names(cfg)
     if name not in names:
         nearest = difflib.get_close_matches(str(name), [*names, *NEEDS], n=1, cutoff=0.6)
-        hint = (f" ({name} needs {NEEDS[name]})" if name in NEEDS
-                else f" (did you mean {nearest[0]}?)" if nearest else "")
-        raise invalid("optimized_metric", name, f"this run produces no such metric{hint}; it produces: {', '.join(names)}")
+        hint = (
+            f" ({name} needs {NEEDS[name]})" if name in NEEDS else f" (did you mean {nearest[0]}?)" if nearest else ""
+        )
+        raise invalid(
+            "optimized_metric", name, f"this run produces no such metric{hint}; it produces: {', '.join(names)}"
+        )
 
 
 def worst(direction: str) -> float:
@@ -134,12 +145,21 @@ def objective(cfg: Any, metrics: Mapping[str, float], direction: str | None) -> 
     if name not in metrics:
         if direction is None:
             return None
-        hint = " (no validation ran: trainer.val_check_interval > the steps trained?)" if str(name).startswith("val/") else ""
-        raise invalid("optimized_metric", name,
-                      f"the run logged no such metric{hint}; it has: {', '.join(sorted(metrics)) or 'none'}")
+        hint = (
+            " (no validation ran: trainer.val_check_interval > the steps trained?)"
+            if str(name).startswith("val/")
+            else ""
+        )
+        raise invalid(
+            "optimized_metric",
+            name,
+            f"the run logged no such metric{hint}; it has: {', '.join(sorted(metrics)) or 'none'}",
+        )
     value = float(metrics[name])
     if direction is not None and not math.isfinite(value):
-        warn(f"optimized_metric={name} is {value}; the trial reports {worst(direction)} (ranked last) and the search goes on")
+        warn(
+            f"optimized_metric={name} is {value}; the trial reports {worst(direction)} (ranked last) and the search goes on"
+        )
         return worst(direction)
     return value
 

@@ -176,7 +176,7 @@ def _abort_nccl() -> None:
     log.warning("SIGTERM: aborting the NCCL process group so that no rank waits in a collective")
     try:
         dist.distributed_c10d._abort_process_group()
-    except Exception as err:  # noqa: BLE001 - best effort: the process-group timeout still bounds the wait
+    except Exception as err:
         log.warning("could not abort the process group: %s", err)
 
 

@@ -130,8 +130,13 @@ def ignore_warning_signals() -> None:
 def show_job(job: str) -> dict[str, str]:
     """``scontrol show job -o <job>`` as ``{field: value}`` (empty when scontrol fails or does not answer)."""
     try:
-        out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True,
-                             timeout=SCONTROL_TIMEOUT_S, check=False)
+        out = subprocess.run(
+            ["scontrol", "show", "job", "-o", job],
+            capture_output=True,
+            text=True,
+            timeout=SCONTROL_TIMEOUT_S,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         return {}
     if out.returncode != 0:
@@ -171,8 +176,9 @@ def requeue(job: str) -> tuple[bool, str]:
         ``--no-requeue``, ``JobRequeue=0`` on the cluster, no scontrol).
     """
     try:
-        out = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True,
-                             timeout=SCONTROL_TIMEOUT_S, check=False)
+        out = subprocess.run(
+            ["scontrol", "requeue", job], capture_output=True, text=True, timeout=SCONTROL_TIMEOUT_S, check=False
+        )
     except (OSError, subprocess.SubprocessError) as err:
         return False, f"{type(err).__name__}: {err}"
     if out.returncode == 0:
@@ -202,13 +208,20 @@ def check_tasks(trainer_cfg: Mapping[str, Any], environ: Mapping[str, str] | Non
     per_node = env.get("SLURM_NTASKS_PER_NODE", "")
     devices = trainer_cfg.get("devices", 1)
     if per_node.isdigit() and not _tasks_allowed(devices, int(per_node)):
-        raise invalid("trainer.devices", devices, f"this Slurm job runs {per_node} tasks per node (one per rank): set "
-                      f"trainer.devices={per_node}, or hydra.launcher.tasks_per_node to the devices per node")
+        raise invalid(
+            "trainer.devices",
+            devices,
+            f"this Slurm job runs {per_node} tasks per node (one per rank): set "
+            f"trainer.devices={per_node}, or hydra.launcher.tasks_per_node to the devices per node",
+        )
     nodes = env.get("SLURM_NNODES", "")
     num_nodes = trainer_cfg.get("num_nodes", 1)
     if nodes.isdigit() and is_int(num_nodes) and num_nodes != int(nodes):
-        raise invalid("trainer.num_nodes", num_nodes,
-                      f"this Slurm job has {nodes} node(s): set trainer.num_nodes={nodes} or hydra.launcher.nodes")
+        raise invalid(
+            "trainer.num_nodes",
+            num_nodes,
+            f"this Slurm job has {nodes} node(s): set trainer.num_nodes={nodes} or hydra.launcher.nodes",
+        )
 
 
 def check_launcher(launcher: Mapping[str, Any], choice: str | None, trainer_cfg: Mapping[str, Any]) -> None:
@@ -226,13 +239,21 @@ def check_launcher(launcher: Mapping[str, Any], choice: str | None, trainer_cfg:
     """
     gpus = launcher.get("gpus_per_node")
     if choice == "slurm" and not (is_int(gpus) and gpus >= 1):
-        raise invalid("hydra.launcher.gpus_per_node", gpus, "must be an integer >= 1 with hydra/launcher=slurm (one "
-                      "task per GPU); on a CPU partition use hydra/launcher=slurm_cpu")
+        raise invalid(
+            "hydra.launcher.gpus_per_node",
+            gpus,
+            "must be an integer >= 1 with hydra/launcher=slurm (one "
+            "task per GPU); on a CPU partition use hydra/launcher=slurm_cpu",
+        )
     tasks = launcher.get("tasks_per_node")
     if is_int(tasks) and not _tasks_allowed(trainer_cfg.get("devices", 1), tasks):
-        raise invalid("trainer.devices", trainer_cfg.get("devices"), f"hydra.launcher.tasks_per_node={tasks} starts "
-                      f"{tasks} rank(s) per node: set trainer.devices={tasks} or hydra.launcher.tasks_per_node="
-                      f"{trainer_cfg.get('devices')}")
+        raise invalid(
+            "trainer.devices",
+            trainer_cfg.get("devices"),
+            f"hydra.launcher.tasks_per_node={tasks} starts "
+            f"{tasks} rank(s) per node: set trainer.devices={tasks} or hydra.launcher.tasks_per_node="
+            f"{trainer_cfg.get('devices')}",
+        )
     nodes, num_nodes = launcher.get("nodes", 1), trainer_cfg.get("num_nodes", 1)
     if is_int(nodes) and is_int(num_nodes) and nodes != num_nodes:
         raise invalid("trainer.num_nodes", num_nodes, f"hydra.launcher.nodes={nodes}: set trainer.num_nodes={nodes}")

@@ -22,8 +22,13 @@ from lightning.pytorch.strategies import DDPStrategy
 from ddpm_lightning.errors import check_bool, invalid, is_number
 
 
-def ddp_strategy(timeout_min: float = 10.0, broadcast_buffers: bool = False, gradient_as_bucket_view: bool = True,
-                 find_unused_parameters: bool = False, process_group_backend: str | None = None) -> DDPStrategy:
+def ddp_strategy(
+    timeout_min: float = 10.0,
+    broadcast_buffers: bool = False,
+    gradient_as_bucket_view: bool = True,
+    find_unused_parameters: bool = False,
+    process_group_backend: str | None = None,
+) -> DDPStrategy:
     """``DDPStrategy(timeout=timedelta(minutes=timeout_min), broadcast_buffers=..., gradient_as_bucket_view=...,
     find_unused_parameters=..., process_group_backend=...)``; ``process_group_backend`` None = Lightning's choice
     (NCCL on GPUs, gloo on CPUs).
@@ -33,9 +38,16 @@ def ddp_strategy(timeout_min: float = 10.0, broadcast_buffers: bool = False, gra
     """
     if not is_number(timeout_min) or not 0 < timeout_min < math.inf:
         raise invalid("timeout_min", timeout_min, "must be a finite number of minutes > 0, e.g. 10")
-    for key, flag in (("broadcast_buffers", broadcast_buffers), ("gradient_as_bucket_view", gradient_as_bucket_view),
-                      ("find_unused_parameters", find_unused_parameters)):
+    for key, flag in (
+        ("broadcast_buffers", broadcast_buffers),
+        ("gradient_as_bucket_view", gradient_as_bucket_view),
+        ("find_unused_parameters", find_unused_parameters),
+    ):
         check_bool(key, flag)
-    return DDPStrategy(timeout=timedelta(minutes=timeout_min), process_group_backend=process_group_backend,
-                       broadcast_buffers=broadcast_buffers, gradient_as_bucket_view=gradient_as_bucket_view,
-                       find_unused_parameters=find_unused_parameters)
+    return DDPStrategy(
+        timeout=timedelta(minutes=timeout_min),
+        process_group_backend=process_group_backend,
+        broadcast_buffers=broadcast_buffers,
+        gradient_as_bucket_view=gradient_as_bucket_view,
+        find_unused_parameters=find_unused_parameters,
+    )

@@ -173,8 +173,13 @@ class _FunctionForms(TorchFunctionMode):
     ``torch.where``, and ``torch.tensor`` / ``torch.as_tensor`` of host data with an explicit ``device`` (a blocking
     host-to-device copy on an accelerator)."""
 
-    FUNCTIONS = {torch.nonzero: "nonzero", torch.masked_select: "masked_select", torch.unique: "unique",
-                 torch.argwhere: "argwhere", torch.unique_consecutive: "unique_consecutive"}
+    FUNCTIONS = {
+        torch.nonzero: "nonzero",
+        torch.masked_select: "masked_select",
+        torch.unique: "unique",
+        torch.argwhere: "argwhere",
+        torch.unique_consecutive: "unique_consecutive",
+    }
 
     def __init__(self, census: SyncCensus) -> None:
         super().__init__()
@@ -185,8 +190,12 @@ class _FunctionForms(TorchFunctionMode):
         kind = self.FUNCTIONS.get(func)
         if func is torch.where and len(args) + len(kwargs) == 1:
             kind = "nonzero"
-        elif func in (torch.tensor, torch.as_tensor) and kwargs.get("device") is not None and args \
-                and not isinstance(args[0], Tensor):
+        elif (
+            func in (torch.tensor, torch.as_tensor)
+            and kwargs.get("device") is not None
+            and args
+            and not isinstance(args[0], Tensor)
+        ):
             kind = "host-to-device"
         if kind is not None:
             self.census._record(kind)

@@ -127,7 +127,7 @@ def _with_defaults(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
     args = fn.args
     positional = args.posonlyargs + args.args
     # defaults cover the last len(defaults) positional parameters; positional-only ones cannot be given by keyword
-    with_default = positional[len(positional) - len(args.defaults):] if args.defaults else []
+    with_default = positional[len(positional) - len(args.defaults) :] if args.defaults else []
     keyword = [a.arg for a in with_default if any(a is b for b in args.args)]
     keyword_only = zip(args.kwonlyargs, args.kw_defaults, strict=True)
     return keyword + [a.arg for a, default in keyword_only if default is not None]
@@ -135,8 +135,10 @@ def _with_defaults(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
 
 def _is_dataclass(cls: ast.ClassDef) -> bool:
     names = [d.func if isinstance(d, ast.Call) else d for d in cls.decorator_list]
-    return any((isinstance(n, ast.Name) and n.id == "dataclass")
-               or (isinstance(n, ast.Attribute) and n.attr == "dataclass") for n in names)
+    return any(
+        (isinstance(n, ast.Name) and n.id == "dataclass") or (isinstance(n, ast.Attribute) and n.attr == "dataclass")
+        for n in names
+    )
 
 
 def _base_name(node: ast.expr) -> str | None:
@@ -157,8 +159,11 @@ def _class_arguments(module: str, cls: ast.ClassDef, depth: int) -> list[str] | 
         return _with_defaults(init)
     fields = []
     if _is_dataclass(cls):  # every field is an argument; those without a default are required
-        fields = [n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
-                  and n.value is not None]
+        fields = [
+            n.target.id
+            for n in cls.body
+            if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and n.value is not None
+        ]
     for base in cls.bases:
         name = _base_name(base)
         if name is None or name in _NO_ARGUMENTS or depth >= _DEPTH:

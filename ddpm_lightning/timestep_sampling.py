@@ -32,8 +32,9 @@ class UniformTimesteps:
         """``(T,)`` float64 p_t, summing to 1."""
         return torch.full((self.num_timesteps,), 1.0 / self.num_timesteps, dtype=torch.float64)
 
-    def sample(self, batch_size: int, device: torch.device | str = "cpu",
-               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def sample(
+        self, batch_size: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         """``(t, weights)``: ``(batch_size,)`` int64 timesteps in [0, T-1] and float32 weights ``1 / (T p_t)``, on
         ``device``; drawn from ``generator`` (on ``device``; the importance sampler's on the CPU) or the global RNG."""
         t = torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=device)
@@ -125,8 +126,9 @@ class LossSecondMomentTimesteps(UniformTimesteps):
         uniform = torch.full_like(importance, 1.0 / self.num_timesteps)
         return torch.where(self._warmed_up(), importance, uniform)
 
-    def sample(self, batch_size: int, device: torch.device | str = "cpu",
-               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def sample(
+        self, batch_size: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         """``(t, weights)`` drawn with ``torch.multinomial`` from :meth:`probabilities` on ``device`` (where the state
         moves), from ``generator`` (on ``device``) or the global RNG; weights ``1 / (T p_t)``, exactly 1 during the
         warm-up."""
@@ -161,8 +163,12 @@ class LossSecondMomentTimesteps(UniformTimesteps):
     def state_dict(self) -> dict[str, Tensor]:
         """On the CPU: ``ring`` and ``written`` (this version's state) and ``history`` / ``counts`` (the first
         version's layout; see the class docstring)."""
-        return {"ring": self.ring.cpu().clone(), "written": self.written.cpu().clone(),
-                "history": self.history.cpu(), "counts": self.counts.cpu()}
+        return {
+            "ring": self.ring.cpu().clone(),
+            "written": self.written.cpu().clone(),
+            "history": self.history.cpu(),
+            "counts": self.counts.cpu(),
+        }
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Either layout: ``ring`` + ``written``, or the first version's ``history`` (chronological, oldest first) +

@@ -202,8 +202,11 @@ def prepare_config(cfg: DictConfig, context: RunContext | None = None) -> DictCo
         if str(cfg.get("ckpt_path")) == "last" or requeued:  # preemption-safe: resume from this run dir's checkpoint
             newest = newest_checkpoint(run_dir)
             cfg.ckpt_path = str(newest) if newest else None
-            why = (f"Slurm job {slurm.job_id()} restarted (SLURM_RESTART_COUNT={slurm.restart_count()}) in its own "
-                   "run_dir" if requeued else "ckpt_path=last")
+            why = (
+                f"Slurm job {slurm.job_id()} restarted (SLURM_RESTART_COUNT={slurm.restart_count()}) in its own run_dir"
+                if requeued
+                else "ckpt_path=last"
+            )
             log.info("%s: %s", why, f"resuming from {newest}" if newest else "no checkpoint yet, fresh start")
         if cfg.get("ckpt_path"):
             ckpt = checkpoint_file(str(cfg.ckpt_path)).resolve()
@@ -321,8 +324,9 @@ def end_of_run_seconds(ddpm: DDPM, samples: Any, eval_opts: EvaluateConfig | Non
     return END_OF_RUN_MARGIN * seconds + END_OF_RUN_FIXED_S
 
 
-def _build_budget(cfg: DictConfig, context: RunContext, ddpm: DDPM, callbacks: dict[str, Any],
-                  eval_opts: EvaluateConfig | None) -> TimeBudget | None:
+def _build_budget(
+    cfg: DictConfig, context: RunContext, ddpm: DDPM, callbacks: dict[str, Any], eval_opts: EvaluateConfig | None
+) -> TimeBudget | None:
     """The :class:`~ddpm_lightning.budget.TimeBudget` of ``budget.minutes`` (None without one): its deadline is the
     command's start + the budget - the end-of-run work (``budget.reserve``, measured here when ``auto``)."""
     node = cfg.get("budget")
@@ -339,8 +343,13 @@ def _build_budget(cfg: DictConfig, context: RunContext, ddpm: DDPM, callbacks: d
             eval_steps = len(build(node_, key="evaluate.sampler").timesteps(ddpm.schedule.num_timesteps))
         reserve = end_of_run_seconds(ddpm, callbacks.get("samples"), eval_opts, eval_steps)
     deadline = context.started + 60.0 * minutes - float(reserve)
-    log.info("time budget: %.1f min for the whole command, %.0f s kept for the end-of-run work; training ends by "
-             "%.0f s from now", minutes, reserve, deadline - time.monotonic())
+    log.info(
+        "time budget: %.1f min for the whole command, %.0f s kept for the end-of-run work; training ends by "
+        "%.0f s from now",
+        minutes,
+        reserve,
+        deadline - time.monotonic(),
+    )
     return TimeBudget(deadline=deadline, sync_every=int(cfg.trainer.get("log_every_n_steps") or 10))
 
 
@@ -358,8 +367,9 @@ def _check_resume(cfg: DictConfig) -> None:
         )
 
 
-def _check_callback_sampling(callbacks: dict[str, Any], num_timesteps: int, learn_sigma: bool,
-                             num_classes: int | None) -> None:
+def _check_callback_sampling(
+    callbacks: dict[str, Any], num_timesteps: int, learn_sigma: bool, num_classes: int | None
+) -> None:
     """The pictures' and FID's samplers (and the pictures' guidance scale) must fit the schedule and the network:
     checked before training, not at the first epoch end."""
     for name, callback in callbacks.items():
@@ -396,7 +406,9 @@ def _build_lr_scheduler(cfg: DictConfig) -> Any:
         return None
     total = cfg.lr_scheduler.get("total_steps")
     if "total_steps" in cfg.lr_scheduler and (not is_int(total) or total < 1):
-        raise invalid("lr_scheduler.total_steps", total, "must be an integer >= 1 (it follows trainer.max_steps: set one)")
+        raise invalid(
+            "lr_scheduler.total_steps", total, "must be an integer >= 1 (it follows trainer.max_steps: set one)"
+        )
     factory = build(cfg.lr_scheduler, key="lr_scheduler")
     # Short schedules are stepped through to the end too (~0.1 s per 10,000 steps): OneCycleLR divides by zero with
     # some step counts (trainer.max_steps=20 at pct_start=0.05: a warm-up of zero length), when built or at a later step.
@@ -407,10 +419,16 @@ def _build_lr_scheduler(cfg: DictConfig) -> Any:
             optimizer.step()
             scheduler.step()
     except ZeroDivisionError as err:
-        raise invalid("lr_scheduler.total_steps", total, f"{cfg.lr_scheduler.get('_target_')} cannot run {total} steps "
-                      f"({first_line(err)}); choose another trainer.max_steps") from None
-    except Exception as err:  # noqa: BLE001 - any refusal by the library becomes one line naming the key
-        raise ConfigError(f"lr_scheduler is invalid: cannot build {cfg.lr_scheduler.get('_target_')}: {first_line(err)}") from None
+        raise invalid(
+            "lr_scheduler.total_steps",
+            total,
+            f"{cfg.lr_scheduler.get('_target_')} cannot run {total} steps "
+            f"({first_line(err)}); choose another trainer.max_steps",
+        ) from None
+    except Exception as err:
+        raise ConfigError(
+            f"lr_scheduler is invalid: cannot build {cfg.lr_scheduler.get('_target_')}: {first_line(err)}"
+        ) from None
     return factory
 
 
@@ -502,7 +520,9 @@ def end_of_run_options(cfg: DictConfig, ckpt_path: str | Path, out_dir: str | Pa
     base = compose_config("evaluate")
     with open_dict(base):
         base.out_dir = str(out_dir)
-    merged = OmegaConf.merge(base, node, {"samples": None, "ckpt_path": str(ckpt_path), "data": {"root": str(cfg.data.root)}})
+    merged = OmegaConf.merge(
+        base, node, {"samples": None, "ckpt_path": str(ckpt_path), "data": {"root": str(cfg.data.root)}}
+    )
     with at_key("evaluate"):
         return options(merged, EvaluateConfig, "ddpm-train")
 
@@ -530,8 +550,12 @@ def _fit_and_evaluate(cfg: DictConfig, context: RunContext) -> dict[str, Any]:
     _check_val_check_interval(cfg, math.ceil(datamodule.num_train / datamodule.batch_size))
     schedule = build(cfg.schedule, key="schedule")
     if cfg.get("sampler") is not None and cfg.sampler.get(FROM_CHECKPOINT):
-        raise invalid("sampler", "checkpoint", "only ddpm-sample and ddpm-evaluate take the sampler from a "
-                      f"checkpoint; ddpm-train needs {training_samplers()}")
+        raise invalid(
+            "sampler",
+            "checkpoint",
+            "only ddpm-sample and ddpm-evaluate take the sampler from a "
+            f"checkpoint; ddpm-train needs {training_samplers()}",
+        )
     sampler = build(cfg.sampler, key="sampler")
     learn_sigma = learn_sigma_of(cfg)
     with at_key("sampler"):
@@ -555,9 +579,13 @@ def _fit_and_evaluate(cfg: DictConfig, context: RunContext) -> dict[str, Any]:
         eval_dir = run_dir / "evaluate"
         eval_opts = end_of_run_options(cfg, run_dir / "checkpoints" / "last.ckpt", eval_dir)
         with at_key("evaluate"):
-            evaluation.check_before_training(eval_opts, schedule.num_timesteps,
-                                             OmegaConf.to_container(cfg.sampler, resolve=True), learn_sigma,
-                                             ddpm.num_classes)
+            evaluation.check_before_training(
+                eval_opts,
+                schedule.num_timesteps,
+                OmegaConf.to_container(cfg.sampler, resolve=True),
+                learn_sigma,
+                ddpm.num_classes,
+            )
     named = {k: build(c, key=f"callbacks.{k}") for k, c in cfg.get("callbacks", {}).items() if c is not None}
     _check_callback_sampling(named, schedule.num_timesteps, learn_sigma, ddpm.num_classes)
     for name, callback in named.items():
@@ -622,4 +650,5 @@ def _peer_failed(err: BaseException) -> bool:
     if not (dist.is_available() and dist.is_initialized()):
         return False
     return isinstance(err, getattr(dist, "DistError", ())) or any(
-        text in str(err) for text in ("Connection closed by peer", "Connection reset by peer", "NCCL error"))
+        text in str(err) for text in ("Connection closed by peer", "Connection reset by peer", "NCCL error")
+    )

@@ -130,8 +130,9 @@ def tiny_ckpt(tiny_run: dict) -> Path:
 @pytest.fixture(scope="session")
 def conditional_ckpt(tmp_path_factory: pytest.TempPathFactory, session_mnist_root: Path) -> Path:
     """A 1-epoch class-conditional tiny ADMUNet (``model.num_classes=10``), T = 50, trained once per session."""
-    return _train_once(tmp_path_factory, session_mnist_root, "conditional_run",
-                       [*TINY_CKPT_TRAIN, "model.num_classes=10"])["last_ckpt"]
+    return _train_once(
+        tmp_path_factory, session_mnist_root, "conditional_run", [*TINY_CKPT_TRAIN, "model.num_classes=10"]
+    )["last_ckpt"]
 
 
 # ------------------------------------------------------------------------------------------------ the commands
@@ -147,8 +148,13 @@ class CommandResult:
 def _entry_point(command: str):
     from importlib import import_module
 
-    module = {"ddpm-train": "train", "ddpm-sample": "sample", "ddpm-evaluate": "evaluate",
-              "ddpm-train-classifier": "train_classifier", "ddpm-report": "report"}[command]
+    module = {
+        "ddpm-train": "train",
+        "ddpm-sample": "sample",
+        "ddpm-evaluate": "evaluate",
+        "ddpm-train-classifier": "train_classifier",
+        "ddpm-report": "report",
+    }[command]
     return import_module(f"ddpm_lightning.cli.{module}").main
 
 
@@ -215,15 +221,20 @@ def tiny_sweep(tmp_path_factory: pytest.TempPathFactory, session_mnist_root: Pat
     session: the sweep folder with jobs 0, 1, 2. Read only (test_train.py and test_report.py look at it)."""
     base = tmp_path_factory.mktemp("tiny_sweep")
     sweep = base / "sweep"
-    status = invoke("ddpm-train", [
-        "-m", "schedule.beta_end=" + ",".join(map(str, TINY_SWEEP_BETAS)),
-        *[o for o in TINY_TRAIN if not o.startswith("callbacks.samples.sampler")],
-        "callbacks.samples.sampler={_target_: ddpm_lightning.samplers.DDIMSampler, steps: 2}",
-        "data.subset_size=8",
-        f"data.root={session_mnist_root}",
-        f"hydra.sweep.dir={sweep}",
-        "evaluate={num_samples: 4, batch_size: 4, sampler: {steps: 2}}",  # the packaged reference classifier
-    ], cwd=base)
+    status = invoke(
+        "ddpm-train",
+        [
+            "-m",
+            "schedule.beta_end=" + ",".join(map(str, TINY_SWEEP_BETAS)),
+            *[o for o in TINY_TRAIN if not o.startswith("callbacks.samples.sampler")],
+            "callbacks.samples.sampler={_target_: ddpm_lightning.samplers.DDIMSampler, steps: 2}",
+            "data.subset_size=8",
+            f"data.root={session_mnist_root}",
+            f"hydra.sweep.dir={sweep}",
+            "evaluate={num_samples: 4, batch_size: 4, sampler: {steps: 2}}",  # the packaged reference classifier
+        ],
+        cwd=base,
+    )
     assert status == 0
     return sweep
 
@@ -233,8 +244,14 @@ def run_train_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.
     output captured. For what only a real process shows (signals, DDP, exit of the interpreter); else use
     :func:`run_command`."""
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "ddpm_lightning.cli.train", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "ddpm_lightning.cli.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture

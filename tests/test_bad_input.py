@@ -48,17 +48,35 @@ TRAIN_BAD_INPUTS: list[tuple[list[str], str]] = [
     (["sampler=dpmpp", "sampler.order=3"], "sampler.order=3 is invalid: must be 1 or 2"),
     (["sampler=dpmpp", "sampler.steps=0"], "sampler.steps=0 is invalid: must be a positive integer"),
     (["schedule=sigmoid", "schedule.sigmoid_tau=0"], "schedule.sigmoid_tau=0 is invalid: must be a number > 0"),
-    (["schedule=sigmoid", "schedule.sigmoid_start=5"], "schedule.sigmoid_start=5 is invalid: must be < sigmoid_end=3.0"),
-    (["schedule.rescale_zero_terminal_snr=maybe"], "schedule.rescale_zero_terminal_snr='maybe' is invalid: must be true or false"),
-    (["schedule.rescale_zero_terminal_snr=true"], "diffusion.objective='eps' is invalid: schedule.rescale_zero_terminal_snr=true needs"),
+    (
+        ["schedule=sigmoid", "schedule.sigmoid_start=5"],
+        "schedule.sigmoid_start=5 is invalid: must be < sigmoid_end=3.0",
+    ),
+    (
+        ["schedule.rescale_zero_terminal_snr=maybe"],
+        "schedule.rescale_zero_terminal_snr='maybe' is invalid: must be true or false",
+    ),
+    (
+        ["schedule.rescale_zero_terminal_snr=true"],
+        "diffusion.objective='eps' is invalid: schedule.rescale_zero_terminal_snr=true needs",
+    ),
     (["diffusion.objective=noise"], "diffusion.objective='noise' is invalid: must be one of ['eps', 'x0', 'v']"),
     (["callbacks.samples.sampler.steps=2000"], "callbacks.samples.sampler.steps=2000 is invalid"),
     (["callbacks.samples.num_samples=0"], "callbacks.samples.num_samples=0 is invalid"),
-    (["++callbacks.samples.guidance_scale=inf"], "callbacks.samples.guidance_scale=inf is invalid: must be a finite number"),
-    (["++callbacks.samples.guidance_scale=3"], "callbacks.samples.guidance_scale=3.0 is invalid: the model is unconditional"),
+    (
+        ["++callbacks.samples.guidance_scale=inf"],
+        "callbacks.samples.guidance_scale=inf is invalid: must be a finite number",
+    ),
+    (
+        ["++callbacks.samples.guidance_scale=3"],
+        "callbacks.samples.guidance_scale=3.0 is invalid: the model is unconditional",
+    ),
     (["+callbacks.fid.sampler.eta=-1"], "callbacks.fid.sampler.eta=-1 is invalid: must be a finite number >= 0"),
     (["callbacks.fid.sampler.steps=0"], "callbacks.fid.sampler.steps=0 is invalid: must be a positive integer"),
-    (["callbacks.fid.sampler.steps=2000"], "callbacks.fid.sampler.steps=2000 is invalid: must be an integer in [1, 1000]"),
+    (
+        ["callbacks.fid.sampler.steps=2000"],
+        "callbacks.fid.sampler.steps=2000 is invalid: must be an integer in [1, 1000]",
+    ),
     (["callbacks.ema.update_every_n_steps=0"], "callbacks.ema.update_every_n_steps=0 is invalid"),
     (["data.subset_size=0"], "data.subset_size=0 is invalid"),
     (["data.subset_size=-5"], "data.subset_size=-5 is invalid"),
@@ -72,8 +90,14 @@ TRAIN_BAD_INPUTS: list[tuple[list[str], str]] = [
     (["optimizer.lr=inf"], "optimizer.lr=inf is invalid: must be a finite number > 0"),
     (["optimizer.lr=nan"], "optimizer.lr=nan is invalid: must be a finite number > 0"),
     (["optimizer.weight_decay=-1"], "optimizer.weight_decay=-1 is invalid: must be a finite number >= 0"),
-    (["trainer.gradient_clip_val=inf"], "trainer.gradient_clip_val=inf is invalid: must be a finite number >= 0 or null"),
-    (["lr_scheduler=onecycle", "trainer.max_steps=10", "lr_scheduler.max_lr=inf"], "lr_scheduler.max_lr=inf is invalid"),
+    (
+        ["trainer.gradient_clip_val=inf"],
+        "trainer.gradient_clip_val=inf is invalid: must be a finite number >= 0 or null",
+    ),
+    (
+        ["lr_scheduler=onecycle", "trainer.max_steps=10", "lr_scheduler.max_lr=inf"],
+        "lr_scheduler.max_lr=inf is invalid",
+    ),
     (["seed=-1"], "seed=-1 is invalid"),
     (["diffusion.label_dropout=1.5"], "diffusion.label_dropout=1.5 is invalid"),
     (["diffusion.min_snr_gamma=0"], "diffusion.min_snr_gamma=0 is invalid"),
@@ -82,9 +106,11 @@ TRAIN_BAD_INPUTS: list[tuple[list[str], str]] = [
     (["+model.patch_size=3"], "model.patch_size=3 is invalid"),
     (["trainer.val_check_interval=3"], "trainer.val_check_interval=3 is invalid: must be <= 2"),  # 16 images, batch 8
     (["lr_scheduler=onecycle"], "lr_scheduler.total_steps=-1 is invalid"),  # no trainer.max_steps budget
-    (["lr_scheduler=onecycle", "trainer.max_steps=20"],  # OneCycleLR: a warm-up of 0.05 x 20 - 1 = 0 steps
-     "lr_scheduler.total_steps=20 is invalid: ddpm_lightning.budget.BudgetOneCycleLR cannot run 20 steps "
-     "(ZeroDivisionError: float division by zero); choose another trainer.max_steps"),
+    (
+        ["lr_scheduler=onecycle", "trainer.max_steps=20"],  # OneCycleLR: a warm-up of 0.05 x 20 - 1 = 0 steps
+        "lr_scheduler.total_steps=20 is invalid: ddpm_lightning.budget.BudgetOneCycleLR cannot run 20 steps "
+        "(ZeroDivisionError: float division by zero); choose another trainer.max_steps",
+    ),
     (["trainer.precision=bf17"], "trainer is invalid: cannot build lightning.Trainer"),
     (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path='/nonexistent/last.ckpt' is invalid: no such checkpoint file"),
     (["overwrite=maybe"], "overwrite='maybe' is invalid"),
@@ -97,20 +123,34 @@ TRAIN_BAD_INPUTS: list[tuple[list[str], str]] = [
     (["model.learn_sigma=maybe"], "model.learn_sigma='maybe' is invalid: must be true"),
     (["sampler.variance=learned"], "sampler.variance='learned' is invalid: the model has no variance output"),
     (["callbacks.bpd.num_images=0"], "callbacks.bpd.num_images=0 is invalid"),
-    (["callbacks.bpd.every_n_epochs=1", "callbacks.bpd.num_images=9"],
-     "callbacks.bpd.num_images=9 is invalid: must be <= data.val_size=8"),
+    (
+        ["callbacks.bpd.every_n_epochs=1", "callbacks.bpd.num_images=9"],
+        "callbacks.bpd.num_images=9 is invalid: must be <= data.val_size=8",
+    ),
     (["++evaluate.nll=true", "++evaluate.nll_n=1"], "evaluate.nll_n=1 is invalid"),
     (["++evaluate.guidance_scale=3"], "evaluate.guidance_scale=3.0 is invalid: the model is unconditional"),
     # the hints of TYPO_INPUTS for a real option that the YAML does not list, followed (issue #28)
-    (["+callbacks.samples.guidance_scale=3"],
-     "callbacks.samples.guidance_scale=3.0 is invalid: the model is unconditional"),
-    (["experiment=mnist_cpu", "+evaluate.guidance_scale=2"],
-     "evaluate.guidance_scale=2.0 is invalid: the model is unconditional"),
-    (["sampler=dpmpp", "sampler.timestep_spacing=linspace", "sampler.steps=1000"],
-     "sampler.steps=1000 is invalid: must be an integer in [1, 999] with timestep_spacing='linspace', which spaces "
-     "steps + 1 points"),
-    (["++evaluate.nll=true", "++evaluate.nll_variance=learned"], "evaluate.nll_variance='learned' is invalid: the model has no variance output"),
-    (["++evaluate.nll=true", "++evaluate.nll_variance=wide"], "evaluate.nll_variance='wide' is invalid: must be null or one of"),
+    (
+        ["+callbacks.samples.guidance_scale=3"],
+        "callbacks.samples.guidance_scale=3.0 is invalid: the model is unconditional",
+    ),
+    (
+        ["experiment=mnist_cpu", "+evaluate.guidance_scale=2"],
+        "evaluate.guidance_scale=2.0 is invalid: the model is unconditional",
+    ),
+    (
+        ["sampler=dpmpp", "sampler.timestep_spacing=linspace", "sampler.steps=1000"],
+        "sampler.steps=1000 is invalid: must be an integer in [1, 999] with timestep_spacing='linspace', which spaces "
+        "steps + 1 points",
+    ),
+    (
+        ["++evaluate.nll=true", "++evaluate.nll_variance=learned"],
+        "evaluate.nll_variance='learned' is invalid: the model has no variance output",
+    ),
+    (
+        ["++evaluate.nll=true", "++evaluate.nll_variance=wide"],
+        "evaluate.nll_variance='wide' is invalid: must be null or one of",
+    ),
 ]
 
 
@@ -121,9 +161,11 @@ def _one_line(err: BaseException) -> str:
 
 
 def _run_dir_untouched(run_dir: Path) -> bool:
-    return not (run_dir / "checkpoints").exists() and not (run_dir / "tensorboard").exists() and not (
-        run_dir / "samples"
-    ).exists()
+    return (
+        not (run_dir / "checkpoints").exists()
+        and not (run_dir / "tensorboard").exists()
+        and not (run_dir / "samples").exists()
+    )
 
 
 @pytest.mark.parametrize("overrides, message", TRAIN_BAD_INPUTS, ids=[" ".join(o) for o, _ in TRAIN_BAD_INPUTS])
@@ -150,7 +192,10 @@ def test_cli_prints_the_line_and_exits_2_without_traceback(fake_mnist_root, tmp_
     [
         (["sampler=dim"], "sampler='dim' is invalid: must be one of ['ddim', 'ddpm', 'dpmpp', 'sde_dpmpp']"),
         (["schedule=quadratic"], "schedule='quadratic' is invalid: must be one of ['cosine', 'linear', 'sigmoid']"),
-        (["-m", "model=adm_tiny,adm_smal"], "model='adm_smal' is invalid: must be one of ['adm_fast', 'adm_small', 'adm_tiny', 'diffunet']"),
+        (
+            ["-m", "model=adm_tiny,adm_smal"],
+            "model='adm_smal' is invalid: must be one of ['adm_fast', 'adm_small', 'adm_tiny', 'diffunet']",
+        ),
         (["experiment=mnist_gpu"], "experiment='mnist_gpu' is invalid: must be one of ["),
     ],
 )
@@ -169,41 +214,82 @@ def test_the_checkpoint_sampler_is_offered_to_ddpm_sample_but_refused_by_ddpm_tr
 
 #: (command, overrides, the whole one-line message): typo'd keys name the nearest valid key, bad types say the type.
 TYPO_INPUTS = [
-    ("train", ["schedule.beta_ed=0.1"], "schedule.beta_ed=0.1 is invalid: no such key; did you mean schedule.beta_end=0.1?"),
+    (
+        "train",
+        ["schedule.beta_ed=0.1"],
+        "schedule.beta_ed=0.1 is invalid: no such key; did you mean schedule.beta_end=0.1?",
+    ),
     ("train", ["trainer.max_step=3"], "trainer.max_step=3 is invalid: no such key; did you mean trainer.max_steps=3?"),
-    ("train", ["label_dropout=0.5"], "label_dropout=0.5 is invalid: no such key; did you mean diffusion.label_dropout=0.5?"),
-    ("train", ["-m", "schedule.beta_ends=0.1,0.2"],
-     "schedule.beta_ends='0.1,0.2' is invalid: no such key; did you mean schedule.beta_end=0.1,0.2?"),
+    (
+        "train",
+        ["label_dropout=0.5"],
+        "label_dropout=0.5 is invalid: no such key; did you mean diffusion.label_dropout=0.5?",
+    ),
+    (
+        "train",
+        ["-m", "schedule.beta_ends=0.1,0.2"],
+        "schedule.beta_ends='0.1,0.2' is invalid: no such key; did you mean schedule.beta_end=0.1,0.2?",
+    ),
     ("sample", ["ckpt_path=x", "num_sample=5"], "num_sample=5 is invalid: no such key; did you mean num_samples=5?"),
     ("sample", ["ckpt_path=x", "num_samples=1.5"], "num_samples=1.5 is invalid: must be an integer"),
     ("sample", ["ckpt_path=x", "use_ema=maybe"], "use_ema='maybe' is invalid: must be true or false"),
-    ("sample", ["ckpt_path=x", "sampler.stepz=3"], "sampler.stepz=3 is invalid: no such key; did you mean sampler.steps=3?"),
+    (
+        "sample",
+        ["ckpt_path=x", "sampler.stepz=3"],
+        "sampler.stepz=3 is invalid: no such key; did you mean sampler.steps=3?",
+    ),
     ("evaluate", ["data.rot=x"], "data.rot='x' is invalid: no such key; did you mean data.root=x?"),
     ("evaluate", ["inception_fid=maybe"], "inception_fid='maybe' is invalid: must be true or false"),
-    ("train", ["evaluate.num_samples=6"], "evaluate.num_samples=6 is invalid: evaluate is null in this config; add the key "
-                                          "with ++evaluate.num_samples=6"),
+    (
+        "train",
+        ["evaluate.num_samples=6"],
+        "evaluate.num_samples=6 is invalid: evaluate is null in this config; add the key with ++evaluate.num_samples=6",
+    ),
     ("train_classifier", ["epoch=2"], "epoch=2 is invalid: no such key; did you mean epochs=2?"),
     # issue #28: a real option of the node's _target_ (or of ddpm-evaluate's schema) that the YAML does not list
-    ("train", ["trainer.max_time=00:00:10:00"],
-     "trainer.max_time='00:00:10:00' is invalid: not in this config, but an option of lightning.Trainer; add it with "
-     "+trainer.max_time=00:00:10:00"),
-    ("train", ["callbacks.samples.guidance_scale=3"],
-     "callbacks.samples.guidance_scale=3 is invalid: not in this config, but an option of "
-     "ddpm_lightning.callbacks.SampleCallback; add it with +callbacks.samples.guidance_scale=3"),
-    ("train", ["experiment=mnist_cpu", "evaluate.guidance_scale=2"],
-     "evaluate.guidance_scale=2 is invalid: not in this config, but an option of ddpm-evaluate (conf/evaluate.yaml); "
-     "add it with +evaluate.guidance_scale=2"),
-    ("train", ["callbacks.fid.sampler.eta=0.5"], "callbacks.fid.sampler.eta=0.5 is invalid: not in this config, but an "
-                                                 "option of ddpm_lightning.samplers.DDIMSampler; add it with "
-                                                 "+callbacks.fid.sampler.eta=0.5"),
-    ("train", ["diffusion.image_shape=[1,28,28]"], "diffusion.image_shape=[1, 28, 28] is invalid: not in this config, "
-                                                   "but an option of ddpm_lightning.module.DDPM; add it with "
-                                                   "+diffusion.image_shape=[1,28,28]"),
-    ("train", ["trainer.max_tme=00:00:10:00"],
-     "trainer.max_tme='00:00:10:00' is invalid: no such key; did you mean +trainer.max_time=00:00:10:00?"),
-    ("train", ["-m", "experiment=seed,mnist_cpu", "trainer.max_time=00:00:05:00"],  # mnist_cpu lists it, seed does not
-     "trainer.max_time='00:00:05:00' is invalid: not in this config, but an option of lightning.Trainer; add it with "
-     "++trainer.max_time=00:00:05:00"),
+    (
+        "train",
+        ["trainer.max_time=00:00:10:00"],
+        "trainer.max_time='00:00:10:00' is invalid: not in this config, but an option of lightning.Trainer; add it with "
+        "+trainer.max_time=00:00:10:00",
+    ),
+    (
+        "train",
+        ["callbacks.samples.guidance_scale=3"],
+        "callbacks.samples.guidance_scale=3 is invalid: not in this config, but an option of "
+        "ddpm_lightning.callbacks.SampleCallback; add it with +callbacks.samples.guidance_scale=3",
+    ),
+    (
+        "train",
+        ["experiment=mnist_cpu", "evaluate.guidance_scale=2"],
+        "evaluate.guidance_scale=2 is invalid: not in this config, but an option of ddpm-evaluate (conf/evaluate.yaml); "
+        "add it with +evaluate.guidance_scale=2",
+    ),
+    (
+        "train",
+        ["callbacks.fid.sampler.eta=0.5"],
+        "callbacks.fid.sampler.eta=0.5 is invalid: not in this config, but an "
+        "option of ddpm_lightning.samplers.DDIMSampler; add it with "
+        "+callbacks.fid.sampler.eta=0.5",
+    ),
+    (
+        "train",
+        ["diffusion.image_shape=[1,28,28]"],
+        "diffusion.image_shape=[1, 28, 28] is invalid: not in this config, "
+        "but an option of ddpm_lightning.module.DDPM; add it with "
+        "+diffusion.image_shape=[1,28,28]",
+    ),
+    (
+        "train",
+        ["trainer.max_tme=00:00:10:00"],
+        "trainer.max_tme='00:00:10:00' is invalid: no such key; did you mean +trainer.max_time=00:00:10:00?",
+    ),
+    (
+        "train",
+        ["-m", "experiment=seed,mnist_cpu", "trainer.max_time=00:00:05:00"],  # mnist_cpu lists it, seed does not
+        "trainer.max_time='00:00:05:00' is invalid: not in this config, but an option of lightning.Trainer; add it with "
+        "++trainer.max_time=00:00:05:00",
+    ),
 ]
 
 
@@ -227,8 +313,11 @@ def _follow_hint(overrides: list[str], message: str) -> list[str] | None:
     return [found[1] if o.lstrip("+").split("=", 1)[0] == bad else o for o in overrides]
 
 
-@pytest.mark.parametrize("command, overrides, message", [r for r in TYPO_INPUTS if _follow_hint(r[1], r[2])],
-                         ids=[" ".join(o) for _, o, m in TYPO_INPUTS if _follow_hint(o, m)])
+@pytest.mark.parametrize(
+    "command, overrides, message",
+    [r for r in TYPO_INPUTS if _follow_hint(r[1], r[2])],
+    ids=[" ".join(o) for _, o, m in TYPO_INPUTS if _follow_hint(o, m)],
+)
 def test_every_hint_works_in_the_command_that_printed_it(command, overrides, message):
     """Each suggested override of TYPO_INPUTS, put in place of the bad one, composes in the same command (its value
     read back under the suggested key); what training's own checks then say is in TRAIN_BAD_INPUTS."""
@@ -261,14 +350,19 @@ def test_cli_hints_for_real_options_work_in_ddpm_train(fake_mnist_root, tmp_path
     proc = run_train_cli(["callbacks.samples.guidance_scale=3"], cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and not (tmp_path / "outputs").exists()
     line = proc.stderr.strip()
-    assert line == ("error: callbacks.samples.guidance_scale=3 is invalid: not in this config, but an option of "
-                    "ddpm_lightning.callbacks.SampleCallback; add it with +callbacks.samples.guidance_scale=3")
+    assert line == (
+        "error: callbacks.samples.guidance_scale=3 is invalid: not in this config, but an option of "
+        "ddpm_lightning.callbacks.SampleCallback; add it with +callbacks.samples.guidance_scale=3"
+    )
     hint = line.rsplit(" ", 1)[1]
     base = [*TINY_TRAIN, f"data.root={fake_mnist_root}"]
     refused = run_train_cli([*base, f"run_dir={tmp_path / 'a'}", hint], cwd=tmp_path)
     assert refused.returncode == 2, refused.stderr[-2000:]
-    assert refused.stderr.strip().splitlines()[-1].startswith(
-        "error: callbacks.samples.guidance_scale=3.0 is invalid: the model is unconditional")
+    assert (
+        refused.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: callbacks.samples.guidance_scale=3.0 is invalid: the model is unconditional")
+    )
     assert "Traceback" not in refused.stderr
     proc = run_train_cli(["trainer.max_time=00:00:10:00"], cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
@@ -292,8 +386,12 @@ def test_the_options_read_from_source_are_the_signatures_of_every_target_in_conf
     from ddpm_lightning.config import NODE_OWNERS
     from ddpm_lightning.targets import keyword_arguments
 
-    targets = {m for f in CONF_DIR.rglob("*.yaml") if "hydra" not in f.parts
-               for m in re.findall(r"_target_:\s*([\w.]+)", f.read_text())}
+    targets = {
+        m
+        for f in CONF_DIR.rglob("*.yaml")
+        if "hydra" not in f.parts
+        for m in re.findall(r"_target_:\s*([\w.]+)", f.read_text())
+    }
     targets |= {owner for nodes in NODE_OWNERS.values() for owner, _, _ in nodes.values()}
     assert {"lightning.Trainer", "ddpm_lightning.callbacks.SampleCallback", "torch.optim.Adam"} <= targets
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
@@ -322,8 +420,11 @@ def test_cli_typod_key_exits_2_with_one_line_before_hydra(tmp_path):
 def test_build_gives_nested_nodes_their_key_path():
     from ddpm_lightning.config import build
 
-    node = {"_target_": "ddpm_lightning.callbacks.FIDCallback", "every_n_epochs": 0,
-            "sampler": {"_target_": "ddpm_lightning.samplers.DDIMSampler", "steps": 5, "eta": -1}}
+    node = {
+        "_target_": "ddpm_lightning.callbacks.FIDCallback",
+        "every_n_epochs": 0,
+        "sampler": {"_target_": "ddpm_lightning.samplers.DDIMSampler", "steps": 5, "eta": -1},
+    }
     with pytest.raises(ConfigError) as excinfo:
         build(node, key="callbacks.fid")
     assert str(excinfo.value) == "callbacks.fid.sampler.eta=-1 is invalid: must be a finite number >= 0"
@@ -334,14 +435,27 @@ def test_build_gives_nested_nodes_their_key_path():
 
 
 def test_known_group_options_and_other_overrides_pass_the_group_check():
-    check_group_choices(["-m", "model=adm_tiny,adm_small", "experiment=null", "hydra/launcher=slurm", "~sampler",
-                         "+trainer.val_check_interval=5", "schedule.kind=linear", "sampler=choice(ddim,ddpm)"], CONF_DIR)
+    check_group_choices(
+        [
+            "-m",
+            "model=adm_tiny,adm_small",
+            "experiment=null",
+            "hydra/launcher=slurm",
+            "~sampler",
+            "+trainer.val_check_interval=5",
+            "schedule.kind=linear",
+            "sampler=choice(ddim,ddpm)",
+        ],
+        CONF_DIR,
+    )
 
 
 def test_cli_unknown_group_option_exits_2_before_hydra(tmp_path):
     proc = run_train_cli(["sampler=dim"], cwd=tmp_path, timeout=60)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: sampler='dim' is invalid: must be one of ['ddim', 'ddpm', 'dpmpp', 'sde_dpmpp']"
+    assert (
+        proc.stderr.strip() == "error: sampler='dim' is invalid: must be one of ['ddim', 'ddpm', 'dpmpp', 'sde_dpmpp']"
+    )
     assert not (tmp_path / "outputs").exists()
 
 
@@ -361,9 +475,16 @@ def resume(trained_run, session_mnist_root, tmp_path):
     ``tmp_path/resumed``, with the checkpoint's network, schedule and data."""
 
     def compose(*overrides: str):
-        return compose_train([*TINY_CKPT_TRAIN, f"data.root={session_mnist_root}", f"run_dir={tmp_path / 'resumed'}",
-                              "trainer.max_epochs=2", f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}",
-                              *overrides])
+        return compose_train(
+            [
+                *TINY_CKPT_TRAIN,
+                f"data.root={session_mnist_root}",
+                f"run_dir={tmp_path / 'resumed'}",
+                "trainer.max_epochs=2",
+                f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}",
+                *overrides,
+            ]
+        )
 
     return compose
 
@@ -481,8 +602,12 @@ def test_sigkill_during_save_leaves_the_previous_checkpoint(trained_run, tmp_pat
     last.parent.mkdir()
     last.write_bytes((trained_run / "checkpoints" / "last.ckpt").read_bytes())
     before = last.read_bytes()
-    proc = subprocess.run([sys.executable, "-c", _KILL_DURING_SAVE, str(last)], capture_output=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL_DURING_SAVE, str(last)],
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert last.read_bytes() == before
     load_checkpoint(last)
@@ -524,8 +649,14 @@ def test_two_runs_started_in_the_same_second_get_different_directories(fake_mnis
     args = [*TINY_TRAIN, f"data.root={fake_mnist_root}"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [
-        subprocess.Popen([sys.executable, "-m", "ddpm_lightning.cli.train", *args], cwd=tmp_path, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-m", "ddpm_lightning.cli.train", *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(2)
     ]
     for p in procs:
@@ -534,7 +665,9 @@ def test_two_runs_started_in_the_same_second_get_different_directories(fake_mnis
     runs = sorted(tmp_path.glob("outputs/*/*/checkpoints/last.ckpt"))
     assert len(runs) == 2, runs
     # one process per run: every event file of a run (training's, then the final metrics') carries the same pid
-    writers = [{f.name.split(".")[-2] for f in r.parent.parent.glob("tensorboard/**/events.out.tfevents.*")} for r in runs]
+    writers = [
+        {f.name.split(".")[-2] for f in r.parent.parent.glob("tensorboard/**/events.out.tfevents.*")} for r in runs
+    ]
     assert all(len(w) == 1 for w in writers) and writers[0] != writers[1], writers
 
 
@@ -542,15 +675,45 @@ def test_two_runs_started_in_the_same_second_get_different_directories(fake_mnis
 
 #: The validated keys. sampler.steps/eta are fuzzed on DDIM (sampler=ddim is added).
 FUZZ_KEYS = [
-    "schedule.beta_start", "schedule.beta_end", "schedule.timesteps", "schedule.kind", "sampler.steps",
-    "sampler.eta", "data.batch_size", "data.subset_size", "data.val_size", "optimizer.lr", "seed",
-    "diffusion.label_dropout", "callbacks.samples.num_samples", "callbacks.ema.decay",
+    "schedule.beta_start",
+    "schedule.beta_end",
+    "schedule.timesteps",
+    "schedule.kind",
+    "sampler.steps",
+    "sampler.eta",
+    "data.batch_size",
+    "data.subset_size",
+    "data.val_size",
+    "optimizer.lr",
+    "seed",
+    "diffusion.label_dropout",
+    "callbacks.samples.num_samples",
+    "callbacks.ema.decay",
 ]
 _FUZZ_VALUES = st.one_of(
     st.integers(-5, 1200).map(str),
     st.floats(-2.0, 2.0, allow_nan=False).map(repr),
-    st.sampled_from(["0", "1", "1e3", "1e-4", "0.02", "nan", "inf", "-inf", "true", "false", "null", "abc",
-                     "linear", "cosine", "''", "[1,2]", "{a: 1}"]),
+    st.sampled_from(
+        [
+            "0",
+            "1",
+            "1e3",
+            "1e-4",
+            "0.02",
+            "nan",
+            "inf",
+            "-inf",
+            "true",
+            "false",
+            "null",
+            "abc",
+            "linear",
+            "cosine",
+            "''",
+            "[1,2]",
+            "{a: 1}",
+        ]
+    ),
 )
 
 
@@ -564,8 +727,17 @@ def test_fuzzed_overrides_train_one_step_or_fail_with_one_line(fake_mnist_root, 
 
     pairs = [f"{k}={v}" for k, v in overrides.items()]
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose_train([*TINY_TRAIN, f"data.root={fake_mnist_root}", f"run_dir={tmp}/run", "sampler=ddim",
-                             "trainer.max_steps=1", "callbacks.samples.every_n_epochs=0", *pairs])
+        cfg = compose_train(
+            [
+                *TINY_TRAIN,
+                f"data.root={fake_mnist_root}",
+                f"run_dir={tmp}/run",
+                "sampler=ddim",
+                "trainer.max_steps=1",
+                "callbacks.samples.every_n_epochs=0",
+                *pairs,
+            ]
+        )
         try:
             train(cfg)
         except (ConfigError, MNISTDataError) as err:
@@ -599,7 +771,11 @@ def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path):
     AtomicCheckpointIO().save_checkpoint({"state_dict": {"net.w": torch.ones(2)}, "global_step": 1}, last)
     before = last.read_bytes()
     for key in ("state_dict", "current_model_state"):
-        bad = {"state_dict": {"net.w": torch.ones(2)}, key: {"net.w": torch.tensor([1.0, float("inf")])}, "global_step": 2}
+        bad = {
+            "state_dict": {"net.w": torch.ones(2)},
+            key: {"net.w": torch.tensor([1.0, float("inf")])},
+            "global_step": 2,
+        }
         with pytest.raises(NonFiniteWeightsError, match=rf"{key} tensor net.w is non-finite \(global step 2\)"):
             AtomicCheckpointIO().save_checkpoint(bad, last)
         assert last.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
@@ -612,22 +788,31 @@ def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path):
         ("1e37", "non-finite"),  # the first steps pass; the weights then overflow the forward pass
     ],
 )
-def test_a_huge_learning_rate_exits_3_and_writes_no_non_finite_checkpoint(fake_mnist_root, tmp_path, lr, needle,
-                                                                        run_command):
+def test_a_huge_learning_rate_exits_3_and_writes_no_non_finite_checkpoint(
+    fake_mnist_root, tmp_path, lr, needle, run_command
+):
     run = tmp_path / "run"
-    proc = run_command("ddpm-train", [*TINY_TRAIN, "trainer.max_epochs=3", f"data.root={fake_mnist_root}",
-                                      f"run_dir={run}", f"optimizer.lr={lr}"], cwd=tmp_path)
+    proc = run_command(
+        "ddpm-train",
+        [*TINY_TRAIN, "trainer.max_epochs=3", f"data.root={fake_mnist_root}", f"run_dir={run}", f"optimizer.lr={lr}"],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 3, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: training stopped: ") and needle in last and "Traceback" not in proc.stderr
     for ckpt in run.glob("checkpoints/*.ckpt"):
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        assert all(torch.isfinite(v).all() for k in ("state_dict", "current_model_state") for v in state[k].values()
-                   if v.is_floating_point()), ckpt
+        assert all(
+            torch.isfinite(v).all()
+            for k in ("state_dict", "current_model_state")
+            for v in state[k].values()
+            if v.is_floating_point()
+        ), ckpt
 
 
-def test_weights_that_overflow_after_a_few_steps_stop_the_run_and_keep_the_last_good_checkpoint(tiny_train_overrides,
-                                                                                              monkeypatch):
+def test_weights_that_overflow_after_a_few_steps_stop_the_run_and_keep_the_last_good_checkpoint(
+    tiny_train_overrides, monkeypatch
+):
     """Three epochs of two steps; from step 3 on the learning rate is inf (which the config check refuses, so it is
     set on the optimizer): the loss of step 3 is finite, its update is not. The run stops at step 3 with
     NonFiniteWeightsError naming the first bad tensor, and last.ckpt stays the finite one of epoch 1, byte for byte."""
@@ -646,8 +831,11 @@ def test_weights_that_overflow_after_a_few_steps_stop_the_run_and_keep_the_last_
                 group["lr"] = float("inf")
 
     monkeypatch.setattr(DDPM, "on_train_batch_start", huge_lr_from_step_3, raising=False)
-    with pytest.raises(NonFiniteWeightsError, match=r"^training stopped: net\.\S+ is non-finite after the optimizer step "
-                                                    r"at global step 3 \(the loss was finite; lr=inf\)"):
+    with pytest.raises(
+        NonFiniteWeightsError,
+        match=r"^training stopped: net\.\S+ is non-finite after the optimizer step "
+        r"at global step 3 \(the loss was finite; lr=inf\)",
+    ):
         train(cfg)
     assert last.read_bytes() == saved["last"]
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
@@ -672,15 +860,23 @@ class InjectNaN:
         return _Inject()
 
 
-@pytest.mark.parametrize("at, error, needle", [
-    # injected just before the check at step 10: the weights, named, with the steps since the last verification (the
-    # step-8 checkpoint checked steps 5 to 7)
-    (10, "NonFiniteWeightsError", "is non-finite after the optimizer steps between global steps 8 and 9 (the loss was finite"),
-    # injected at step 6: the epoch-end checkpoint at step 8 comes before the next check (10) and checks first
-    (6, "NonFiniteLossError", "non-finite loss nan at global step 6"),
-])
-def test_a_nan_injected_into_the_weights_between_two_checks_never_reaches_a_checkpoint(tiny_train_overrides, at, error,
-                                                                                       needle):
+@pytest.mark.parametrize(
+    "at, error, needle",
+    [
+        # injected just before the check at step 10: the weights, named, with the steps since the last verification (the
+        # step-8 checkpoint checked steps 5 to 7)
+        (
+            10,
+            "NonFiniteWeightsError",
+            "is non-finite after the optimizer steps between global steps 8 and 9 (the loss was finite",
+        ),
+        # injected at step 6: the epoch-end checkpoint at step 8 comes before the next check (10) and checks first
+        (6, "NonFiniteLossError", "non-finite loss nan at global step 6"),
+    ],
+)
+def test_a_nan_injected_into_the_weights_between_two_checks_never_reaches_a_checkpoint(
+    tiny_train_overrides, at, error, needle
+):
     """Checks every 5 steps (trainer.log_every_n_steps), epochs of 4 steps (a checkpoint at every epoch end): a NaN
     written into a weight between two checks stops the run at the next check or checkpoint, whichever comes first,
     and no checkpoint ever holds it; last.ckpt stays the one of step 8 or 4."""
@@ -688,8 +884,15 @@ def test_a_nan_injected_into_the_weights_between_two_checks_never_reaches_a_chec
 
     from ddpm_lightning import errors
 
-    cfg = compose_train([*tiny_train_overrides, "data.subset_size=8", "data.batch_size=2", "trainer.max_epochs=4",
-                         "trainer.log_every_n_steps=5"])
+    cfg = compose_train(
+        [
+            *tiny_train_overrides,
+            "data.subset_size=8",
+            "data.batch_size=2",
+            "trainer.max_epochs=4",
+            "trainer.log_every_n_steps=5",
+        ]
+    )
     with open_dict(cfg):
         cfg.callbacks.inject = {"_target_": f"{__name__}.InjectNaN", "at": at}
     with pytest.raises(getattr(errors, error)) as excinfo:
@@ -704,9 +907,15 @@ def test_a_nan_injected_into_the_weights_between_two_checks_never_reaches_a_chec
     for ckpt in saved:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         assert state["global_step"] <= 8 and state["global_step"] < at
-        assert all(torch.isfinite(v).all() for k in ("state_dict", "current_model_state") for v in state[k].values()
-                   if v.is_floating_point()), ckpt
-    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == (8 if at > 8 else 4)
+        assert all(
+            torch.isfinite(v).all()
+            for k in ("state_dict", "current_model_state")
+            for v in state[k].values()
+            if v.is_floating_point()
+        ), ckpt
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == (
+        8 if at > 8 else 4
+    )
 
 
 def _first_param_name(cfg) -> str:
@@ -716,7 +925,9 @@ def _first_param_name(cfg) -> str:
 
 
 @pytest.mark.slow
-def test_a_second_ddpm_train_on_a_held_run_dir_is_refused_in_one_line_and_can_resume_afterwards(fake_mnist_root, tmp_path):
+def test_a_second_ddpm_train_on_a_held_run_dir_is_refused_in_one_line_and_can_resume_afterwards(
+    fake_mnist_root, tmp_path
+):
     """Two `ddpm-train ... run_dir=X ckpt_path=last` at once: one run and one one-line refusal naming the holder
     (pid, host, start time); the same command after the first has ended resumes its checkpoint."""
     import json
@@ -725,12 +936,23 @@ def test_a_second_ddpm_train_on_a_held_run_dir_is_refused_in_one_line_and_can_re
     run = tmp_path / "run"
 
     def args(epochs: int) -> list[str]:
-        return [*TINY_TRAIN, f"trainer.max_epochs={epochs}", f"data.root={fake_mnist_root}", f"run_dir={run}",
-                "ckpt_path=last"]
+        return [
+            *TINY_TRAIN,
+            f"trainer.max_epochs={epochs}",
+            f"data.root={fake_mnist_root}",
+            f"run_dir={run}",
+            "ckpt_path=last",
+        ]
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen([sys.executable, "-m", "ddpm_lightning.cli.train", *args(8)], cwd=tmp_path, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "ddpm_lightning.cli.train", *args(8)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and first.poll() is None:
@@ -743,7 +965,9 @@ def test_a_second_ddpm_train_on_a_held_run_dir_is_refused_in_one_line_and_can_re
         with pytest.raises(ConfigError) as refused:  # the same command, in-process: it reaches the lock at once
             train(compose_train(args(8)))
         line = _one_line(refused.value)
-        assert line.startswith(f"run_dir='{run}' is invalid: another ddpm-train is writing it (pid {first.pid} on host ")
+        assert line.startswith(
+            f"run_dir='{run}' is invalid: another ddpm-train is writing it (pid {first.pid} on host "
+        )
         assert f"started {holder['started']}" in line and first.poll() is None
     finally:
         _, err = first.communicate(timeout=600)
@@ -757,8 +981,10 @@ def test_a_second_ddpm_train_on_a_held_run_dir_is_refused_in_one_line_and_can_re
 def test_the_run_dir_lock_is_an_os_lock_released_by_a_crash(tmp_path):
     from ddpm_lightning.runlock import RunDirLock
 
-    code = (f"import os; from ddpm_lightning.runlock import RunDirLock; RunDirLock({str(tmp_path)!r}).acquire(); "
-            "os._exit(1)")  # dies holding the lock, without any clean-up
+    code = (
+        f"import os; from ddpm_lightning.runlock import RunDirLock; RunDirLock({str(tmp_path)!r}).acquire(); "
+        "os._exit(1)"
+    )  # dies holding the lock, without any clean-up
     assert subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)}).returncode == 1
     assert (tmp_path / ".ddpm-train.lock").is_file()  # the file stays, the lock does not
     with RunDirLock(tmp_path):

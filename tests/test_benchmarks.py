@@ -21,11 +21,20 @@ def smoke(tmp_path_factory) -> dict:
     """``python benchmarks/run_all.py --quick --smoke --out <dir>`` run once, from an empty working folder:
     ``{"out": <dir>, "cwd": <folder>, "stdout": ..., "<name>.json": <its JSON>}``."""
     out, cwd = tmp_path_factory.mktemp("bench_out"), tmp_path_factory.mktemp("bench_cwd")
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / "run_all.py"), "--quick", "--smoke", "--out", str(out)],
-                          capture_output=True, text=True, timeout=900, cwd=cwd)
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "run_all.py"), "--quick", "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=cwd,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"out": out, "cwd": cwd, "stdout": proc.stdout,
-            **{p.name: json.loads(p.read_text()) for p in out.glob("*.json")}}
+    return {
+        "out": out,
+        "cwd": cwd,
+        "stdout": proc.stdout,
+        **{p.name: json.loads(p.read_text()) for p in out.glob("*.json")},
+    }
 
 
 @pytest.mark.slow
@@ -69,15 +78,28 @@ def test_gpu_check_sh_dry_run_runs_every_phase_on_a_cpu(tmp_path):
     """benchmarks/gpu_check.sh --dry-run: the GPU check's own phases, in their own processes and time limits, with a
     tiny network on a CPU and synthetic MNIST; every phase ends ok, and the JSON and markdown summary are written."""
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_BUDGET_S": "1500", "GPU_CHECK_LIMIT_SCALE": "4",
-           "DATA_ROOT": str(tmp_path / "none"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--dry-run", str(out)], capture_output=True,
-                          text=True, timeout=1800, env=env, cwd=tmp_path)
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "GPU_CHECK_BUDGET_S": "1500",
+        "GPU_CHECK_LIMIT_SCALE": "4",
+        "DATA_ROOT": str(tmp_path / "none"),
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_check.sh"), "--dry-run", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert {p.name for p in out.iterdir()} == {"phases.jsonl", "gpu_check.json", "gpu_check.md", "gpu_check.log"}
     result = json.loads((out / "gpu_check.json").read_text())
-    assert result["summary"]["phases"] == {name: "ok" for name in ("versions", "steps", "census", "sampling",
-                                                                   "variants", "train")}, result["summary"]["phases"]
+    assert result["summary"]["phases"] == {
+        name: "ok" for name in ("versions", "steps", "census", "sampling", "variants", "train")
+    }, result["summary"]["phases"]
     phases = result["phases"]
     assert phases["steps"]["rows"][0]["ratio"] > 0 and phases["census"]["test_syncs"]["returncode"] == 0
     assert phases["census"]["real_step"]["syncs"]["steady_step_syncs_max"] == 0
@@ -108,8 +130,10 @@ def test_train_overhead_smoke(smoke):
     # only the --json file: test_run_all_smoke_writes_one_json_per_benchmark_and_nothing_else
 
 
-@pytest.mark.parametrize("script", ["train_overhead.py", "data_pipeline.py", "sampling_speed.py", "precision.py",
-                                    "memory.py", "gpu_check.py"])
+@pytest.mark.parametrize(
+    "script",
+    ["train_overhead.py", "data_pipeline.py", "sampling_speed.py", "precision.py", "memory.py", "gpu_check.py"],
+)
 def test_benchmark_outputs_default_to_results(script, run_script):
     """Run without --json, every benchmark writes under benchmarks/results/, never into the current folder."""
     # argparse wraps help at $COLUMNS, inside a long path too (CI's clone at /check/... broke "benchma\nrks")
@@ -145,8 +169,13 @@ def test_memory_smoke(smoke):
 def test_cpu_parallel_smoke(tmp_path):
     """benchmarks/cpu_parallel.py: the one-process and the two-process DDP arms, their ratio and the table."""
     out = tmp_path / "cpu_parallel.json"
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / "cpu_parallel.py"), "--quick", "--smoke", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "cpu_parallel.py"), "--quick", "--smoke", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     rows = {r["arm"]: r for r in result["rows"]}

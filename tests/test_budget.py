@@ -8,20 +8,29 @@ import time
 
 import pytest
 import torch
-from conftest import TINY_TRAIN, compose_train
 
 from ddpm_lightning.budget import BudgetOneCycleLR, TimeBudget, parse_minutes
 from ddpm_lightning.errors import ConfigError
 from ddpm_lightning.module import DDPM
 from ddpm_lightning.training import RunContext, end_of_run_seconds, train
 
+from conftest import TINY_TRAIN, compose_train
+
 PEAK = 1e-3
 
 
 def _onecycle(cls, total: int = 50, pct_start: float = 0.1):
     opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=PEAK)
-    return opt, cls(opt, max_lr=PEAK, total_steps=total, pct_start=pct_start, anneal_strategy="cos",
-                    cycle_momentum=False, div_factor=25.0, final_div_factor=1e4)
+    return opt, cls(
+        opt,
+        max_lr=PEAK,
+        total_steps=total,
+        pct_start=pct_start,
+        anneal_strategy="cos",
+        cycle_momentum=False,
+        div_factor=25.0,
+        final_div_factor=1e4,
+    )
 
 
 def test_without_time_the_schedule_is_torchs_onecycle_exactly():
@@ -56,8 +65,9 @@ def test_the_time_fraction_moves_the_schedule_to_its_virtual_step():
     assert opt.param_groups[0]["lr"] == pytest.approx(ref_lrs[-1], rel=1e-12) and ref_lrs[-1] < 0.05 * PEAK
 
 
-@pytest.mark.parametrize("value, minutes", [(29, 29.0), (0.5, 0.5), ("00:29:00", 29.0), ("00:00:29:30", 29.5),
-                                            (None, None)])
+@pytest.mark.parametrize(
+    "value, minutes", [(29, 29.0), (0.5, 0.5), ("00:29:00", 29.0), ("00:00:29:30", 29.5), (None, None)]
+)
 def test_budget_minutes_take_minutes_or_a_clock_time(value, minutes):
     assert parse_minutes(value) == minutes
 
@@ -69,8 +79,10 @@ def test_a_bad_budget_is_one_line_naming_the_key(value):
 
 
 def test_a_bad_budget_stops_ddpm_train_before_any_work(tiny_train_overrides, tmp_path):
-    for override, needle in [("budget.minutes=-5", "budget.minutes=-5 is invalid"),
-                             ("budget.reserve=soon", "budget.reserve='soon' is invalid: must be auto")]:
+    for override, needle in [
+        ("budget.minutes=-5", "budget.minutes=-5 is invalid"),
+        ("budget.reserve=soon", "budget.reserve='soon' is invalid: must be auto"),
+    ]:
         with pytest.raises(ConfigError, match=needle):
             train(compose_train([*tiny_train_overrides, override]))
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -95,9 +107,19 @@ def _budget_of(result) -> TimeBudget:
 
 
 def test_a_fast_machine_ends_at_max_steps_with_the_lr_annealed(tiny_train_overrides, monkeypatch):
-    result, lrs = _train_recording_lrs([*tiny_train_overrides, "lr_scheduler=onecycle", "trainer.max_epochs=-1",
-                                        "trainer.max_steps=24", f"optimizer.lr={PEAK}", "budget.minutes=30",
-                                        "budget.reserve=0", "callbacks.samples.every_n_epochs=0"], monkeypatch)
+    result, lrs = _train_recording_lrs(
+        [
+            *tiny_train_overrides,
+            "lr_scheduler=onecycle",
+            "trainer.max_epochs=-1",
+            "trainer.max_steps=24",
+            f"optimizer.lr={PEAK}",
+            "budget.minutes=30",
+            "budget.reserve=0",
+            "callbacks.samples.every_n_epochs=0",
+        ],
+        monkeypatch,
+    )
     budget = _budget_of(result)
     assert result["trainer"].global_step == 24 == len(lrs) and not budget.stopped_by_budget
     assert max(lrs) == pytest.approx(PEAK, rel=0.01) and lrs[-1] <= 0.05 * max(lrs)
@@ -108,10 +130,21 @@ def test_a_fast_machine_ends_at_max_steps_with_the_lr_annealed(tiny_train_overri
 def test_a_slow_machine_ends_at_the_budget_with_the_lr_annealed(tiny_train_overrides, monkeypatch):
     """Every step sleeps 0.15 s and the whole budget is 6 s (none kept back): the time ends training long before
     max_steps, and its last steps still run at the end of the one-cycle schedule."""
-    result, lrs = _train_recording_lrs([*tiny_train_overrides, "lr_scheduler=onecycle", "trainer.max_epochs=-1",
-                                        "trainer.max_steps=1000", f"optimizer.lr={PEAK}", "budget.minutes=0.1",
-                                        "budget.reserve=0", "callbacks.samples.every_n_epochs=0"], monkeypatch,
-                                       sleep_s=0.15, context=RunContext())
+    result, lrs = _train_recording_lrs(
+        [
+            *tiny_train_overrides,
+            "lr_scheduler=onecycle",
+            "trainer.max_epochs=-1",
+            "trainer.max_steps=1000",
+            f"optimizer.lr={PEAK}",
+            "budget.minutes=0.1",
+            "budget.reserve=0",
+            "callbacks.samples.every_n_epochs=0",
+        ],
+        monkeypatch,
+        sleep_s=0.15,
+        context=RunContext(),
+    )
     budget = _budget_of(result)
     steps = result["trainer"].global_step
     assert budget.stopped_by_budget and 2 <= steps < 1000 and len(lrs) == steps
@@ -128,14 +161,25 @@ def test_a_resumed_time_budget_run_continues_its_schedule(tiny_train_overrides, 
     seconds, counts on from its elapsed time, and so continues the same schedule: its first update uses the lr of the
     saved time fraction (by its step alone it would be a warm-up lr), and it ends annealed."""
     total = 200
-    common = [*tiny_train_overrides, "lr_scheduler=onecycle", f"trainer.max_steps={total}", f"optimizer.lr={PEAK}",
-              "budget.minutes=0.15", "budget.reserve=0", "callbacks.samples.every_n_epochs=0"]
+    common = [
+        *tiny_train_overrides,
+        "lr_scheduler=onecycle",
+        f"trainer.max_steps={total}",
+        f"optimizer.lr={PEAK}",
+        "budget.minutes=0.15",
+        "budget.reserve=0",
+        "callbacks.samples.every_n_epochs=0",
+    ]
     first, _ = _train_recording_lrs([*common, "trainer.max_epochs=3"], monkeypatch, sleep_s=0.3, context=RunContext())
     ckpt = torch.load(first["last_ckpt"], map_location="cpu", weights_only=True)
     saved = ckpt["callbacks"]["TimeBudget"]
     assert first["trainer"].global_step == 6 and 0 < saved["elapsed"] < saved["seconds"]
-    resumed, lrs = _train_recording_lrs([*common, "trainer.max_epochs=-1", f"ckpt_path={first['last_ckpt']}"],
-                                        monkeypatch, sleep_s=0.3, context=RunContext())
+    resumed, lrs = _train_recording_lrs(
+        [*common, "trainer.max_epochs=-1", f"ckpt_path={first['last_ckpt']}"],
+        monkeypatch,
+        sleep_s=0.3,
+        context=RunContext(),
+    )
     budget = _budget_of(resumed)
     assert budget.seconds == saved["seconds"]  # the first run's share, not a new one
     assert budget.stopped_by_budget and budget.elapsed >= saved["seconds"]
@@ -167,7 +211,12 @@ def test_the_end_of_run_work_is_timed_on_this_machine(tiny_run):
     small = SimpleNamespace(num_samples=8, batch_size=8, guidance_scale=1.0)
     big = SimpleNamespace(num_samples=64, batch_size=16, guidance_scale=1.0)
     alone = end_of_run_seconds(model, grid, None, None)
-    assert END_OF_RUN_FIXED_S < alone < end_of_run_seconds(model, grid, small, 2) < end_of_run_seconds(model, grid, big, 20)
+    assert (
+        END_OF_RUN_FIXED_S
+        < alone
+        < end_of_run_seconds(model, grid, small, 2)
+        < end_of_run_seconds(model, grid, big, 20)
+    )
 
 
 def test_the_cpu_presets_are_budgeted_for_the_whole_command():

@@ -41,7 +41,9 @@ def test_training_is_seeded(fake_root, fake_clf, tmp_path):
 
 
 def test_load_classifier_errors(tmp_path, fake_clf):
-    with pytest.raises(ConfigError, match=r"classifier_path=.*no such file; train one there with ddpm-train-classifier data.root="):
+    with pytest.raises(
+        ConfigError, match=r"classifier_path=.*no such file; train one there with ddpm-train-classifier data.root="
+    ):
         C.load_classifier(tmp_path / "missing.pt")
     blob = torch.load(fake_clf, weights_only=True)
     blob["state_dict"]["head.bias"] = blob["state_dict"]["head.bias"] + 1
@@ -76,7 +78,10 @@ def test_train_classifier_checks_its_own_parameters_before_reading_data(tmp_path
         ({"seed": -1}, "seed=-1 is invalid: must be an integer >= 0"),
         ({"max_steps": 0}, "max_steps=0 is invalid: must be null or a positive integer"),
         ({"train_size": True}, "train_size=True is invalid: must be null or a positive integer"),
-        ({"out_path": tmp_path}, f"out={str(tmp_path)!r} is invalid: is a folder; give a file path such as mnist_classifier.pt"),
+        (
+            {"out_path": tmp_path},
+            f"out={str(tmp_path)!r} is invalid: is a folder; give a file path such as mnist_classifier.pt",
+        ),
     ]:
         with pytest.raises(ConfigError) as info:
             C.train_classifier(tmp_path / "no-data", **{"out_path": tmp_path / "c.pt", **kwargs})
@@ -87,9 +92,14 @@ def test_load_classifier_rejects_other_files_naming_classifier_path(tmp_path, fa
     blob = torch.load(fake_clf, weights_only=True)
     cases = {
         "list.pt": ([1, 2], "not a ddpm-train-classifier file (no state_dict/meta)"),
-        "v2.pt": ({**blob, "meta": {**blob["meta"], "version": 2}},
-                  "classifier format version 2, expected 1; retrain with ddpm-train-classifier"),
-        "small.pt": ({**blob, "state_dict": {"head.bias": torch.zeros(10)}}, "weights do not fit MNISTClassifier; retrain it"),
+        "v2.pt": (
+            {**blob, "meta": {**blob["meta"], "version": 2}},
+            "classifier format version 2, expected 1; retrain with ddpm-train-classifier",
+        ),
+        "small.pt": (
+            {**blob, "state_dict": {"head.bias": torch.zeros(10)}},
+            "weights do not fit MNISTClassifier; retrain it",
+        ),
     }
     for name, (content, allowed) in cases.items():
         torch.save(content, tmp_path / name)
@@ -152,8 +162,9 @@ def test_the_packaged_reference_classifier_is_the_default_and_its_sha256_is_pinn
 
 def test_train_classifier_cli(fake_root, tmp_path, run_command):
     out = tmp_path / "c.pt"
-    proc = run_command("ddpm-train-classifier", [f"data.root={fake_root}", f"out={out}", "max_steps=2", "batch_size=16"],
-                       cwd=tmp_path)
+    proc = run_command(
+        "ddpm-train-classifier", [f"data.root={fake_root}", f"out={out}", "max_steps=2", "batch_size=16"], cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     assert "test accuracy" in proc.stdout and C.load_classifier(out)[1]["sha256_of_weights"] in proc.stdout
     bad = run_command("ddpm-train-classifier", [f"data.root={fake_root}", "epochs=zero"], cwd=tmp_path)

@@ -17,13 +17,13 @@ import torchvision
 from ddpm_lightning.data import MNISTDataModule
 from ddpm_lightning.images import to_model_range
 from ddpm_lightning.mnist import EXPECTED_FILES, MNISTDataError, check_mnist_files, load_mnist_split
+
 from mnist_fixtures import (
     FILE_NAMES,
     REAL_MNIST_ROOT,
     make_fake_mnist_arrays,
     read_idx,
     requires_real_mnist,
-    write_fake_mnist,
     write_idx_images,
     write_idx_labels,
 )
@@ -157,7 +157,7 @@ def test_num_train_before_setup_is_an_error(fake_mnist_root):
 
 
 def _epoch(loader):
-    xs, ys = zip(*loader)
+    xs, ys = zip(*loader, strict=True)
     return torch.cat(xs), torch.cat(ys)
 
 
@@ -445,9 +445,7 @@ def test_batch_size_message_reads_as_documented():
         ({"val_size": N_TEST + 1}, "val_size", N_TEST + 1, N_TEST),
     ],
 )
-def test_sizes_larger_than_the_data_on_disk_are_rejected_in_setup(
-    fake_mnist_root, kwargs, key, value, available
-):
+def test_sizes_larger_than_the_data_on_disk_are_rejected_in_setup(fake_mnist_root, kwargs, key, value, available):
     dm = MNISTDataModule(root=fake_mnist_root, **kwargs)
     with pytest.raises(ValueError) as err:
         dm.setup("fit")
@@ -457,9 +455,7 @@ def test_sizes_larger_than_the_data_on_disk_are_rejected_in_setup(
 
 
 def test_valid_arguments_are_kept(fake_mnist_root):
-    dm = MNISTDataModule(
-        root=str(fake_mnist_root), batch_size=7, subset_size=9, val_size=3, num_workers=0, seed=5
-    )
+    dm = MNISTDataModule(root=str(fake_mnist_root), batch_size=7, subset_size=9, val_size=3, num_workers=0, seed=5)
     assert (dm.batch_size, dm.subset_size, dm.val_size, dm.seed) == (7, 9, 3, 5)
     assert dm.root == fake_mnist_root
     assert dm.hparams["batch_size"] == 7

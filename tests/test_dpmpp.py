@@ -33,9 +33,15 @@ def toy_network(seed: int = 0):
 def diffusers_sample(fn, schedule: NoiseSchedule, noise, timesteps, prediction_type: str, order: int):
     from diffusers import DPMSolverMultistepScheduler
 
-    scheduler = DPMSolverMultistepScheduler(trained_betas=schedule.betas.numpy(), prediction_type=prediction_type,
-                                            solver_order=order, algorithm_type="dpmsolver++", solver_type="midpoint",
-                                            lower_order_final=True, final_sigmas_type="zero")
+    scheduler = DPMSolverMultistepScheduler(
+        trained_betas=schedule.betas.numpy(),
+        prediction_type=prediction_type,
+        solver_order=order,
+        algorithm_type="dpmsolver++",
+        solver_type="midpoint",
+        lower_order_final=True,
+        final_sigmas_type="zero",
+    )
     scheduler.set_timesteps(timesteps=timesteps)
     x = noise.clone()
     for t in scheduler.timesteps:
@@ -102,10 +108,16 @@ def test_dpmpp_clip_denoised_keeps_x0_hat_in_range():
     assert float(out.x0.max()) <= 1.0 and float(out.x0.min()) >= -1.0
 
 
-@pytest.mark.parametrize("kwargs, key", [
-    (dict(steps=0), "steps"), (dict(steps=2.5), "steps"), (dict(order=3), "order"), (dict(order="2"), "order"),
-    (dict(timestep_spacing="uniform"), "timestep_spacing"),
-])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        (dict(steps=0), "steps"),
+        (dict(steps=2.5), "steps"),
+        (dict(order=3), "order"),
+        (dict(order="2"), "order"),
+        (dict(timestep_spacing="uniform"), "timestep_spacing"),
+    ],
+)
 def test_dpmpp_rejects_nonsense_in_one_line(kwargs, key):
     with pytest.raises(ConfigError, match=rf"^{key}=.* is invalid: ") as err:
         DPMSolverSampler(**kwargs)
@@ -134,8 +146,13 @@ def test_sde_dpmpp_2m_matches_diffusers_with_the_same_noise(objective, steps, or
     noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     sampler = DPMSolverSampler(steps, order, "trailing", clip_denoised=False, algorithm="sde-dpmsolver++")
     ours = sampler(fn, schedule, noise, generator=torch.Generator().manual_seed(9), objective=objective).x0
-    scheduler = DPMSolverMultistepScheduler(trained_betas=schedule.betas.numpy(), prediction_type=PREDICTION_TYPES[objective],
-                                            solver_order=order, algorithm_type="sde-dpmsolver++", final_sigmas_type="zero")
+    scheduler = DPMSolverMultistepScheduler(
+        trained_betas=schedule.betas.numpy(),
+        prediction_type=PREDICTION_TYPES[objective],
+        solver_order=order,
+        algorithm_type="sde-dpmsolver++",
+        final_sigmas_type="zero",
+    )
     scheduler.set_timesteps(timesteps=dpm_solver_timesteps(1000, steps, "trailing"))
     g, x = torch.Generator().manual_seed(9), noise.clone()
     for i, t in enumerate(scheduler.timesteps):
@@ -147,7 +164,9 @@ def test_sde_dpmpp_2m_matches_diffusers_with_the_same_noise(objective, steps, or
 
 
 def test_sde_algorithm_is_checked():
-    with pytest.raises(ConfigError, match=r"^algorithm='sde' is invalid: must be one of \['dpmsolver\+\+', 'sde-dpmsolver\+\+'\]$"):
+    with pytest.raises(
+        ConfigError, match=r"^algorithm='sde' is invalid: must be one of \['dpmsolver\+\+', 'sde-dpmsolver\+\+'\]$"
+    ):
         DPMSolverSampler(algorithm="sde")
 
 
@@ -207,8 +226,13 @@ def test_dpmpp_matches_diffusers_own_spacings_and_defaults(spacing, steps, order
     on the same network (the Gaussian-data oracle) and x_T, gives the same samples to float32 tolerance."""
     from diffusers import DPMSolverMultistepScheduler
 
-    scheduler = DPMSolverMultistepScheduler(**DIFFUSERS_SCHEDULE, prediction_type=PREDICTION_TYPES[objective],
-                                            solver_order=order, algorithm_type=algorithm, timestep_spacing=spacing)
+    scheduler = DPMSolverMultistepScheduler(
+        **DIFFUSERS_SCHEDULE,
+        prediction_type=PREDICTION_TYPES[objective],
+        solver_order=order,
+        algorithm_type=algorithm,
+        timestep_spacing=spacing,
+    )
     scheduler.set_timesteps(steps)
     sampler = DPMSolverSampler(steps, order, spacing, clip_denoised=False, algorithm=algorithm)
     assert sampler.timesteps(1000) == scheduler.timesteps.tolist()
@@ -272,8 +296,11 @@ def test_dpm_solver_timesteps_equal_diffusers_at_every_step_count(spacing):
 
 @pytest.mark.parametrize("spacing", ["linspace", "leading"])
 def test_dpmpp_steps_above_T_minus_1_are_refused_for_spacings_of_steps_plus_1_points(spacing):
-    with pytest.raises(ConfigError, match=rf"^steps=1000 is invalid: must be an integer in \[1, 999\] with "
-                                          rf"timestep_spacing='{spacing}', which spaces steps \+ 1 points"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"^steps=1000 is invalid: must be an integer in \[1, 999\] with "
+        rf"timestep_spacing='{spacing}', which spaces steps \+ 1 points",
+    ):
         DPMSolverSampler(1000, timestep_spacing=spacing).check(1000)
     DPMSolverSampler(1000, timestep_spacing="trailing").check(1000)
     DPMSolverSampler(999, timestep_spacing=spacing).check(1000)

@@ -25,8 +25,10 @@ def test_average_step_is_the_ema_formula():
     torch.testing.assert_close(out, 0.9 * avg + 0.1 * cur)
 
 
-@pytest.mark.parametrize("kwargs, key", [({"decay": 1.0}, "decay"), ({"decay": -0.1}, "decay"),
-                                         ({"update_every_n_steps": 0}, "update_every_n_steps")])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [({"decay": 1.0}, "decay"), ({"decay": -0.1}, "decay"), ({"update_every_n_steps": 0}, "update_every_n_steps")],
+)
 def test_bad_ema_settings(kwargs, key):
     """The callback names its own parameter; build(node, "callbacks.ema") adds the key path (test_bad_input.py)."""
     with pytest.raises(ConfigError, match=rf"^{key}=") as err:
@@ -35,12 +37,15 @@ def test_bad_ema_settings(kwargs, key):
 
 
 def test_ema_run_keeps_the_schedule_exact_and_tracks_the_weights(tiny_train_overrides):
-    from conftest import compose_train
-
     from ddpm_lightning.training import train
 
-    result = train(compose_train([*tiny_train_overrides, "trainer.max_epochs=1", "callbacks.ema.decay=0.5",
-                                  "callbacks.ema.warmup=false"]))
+    from conftest import compose_train
+
+    result = train(
+        compose_train(
+            [*tiny_train_overrides, "trainer.max_epochs=1", "callbacks.ema.decay=0.5", "callbacks.ema.warmup=false"]
+        )
+    )
     from ddpm_lightning.checkpoint import load_ddpm
     from ddpm_lightning.config import build
 
@@ -60,9 +65,9 @@ def test_ema_run_keeps_the_schedule_exact_and_tracks_the_weights(tiny_train_over
 
 
 def test_ema_off_switch(tiny_train_overrides):
-    from conftest import compose_train
-
     from ddpm_lightning.training import train
+
+    from conftest import compose_train
 
     result = train(compose_train([*tiny_train_overrides, "callbacks.ema=null"]))
     ckpt = torch.load(result["last_ckpt"], map_location="cpu", weights_only=True)

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TRAIN, compose_train, run_train_cli
 
 from ddpm_lightning.config import compose_config, run_command
 from ddpm_lightning.errors import (
@@ -32,6 +31,8 @@ from ddpm_lightning.errors import (
     ReadOnlyFileSystemError,
 )
 from ddpm_lightning.filesystem import PROBE_PREFIX, check_writable_folder, file_system_error
+
+from conftest import TINY_TRAIN, compose_train, run_train_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,38 +123,76 @@ def _full_disk(tmp_path, monkeypatch) -> Path:
 #: (fault, how to make a path it hits, error class, exit status, the reason and the advice in the line; ``{p}`` is the
 #: path's parent, ``{key}`` the option).
 FAULTS = [
-    ("read-only folder", _read_only_folder, PermissionDeniedError, 4, "permission denied",
-     "set {key} to a path you can write, or get write access to {p}"),
-    ("read-only file system", _read_only_file_system, ReadOnlyFileSystemError, 5, "read-only file system",
-     "set {key} to a path on a writable file system"),
-    ("path under a file", _under_a_file, NoSuchFolderError, 6, "{p} is a file, not a folder",
-     "set {key} to a path whose parents are folders"),
-    ("/proc", _proc, NoSuchFolderError, 6, "no such file or directory (/proc does not take new entries)",
-     "set {key} to a path in a folder that exists and that you can write"),
-    ("no space left", _full_disk, NoSpaceError, 7, "no space left on the device",
-     "free space there (or raise the quota), or set {key} to a path on another disk"),
+    (
+        "read-only folder",
+        _read_only_folder,
+        PermissionDeniedError,
+        4,
+        "permission denied",
+        "set {key} to a path you can write, or get write access to {p}",
+    ),
+    (
+        "read-only file system",
+        _read_only_file_system,
+        ReadOnlyFileSystemError,
+        5,
+        "read-only file system",
+        "set {key} to a path on a writable file system",
+    ),
+    (
+        "path under a file",
+        _under_a_file,
+        NoSuchFolderError,
+        6,
+        "{p} is a file, not a folder",
+        "set {key} to a path whose parents are folders",
+    ),
+    (
+        "/proc",
+        _proc,
+        NoSuchFolderError,
+        6,
+        "no such file or directory (/proc does not take new entries)",
+        "set {key} to a path in a folder that exists and that you can write",
+    ),
+    (
+        "no space left",
+        _full_disk,
+        NoSpaceError,
+        7,
+        "no space left on the device",
+        "free space there (or raise the quota), or set {key} to a path on another disk",
+    ),
 ]
 
 
 def test_each_kind_has_its_own_exit_status_and_the_table_names_them():
     statuses = [PermissionDeniedError, ReadOnlyFileSystemError, NoSuchFolderError, NoSpaceError, FileSystemError]
     assert [c.exit_status for c in statuses] == [4, 5, 6, 7, 8] == list(FILE_SYSTEM_EXIT_STATUSES.values())
-    for code, cls in [(errno.EACCES, PermissionDeniedError), (errno.EPERM, PermissionDeniedError),
-                      (errno.EROFS, ReadOnlyFileSystemError), (errno.ENOENT, NoSuchFolderError),
-                      (errno.ENOTDIR, NoSuchFolderError), (errno.ENOSPC, NoSpaceError), (errno.EDQUOT, NoSpaceError),
-                      (errno.EIO, FileSystemError)]:
+    for code, cls in [
+        (errno.EACCES, PermissionDeniedError),
+        (errno.EPERM, PermissionDeniedError),
+        (errno.EROFS, ReadOnlyFileSystemError),
+        (errno.ENOENT, NoSuchFolderError),
+        (errno.ENOTDIR, NoSuchFolderError),
+        (errno.ENOSPC, NoSpaceError),
+        (errno.EDQUOT, NoSpaceError),
+        (errno.EIO, FileSystemError),
+    ]:
         assert type(file_system_error(OSError(code, os.strerror(code), "/x/y"), "out_dir", "/x")) is cls
 
 
 @pytest.mark.parametrize("fault, make, cls, status, reason, advice", FAULTS, ids=[f[0] for f in FAULTS])
-def test_check_writable_folder_says_what_the_file_system_said(tmp_path, monkeypatch, fault, make, cls, status, reason,
-                                                              advice):
+def test_check_writable_folder_says_what_the_file_system_said(
+    tmp_path, monkeypatch, fault, make, cls, status, reason, advice
+):
     path = make(tmp_path, monkeypatch)
     with pytest.raises(cls) as excinfo:
         check_writable_folder("run_dir", str(path))
     assert excinfo.value.exit_status == status
-    assert str(excinfo.value) == (f"run_dir='{path}' is invalid: cannot create {path}: {reason}; {advice}"
-                                  .format(p=path.parent, key="run_dir"))
+    assert str(excinfo.value) == (
+        f"run_dir='{path}' is invalid: cannot create {path}: {reason}; {advice}".format(p=path.parent, key="run_dir")
+    )
     if path.parent.exists() and path.parent.is_dir() and os.access(path.parent, os.R_OK):
         assert not [p for p in path.parent.iterdir() if p.name.startswith(PROBE_PREFIX)]  # the probe is gone
         assert not path.exists()
@@ -215,30 +254,42 @@ def _report(fake, path):
     return run, parse_args([str(_sweep(fake.parent)), "--out", str(path)]), "--out", str(path)
 
 
-COMMANDS = {"ddpm-train": _train, "ddpm-sample": _sample, "ddpm-evaluate": _evaluate,
-            "ddpm-train-classifier": _train_classifier, "ddpm-report": _report}
+COMMANDS = {
+    "ddpm-train": _train,
+    "ddpm-sample": _sample,
+    "ddpm-evaluate": _evaluate,
+    "ddpm-train-classifier": _train_classifier,
+    "ddpm-report": _report,
+}
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
 @pytest.mark.parametrize("fault, make, cls, status, reason, advice", FAULTS, ids=[f[0] for f in FAULTS])
-def test_every_command_answers_each_fault_in_one_line_with_its_status(fake_mnist_root, tmp_path, monkeypatch, capsys,
-                                                                      command, fault, make, cls, status, reason,
-                                                                      advice):
+def test_every_command_answers_each_fault_in_one_line_with_its_status(
+    fake_mnist_root, tmp_path, monkeypatch, capsys, command, fault, make, cls, status, reason, advice
+):
     """Before any work: the key and the path in one line on stderr, the kind's exit status, nothing written."""
     path = make(tmp_path, monkeypatch)
     fn, cfg, key, value = COMMANDS[command](fake_mnist_root, path)
     code, line = _boundary(fn, cfg, capsys)
     assert code == status, line
-    assert line == (f"error: {key}={value!r} is invalid: cannot create {path}: {reason}; {advice}"
-                    .format(p=path.parent, key=key))
+    assert line == (
+        f"error: {key}={value!r} is invalid: cannot create {path}: {reason}; {advice}".format(p=path.parent, key=key)
+    )
     assert not path.exists()
 
 
 # ------------------------------------------------------------------------------------------- the real command lines
 def _cli(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", f"ddpm_lightning.cli.{module}", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", f"ddpm_lightning.cli.{module}", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow
@@ -251,17 +302,28 @@ def test_the_commands_end_in_one_line_before_hydra_writes_anything(fake_mnist_ro
     cwd.mkdir()
     proc_path = "/proc/ddpm-lightning-x"
     cases = [
-        ("train", ["run_dir=/proc/x"], "run_dir='/proc/x' is invalid: cannot create /proc/x: no such file or directory "
-                                       "(/proc does not take new entries); set run_dir to a path in a folder that "
-                                       "exists and that you can write"),
-        ("train", [f"run_dir={afile}/run"], f"run_dir='{afile}/run' is invalid: cannot create {afile}/run: {afile} is "
-                                            "a file, not a folder; set run_dir to a path whose parents are folders"),
+        (
+            "train",
+            ["run_dir=/proc/x"],
+            "run_dir='/proc/x' is invalid: cannot create /proc/x: no such file or directory "
+            "(/proc does not take new entries); set run_dir to a path in a folder that "
+            "exists and that you can write",
+        ),
+        (
+            "train",
+            [f"run_dir={afile}/run"],
+            f"run_dir='{afile}/run' is invalid: cannot create {afile}/run: {afile} is "
+            "a file, not a folder; set run_dir to a path whose parents are folders",
+        ),
         ("train", [f"hydra.run.dir={afile}/h"], f"hydra.run.dir='{afile}/h' is invalid: cannot create {afile}/h: "),
         ("train", ["-m", f"hydra.sweep.dir={afile}/s", "seed=1,2"], f"hydra.sweep.dir='{afile}/s' is invalid: "),
         ("sample", ["ckpt_path=x.ckpt", f"out_dir={proc_path}"], f"out_dir='{proc_path}' is invalid: cannot create "),
         ("evaluate", ["samples=real", f"out_dir={afile}/e"], f"out_dir='{afile}/e' is invalid: cannot create "),
-        ("train_classifier", [f"data.root={fake_mnist_root}", f"out={afile}/clf.pt"],
-         f"out='{afile}/clf.pt' is invalid: cannot create {afile}: "),
+        (
+            "train_classifier",
+            [f"data.root={fake_mnist_root}", f"out={afile}/clf.pt"],
+            f"out='{afile}/clf.pt' is invalid: cannot create {afile}: ",
+        ),
     ]
     for module, args, start in cases:
         proc = _cli(module, args, cwd)
@@ -270,9 +332,11 @@ def test_the_commands_end_in_one_line_before_hydra_writes_anything(fake_mnist_ro
         assert "Error executing job" not in proc.stderr and not list(cwd.iterdir()), args
     sweep = _sweep(tmp_path)
     proc = _cli("report", [str(sweep), "--out", f"{afile}/r"], cwd)
-    assert proc.returncode == 6 and proc.stderr == (f"error: --out='{afile}/r' is invalid: cannot create {afile}/r: "
-                                                    f"{afile} is a file, not a folder; set --out to a path whose "
-                                                    "parents are folders\n"), proc.stderr
+    assert proc.returncode == 6 and proc.stderr == (
+        f"error: --out='{afile}/r' is invalid: cannot create {afile}/r: "
+        f"{afile} is a file, not a folder; set --out to a path whose "
+        "parents are folders\n"
+    ), proc.stderr
 
 
 @pytest.mark.slow
@@ -295,8 +359,10 @@ def test_a_folder_the_user_may_not_write_exits_4_through_the_real_command(tmp_pa
     proc = run_train_cli([f"run_dir={target}"], cwd=tmp_path, timeout=120)
     ro.chmod(0o755)
     assert proc.returncode == 4, proc.stderr
-    assert proc.stderr.strip().startswith(f"error: run_dir='{target}' is invalid: cannot create {target}: permission "
-                                          f"denied; set run_dir to a path you can write, or get write access to ")
+    assert proc.stderr.strip().startswith(
+        f"error: run_dir='{target}' is invalid: cannot create {target}: permission "
+        f"denied; set run_dir to a path you can write, or get write access to "
+    )
 
 
 # ------------------------------------------------------------------------------- a full disk at a checkpoint save
@@ -339,8 +405,9 @@ def _quiet_log_handlers(monkeypatch) -> None:
 
 
 @pytest.mark.slow
-def test_a_save_that_runs_out_of_space_keeps_the_previous_checkpoint_and_says_how_to_resume(tiny_train_overrides,
-                                                                                             monkeypatch, capsys):
+def test_a_save_that_runs_out_of_space_keeps_the_previous_checkpoint_and_says_how_to_resume(
+    tiny_train_overrides, monkeypatch, capsys
+):
     """Two epochs; the second save of last.ckpt runs out of space half-way (ENOSPC from the file's write). The run
     ends in one line (exit 7) saying that the previous last.ckpt is kept, which it is, byte for byte; the resume that
     the line suggests then finishes the run."""
@@ -363,9 +430,11 @@ def test_a_save_that_runs_out_of_space_keeps_the_previous_checkpoint_and_says_ho
     _quiet_log_handlers(monkeypatch)
     code, line = _boundary(train, cfg, capsys)
     assert code == 7
-    assert line == (f"error: cannot write the checkpoint {last} (run_dir='{cfg.run_dir}'): no space left on the "
-                    f"device; the previous last.ckpt is kept as it was; free space there (or raise the quota), or set "
-                    f"run_dir to a path on another disk; then resume with ckpt_path={last}")
+    assert line == (
+        f"error: cannot write the checkpoint {last} (run_dir='{cfg.run_dir}'): no space left on the "
+        f"device; the previous last.ckpt is kept as it was; free space there (or raise the quota), or set "
+        f"run_dir to a path on another disk; then resume with ckpt_path={last}"
+    )
     assert last.read_bytes() == kept["bytes"]
     assert sorted(p.name for p in last.parent.iterdir() if p.name.startswith(".")) == []  # no temp file left
     assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 0
@@ -381,9 +450,11 @@ def test_the_first_save_that_runs_out_of_space_says_no_checkpoint_existed(tmp_pa
     monkeypatch.setattr(torch, "save", lambda obj, f: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space")))
     with pytest.raises(NoSpaceError) as excinfo:
         AtomicCheckpointIO().save_checkpoint({"state_dict": {}}, target)
-    assert str(excinfo.value) == (f"cannot write the checkpoint {target}: no space left on the device; no last.ckpt "
-                                  "existed before; free space there (or raise the quota), or choose a path on another "
-                                  "disk")
+    assert str(excinfo.value) == (
+        f"cannot write the checkpoint {target}: no space left on the device; no last.ckpt "
+        "existed before; free space there (or raise the quota), or choose a path on another "
+        "disk"
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -397,8 +468,10 @@ def test_an_os_error_no_part_has_named_is_named_at_the_boundary(tmp_path, capsys
 
     code, line = _boundary(fails, cfg, capsys)
     assert code == 5
-    assert line == (f"error: cannot write {tmp_path / 'out' / 'grid.png'} (out_dir='{tmp_path / 'out'}'): read-only "
-                    "file system; set out_dir to a path on a writable file system")
+    assert line == (
+        f"error: cannot write {tmp_path / 'out' / 'grid.png'} (out_dir='{tmp_path / 'out'}'): read-only "
+        "file system; set out_dir to a path on a writable file system"
+    )
 
     def lost(_cfg):
         raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
@@ -429,8 +502,10 @@ def test_torchs_wrapped_os_error_and_a_refused_read_are_named_at_the_boundary(fa
         run_command(like_torch_save, cfg)
     code, line = _boundary(like_torch_save_chained, cfg, capsys)
     assert code == 7
-    assert line == (f"error: cannot write in {out} (out_dir='{out}'): no space left on the device; free space there "
-                    "(or raise the quota), or set out_dir to a path on another disk")
+    assert line == (
+        f"error: cannot write in {out} (out_dir='{out}'): no space left on the device; free space there "
+        "(or raise the quota), or set out_dir to a path on another disk"
+    )
     images = fake_mnist_root / "MNIST" / "raw" / "train-images-idx3-ubyte"
 
     def refused_read(_cfg):
@@ -438,5 +513,7 @@ def test_torchs_wrapped_os_error_and_a_refused_read_are_named_at_the_boundary(fa
 
     code, line = _boundary(refused_read, cfg, capsys)
     assert code == 4
-    assert line == (f"error: cannot read {images} (data.root='{fake_mnist_root}'): permission denied; set data.root to "
-                    f"a path you can read, or get read access to {images.parent}")
+    assert line == (
+        f"error: cannot read {images} (data.root='{fake_mnist_root}'): permission denied; set data.root to "
+        f"a path you can read, or get read access to {images.parent}"
+    )

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compose_train
 
 from ddpm_lightning.errors import ConfigError
 from ddpm_lightning.training import prepare_config, resolve_precision, train, trainer_node
 
+from conftest import compose_train
 
-@pytest.mark.parametrize("capability, expected", [((9, 0), "bf16-mixed"), ((8, 0), "bf16-mixed"), ((7, 5), "16-mixed"),
-                                                  ((7, 0), "16-mixed")])
+
+@pytest.mark.parametrize(
+    "capability, expected", [((9, 0), "bf16-mixed"), ((8, 0), "bf16-mixed"), ((7, 5), "16-mixed"), ((7, 0), "16-mixed")]
+)
 def test_precision_auto_is_bf16_only_from_compute_capability_8(monkeypatch, capability, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
@@ -49,8 +51,11 @@ def test_strategy_ddp_is_built_with_a_timeout_in_minutes_no_buffer_broadcast_and
         strategy = objects["strategy"]
         assert "strategy" not in node and "ddp" not in node
         assert strategy._timeout == timedelta(minutes=3)
-        assert strategy._ddp_kwargs == {"broadcast_buffers": False, "gradient_as_bucket_view": True,
-                                        "find_unused_parameters": False}
+        assert strategy._ddp_kwargs == {
+            "broadcast_buffers": False,
+            "gradient_as_bucket_view": True,
+            "find_unused_parameters": False,
+        }
     bad = compose_train(["trainer=ddp_sim", "run_dir=x", "trainer.ddp.timeout_min=0"])
     with pytest.raises(ConfigError, match=r"^trainer.ddp.timeout_min=0 is invalid: must be a finite number of minutes"):
         trainer_node(bad)
@@ -59,8 +64,11 @@ def test_strategy_ddp_is_built_with_a_timeout_in_minutes_no_buffer_broadcast_and
 
 def test_a_bad_matmul_precision_is_one_line_before_training(tmp_path):
     cfg = compose_train(["trainer.float32_matmul_precision=fast", f"run_dir={tmp_path}"])
-    with pytest.raises(ConfigError, match=r"^trainer.float32_matmul_precision='fast' is invalid: must be one of "
-                                          r"\['highest', 'high', 'medium'\] or null$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^trainer.float32_matmul_precision='fast' is invalid: must be one of "
+        r"\['highest', 'high', 'medium'\] or null$",
+    ):
         prepare_config(cfg)
 
 
@@ -157,8 +165,7 @@ def test_a_run_with_on_device_images_is_the_run_without(tiny_train_overrides, tm
 
 @pytest.mark.slow
 @pytest.mark.slow
-def test_model_compile_keeps_the_checkpoint_keys_and_loads_old_checkpoints(tiny_train_overrides, tmp_path,
-                                                                           monkeypatch):
+def test_model_compile_keeps_the_checkpoint_keys_and_loads_old_checkpoints(tiny_train_overrides, tmp_path, monkeypatch):
     """model.compile=true: nn.Module.compile at fit start (the EMA copy is made before, uncompiled); the checkpoint
     has the keys of an uncompiled run (no _orig_mod.), an uncompiled checkpoint resumes with compile on, and the
     resume check lets model.compile differ. Dynamo traces with its eager backend here: the keys and the resume do not
@@ -167,16 +174,28 @@ def test_model_compile_keeps_the_checkpoint_keys_and_loads_old_checkpoints(tiny_
     from ddpm_lightning.checkpoint import load_ddpm
 
     compile_ = torch.nn.Module.compile
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compile_(self, *a, **{**k, "backend": "eager"}))
+    monkeypatch.setattr(
+        torch.nn.Module, "compile", lambda self, *a, **k: compile_(self, *a, **{**k, "backend": "eager"})
+    )
 
     plain = train(compose_train([*tiny_train_overrides, f"run_dir={tmp_path / 'plain'}"]))
     compiled = train(compose_train([*tiny_train_overrides, "model.compile=true", f"run_dir={tmp_path / 'c'}"]))
     assert compiled["trainer"].lightning_module.net._compiled_call_impl is not None
-    keys = [set(torch.load(r["last_ckpt"], map_location="cpu", weights_only=True)["state_dict"])
-            for r in (plain, compiled)]
+    keys = [
+        set(torch.load(r["last_ckpt"], map_location="cpu", weights_only=True)["state_dict"]) for r in (plain, compiled)
+    ]
     assert keys[0] == keys[1] and not any("_orig_mod" in k for k in keys[1])
-    resumed = train(compose_train([*tiny_train_overrides, "model.compile=true", "trainer.max_epochs=2",
-                                   f"run_dir={tmp_path / 'plain'}", f"ckpt_path={plain['last_ckpt']}"]))
+    resumed = train(
+        compose_train(
+            [
+                *tiny_train_overrides,
+                "model.compile=true",
+                "trainer.max_epochs=2",
+                f"run_dir={tmp_path / 'plain'}",
+                f"ckpt_path={plain['last_ckpt']}",
+            ]
+        )
+    )
     assert resumed["trainer"].global_step == 4
     assert load_ddpm(compiled["last_ckpt"]).net._compiled_call_impl is None  # loading never compiles
 
@@ -202,7 +221,8 @@ def test_sigterm_reaches_the_abort_thread_while_the_main_thread_cannot_run_pytho
         "import ctypes\n"
         "for _ in range(30):\n"
         "    ctypes.CDLL(None).sleep(1)  # waits in C\n"
-        "print('main thread went on', flush=True)\n")
+        "print('main thread went on', flush=True)\n"
+    )
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     start = time.monotonic()
@@ -242,8 +262,9 @@ def test_the_slurm_launcher_ends_the_step_when_a_task_dies():
     """srun --kill-on-bad-exit through its environment variable, in the job script before submitit's srun line
     (sbatch refuses --kill-on-bad-exit as an #SBATCH option: it is srun's)."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    from conftest import CONF_DIR
     from hydra import compose, initialize_config_dir
+
+    from conftest import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["hydra/launcher=slurm", "trainer=ddp"], return_hydra_config=True)

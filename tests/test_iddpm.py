@@ -71,7 +71,9 @@ def _reference_vb(model: DDPM, x0, t, noise, stop_grad: bool) -> tuple[torch.Ten
     out = model.net(x_t, t)
     eps, v = out[:, :1], out[:, 1:]
     mse = ((eps - noise) ** 2).flatten(1).mean(1)
-    mean = model_mean(model.schedule, x_t, t, model.schedule.predict_x0_from_eps(x_t, t, eps.detach() if stop_grad else eps))
+    mean = model_mean(
+        model.schedule, x_t, t, model.schedule.predict_x0_from_eps(x_t, t, eps.detach() if stop_grad else eps)
+    )
     px = vb_terms(model.schedule, x0, x_t, t, mean, model_log_variance(model.schedule, t, x_t, "learned", v))
     return mse, px.flatten(1).sum(1) / (1024 * math.log(2))
 
@@ -89,7 +91,9 @@ def test_hybrid_training_step_is_l_simple_plus_lambda_T_vb():
 def test_vlb_with_importance_sampling_weights_each_loss_by_one_over_T_p():
     T = 8
     torch.manual_seed(0)
-    model = DDPM(tiny_sigma_net(), NoiseSchedule(timesteps=T), seed=2, loss="vlb", timestep_sampler="loss-second-moment")
+    model = DDPM(
+        tiny_sigma_net(), NoiseSchedule(timesteps=T), seed=2, loss="vlb", timestep_sampler="loss-second-moment"
+    )
     warm = LossSecondMomentTimesteps(T)
     for k in range(HISTORY):  # a warmed-up history: losses growing with t
         warm.update(torch.arange(T), torch.arange(1, T + 1, dtype=torch.float32) * (1 + k % 3))
@@ -126,14 +130,27 @@ def test_a_tiny_iddpm_run_logs_mse_vb_and_bpd_and_evaluates_its_bound(tiny_train
     from ddpm_lightning.evaluation import evaluate
     from ddpm_lightning.training import end_of_run_options
 
-    cfg = compose_train([*tiny_train_overrides, *IDDPM_TINY, "schedule.timesteps=50", "callbacks.bpd.every_n_epochs=1",
-                         "callbacks.bpd.num_images=3", "sampler.steps=5", "++evaluate.num_samples=4", "++evaluate.nll=true",
-                         "++evaluate.nll_n=3", "++evaluate.batch_size=2"])  # two batches of the bound
+    cfg = compose_train(
+        [
+            *tiny_train_overrides,
+            *IDDPM_TINY,
+            "schedule.timesteps=50",
+            "callbacks.bpd.every_n_epochs=1",
+            "callbacks.bpd.num_images=3",
+            "sampler.steps=5",
+            "++evaluate.num_samples=4",
+            "++evaluate.nll=true",
+            "++evaluate.nll_n=3",
+            "++evaluate.batch_size=2",
+        ]
+    )  # two batches of the bound
     result = train(cfg)
     metrics = result["metrics"]
     for key in ("train/mse_epoch", "train/vb_epoch", "val/bpd", "val/bpd_prior", "val/bpd_vb", "val/bpd_decoder"):
         assert key in metrics and math.isfinite(metrics[key]), key
-    assert metrics["val/bpd"] == pytest.approx(metrics["val/bpd_prior"] + metrics["val/bpd_vb"] + metrics["val/bpd_decoder"])
+    assert metrics["val/bpd"] == pytest.approx(
+        metrics["val/bpd_prior"] + metrics["val/bpd_vb"] + metrics["val/bpd_decoder"]
+    )
     m = result["evaluation"]
     assert m["nll_n"] == 3 and m["nll_variance"] == "learned" and m["nll_forward_passes"] == 150
     assert 0 < m["bpd"] < 30 and m["bpd_stderr"] >= 0
@@ -151,19 +168,29 @@ def test_a_tiny_iddpm_run_logs_mse_vb_and_bpd_and_evaluates_its_bound(tiny_train
     assert other["nll_variance"] == "fixed_large" and other["bpd"] != m["bpd"]
 
 
-def test_importance_sampler_state_is_checkpointed_and_a_resume_is_bit_identical(tiny_train_overrides, tmp_path,
-                                                                                 monkeypatch):
+def test_importance_sampler_state_is_checkpointed_and_a_resume_is_bit_identical(
+    tiny_train_overrides, tmp_path, monkeypatch
+):
     """T = 4: the history is full after 5 steps of batch 8, so later steps draw from the importance distribution;
     4 epochs straight == 2 epochs + a resume for 2 more, and a resume that forgets the history differs."""
-    over = [*tiny_train_overrides, "model.learn_sigma=true", "diffusion.loss=vlb",
-            "diffusion.timestep_sampler=loss-second-moment", "schedule.timesteps=4", "callbacks.ema=null",
-            "callbacks.fid.sampler.steps=2"]
+    over = [
+        *tiny_train_overrides,
+        "model.learn_sigma=true",
+        "diffusion.loss=vlb",
+        "diffusion.timestep_sampler=loss-second-moment",
+        "schedule.timesteps=4",
+        "callbacks.ema=null",
+        "callbacks.fid.sampler.steps=2",
+    ]
     straight = train(compose_train([*over, "trainer.max_epochs=4", f"run_dir={tmp_path / 's'}"]))
     first = train(compose_train([*over, "trainer.max_epochs=2", f"run_dir={tmp_path / 'r'}"]))
     mid = torch.load(first["last_ckpt"], map_location="cpu", weights_only=True)
     torch.save(mid, tmp_path / "mid.ckpt")
-    resumed = train(compose_train([*over, "trainer.max_epochs=4", f"run_dir={tmp_path / 'r'}",
-                                   f"ckpt_path={tmp_path / 'mid.ckpt'}"]))
+    resumed = train(
+        compose_train(
+            [*over, "trainer.max_epochs=4", f"run_dir={tmp_path / 'r'}", f"ckpt_path={tmp_path / 'mid.ckpt'}"]
+        )
+    )
     a = torch.load(straight["last_ckpt"], map_location="cpu", weights_only=True)
     b = torch.load(resumed["last_ckpt"], map_location="cpu", weights_only=True)
     assert a["global_step"] == b["global_step"] == 8
@@ -174,17 +201,22 @@ def test_importance_sampler_state_is_checkpointed_and_a_resume_is_bit_identical(
         torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=0, msg=k)
     # the test can fail: a resume without the history draws other timesteps and ends elsewhere
     monkeypatch.setattr(DDPM, "on_load_checkpoint", lambda self, checkpoint: None)
-    forgot = train(compose_train([*over, "trainer.max_epochs=4", f"run_dir={tmp_path / 'f'}",
-                                  f"ckpt_path={tmp_path / 'mid.ckpt'}"]))
+    forgot = train(
+        compose_train(
+            [*over, "trainer.max_epochs=4", f"run_dir={tmp_path / 'f'}", f"ckpt_path={tmp_path / 'mid.ckpt'}"]
+        )
+    )
     c = torch.load(forgot["last_ckpt"], map_location="cpu", weights_only=True)
     assert any(not torch.equal(a["state_dict"][k], c["state_dict"][k]) for k in a["state_dict"])
 
 
 # ------------------------------------------------------------------------------------------------ configs
 def test_the_iddpm_presets_compose_the_papers_settings():
-    for name, loss, sigma, ts, variance in [("iddpm", "hybrid", True, "uniform", "learned"),
-                                            ("iddpm_simple", "simple", False, "uniform", "fixed_small"),
-                                            ("iddpm_vlb", "vlb", True, "loss-second-moment", "learned")]:
+    for name, loss, sigma, ts, variance in [
+        ("iddpm", "hybrid", True, "uniform", "learned"),
+        ("iddpm_simple", "simple", False, "uniform", "fixed_small"),
+        ("iddpm_vlb", "vlb", True, "loss-second-moment", "learned"),
+    ]:
         cfg = compose_train([f"experiment={name}", "data.root=x"])
         assert (cfg.diffusion.loss, cfg.model.learn_sigma, cfg.diffusion.timestep_sampler) == (loss, sigma, ts), name
         assert cfg.schedule.kind == "cosine" and cfg.sampler.variance == variance and cfg.sampler.steps == 100
@@ -201,7 +233,10 @@ def test_ddpm_module_samples_with_the_learned_variance():
     model = DDPM(tiny_sigma_net(), NoiseSchedule(timesteps=20), sampler=DDPMSampler("learned", steps=5))
     out = model.sample(3, generator=torch.Generator().manual_seed(0))
     assert out.x0.shape == (3, 1, 32, 32) and bool(torch.isfinite(out.x0).all())
-    fixed = DDPM(ADMUNetEps(model_channels=32, channel_mult=[1], attn_resolutions=[]), NoiseSchedule(timesteps=20),
-                 sampler=DDPMSampler("learned", steps=5))
+    fixed = DDPM(
+        ADMUNetEps(model_channels=32, channel_mult=[1], attn_resolutions=[]),
+        NoiseSchedule(timesteps=20),
+        sampler=DDPMSampler("learned", steps=5),
+    )
     with pytest.raises(ValueError, match="needs a network with a variance output"):
         fixed.sample(2)

@@ -10,7 +10,6 @@ import torch
 
 from ddpm_lightning.images import atomic_write, nchw_to_nhwc, nhwc_to_nchw, to_model_range, to_uint8
 
-
 # --------------------------------------------------------------------------- pixel conversions
 
 

@@ -16,7 +16,9 @@ FORBIDDEN = {"hydra", "lightning", "lightning_fabric", "pytorch_lightning", "ome
 
 
 def test_the_maths_images_data_and_classifier_modules_import_neither_lightning_nor_hydra():
-    code = (f"import sys; import {', '.join(f'ddpm_lightning.{m}' for m in PURE)}; "
-            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(FORBIDDEN)!r})))")
+    code = (
+        f"import sys; import {', '.join(f'ddpm_lightning.{m}' for m in PURE)}; "
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(FORBIDDEN)!r})))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-2000:]

@@ -14,13 +14,29 @@ import pytest
 import torch
 
 from ddpm_lightning.errors import ConfigError
-from ddpm_lightning.losses import (Bound, bits_per_dim, check_loss, digit_mask,
-                                   discretized_gaussian_log_likelihood, model_log_variance, model_mean, normal_kl, prior_kl,
-                                   training_vb, variational_bound, vb_terms)
+from ddpm_lightning.losses import (
+    Bound,
+    bits_per_dim,
+    check_loss,
+    digit_mask,
+    discretized_gaussian_log_likelihood,
+    model_log_variance,
+    model_mean,
+    normal_kl,
+    prior_kl,
+    training_vb,
+    variational_bound,
+    vb_terms,
+)
 from ddpm_lightning.samplers import DDPMSampler
 from ddpm_lightning.schedule import NoiseSchedule, check_variance
-from ddpm_lightning.timestep_sampling import (HISTORY, UNIFORM_PROB, LossSecondMomentTimesteps, UniformTimesteps,
-                                              make_timestep_sampler)
+from ddpm_lightning.timestep_sampling import (
+    HISTORY,
+    UNIFORM_PROB,
+    LossSecondMomentTimesteps,
+    UniformTimesteps,
+    make_timestep_sampler,
+)
 
 
 # ------------------------------------------------------------------------------------------------ references
@@ -79,15 +95,24 @@ def test_normal_kl_matches_the_closed_form():
     for m1, lv1, m2, lv2 in cases:
         got = normal_kl(*(torch.tensor(v, dtype=torch.float64) for v in (m1, lv1, m2, lv2)))
         assert float(got) == pytest.approx(ref_kl(m1, math.exp(lv1), m2, math.exp(lv2)), rel=1e-12, abs=1e-15)
-    assert float(normal_kl(*(torch.tensor(0.4, dtype=torch.float64),) * 2, torch.tensor(0.4, dtype=torch.float64),
-                           torch.tensor(0.4, dtype=torch.float64))) == 0.0
+    assert (
+        float(
+            normal_kl(
+                *(torch.tensor(0.4, dtype=torch.float64),) * 2,
+                torch.tensor(0.4, dtype=torch.float64),
+                torch.tensor(0.4, dtype=torch.float64),
+            )
+        )
+        == 0.0
+    )
 
 
 @pytest.mark.parametrize("mean, var", [(0.0, 1e-4), (0.37, 1e-3), (-0.99, 3e-5), (0.9, 0.5), (5.0, 1e-2), (-1.0, 1e-6)])
 def test_discretized_decoder_matches_the_bins_and_sums_to_one(mean, var):
     pixels = torch.arange(256, dtype=torch.float64) / 255 * 2 - 1
-    logp = discretized_gaussian_log_likelihood(pixels, torch.tensor(mean, dtype=torch.float64),
-                                               torch.tensor(math.log(var), dtype=torch.float64))
+    logp = discretized_gaussian_log_likelihood(
+        pixels, torch.tensor(mean, dtype=torch.float64), torch.tensor(math.log(var), dtype=torch.float64)
+    )
     assert logp.dtype == torch.float64 and bool(torch.isfinite(logp).all())
     assert float(logp.exp().sum()) == pytest.approx(1.0, abs=1e-12)
     for u in (0, 1, 2, 127, 128, 200, 254, 255):  # both edges and the bins next to them
@@ -114,8 +139,13 @@ def test_bits_per_dim_of_a_uniform_8bit_model_is_exactly_8():
     T, n = 10, 3
     terms = torch.zeros(n, T, dtype=torch.float64)
     terms[:, 0] = 784 * math.log(256)  # the decoder carries everything, the KL terms and the prior nothing
-    bound = Bound(prior=torch.zeros(n, dtype=torch.float64), terms=terms,
-                  padding=torch.full((n,), 240 * math.log(256), dtype=torch.float64), num_dims=1024, num_real_dims=784)
+    bound = Bound(
+        prior=torch.zeros(n, dtype=torch.float64),
+        terms=terms,
+        padding=torch.full((n,), 240 * math.log(256), dtype=torch.float64),
+        num_dims=1024,
+        num_real_dims=784,
+    )
     s = bound.summary()
     assert s["bpd"] == pytest.approx(8.0, abs=1e-12) and s["decoder_bpd"] == pytest.approx(8.0, abs=1e-12)
     assert s["bpd_all_pixels"] == pytest.approx(8.0, abs=1e-12)
@@ -130,7 +160,7 @@ def test_prior_term_of_the_papers_linear_schedule_is_below_1e_minus_4_bits_per_d
     x0 = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64).reshape(3, 1, 1, 1)  # |x0| = 1 is the worst case
     kl = prior_kl(schedule, x0)
     abar = ref_schedule(1000)["abar"][-1]
-    for x, got in zip((-1.0, 0.0, 1.0), kl.flatten().tolist()):
+    for x, got in zip((-1.0, 0.0, 1.0), kl.flatten().tolist(), strict=True):
         assert got == pytest.approx(ref_kl(math.sqrt(abar) * x, 1 - abar, 0.0, 1.0), rel=1e-9)
     assert float(bits_per_dim(kl.max(), 1)) < 1e-4
     assert float(bits_per_dim(kl.max(), 1)) > 1e-6  # not zero: the test would catch a dropped term
@@ -156,8 +186,11 @@ def test_vb_terms_match_the_papers_formulas_at_every_kind_of_step(variance):
         large = ref["betas"][ti]
         for idx in [(0, 0, 0), (0, 1, 2), (0, 2, 1)]:
             vi = float(v[(i, *idx)])
-            var = {"fixed_small": small, "fixed_large": large,
-                   "learned": math.exp((vi + 1) / 2 * math.log(large) + (1 - vi) / 2 * math.log(small))}[variance]
+            var = {
+                "fixed_small": small,
+                "fixed_large": large,
+                "learned": math.exp((vi + 1) / 2 * math.log(large) + (1 - vi) / 2 * math.log(small)),
+            }[variance]
             expected = ref_term(ref, float(x0[(i, *idx)]), float(x_t[(i, *idx)]), ti, float(eps[(i, *idx)]), var)
             assert float(got[(i, *idx)]) == pytest.approx(expected, rel=1e-8, abs=1e-12), (ti, idx)
 
@@ -168,8 +201,10 @@ def test_perfect_eps_gives_zero_kl_and_the_decoder_of_its_variance():
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
     def oracle(x_t, t):  # the true eps of the point mass at x0 (float64 inside)
-        return ((x_t.double() - schedule.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1) * x0)
-                / schedule.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1)), None
+        return (
+            (x_t.double() - schedule.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1) * x0)
+            / schedule.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1)
+        ), None
 
     t = torch.tensor([1, 10, 30, 49])
     x_t = schedule.q_sample(x0, t, noise)
@@ -202,8 +237,9 @@ def test_learned_sigma_held_at_the_ends_is_the_fixed_model_bound_and_samples(v_v
         return eps_only(x, t), torch.full_like(x, v_value)
 
     x0 = grid_images(3, 6).float().double()
-    b_fixed = variational_bound(lambda x, t: (eps_only(x, t), None), schedule, x0, variance=fixed,
-                                generator=torch.Generator().manual_seed(5))
+    b_fixed = variational_bound(
+        lambda x, t: (eps_only(x, t), None), schedule, x0, variance=fixed, generator=torch.Generator().manual_seed(5)
+    )
     b_learned = variational_bound(with_v, schedule, x0, variance="learned", generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(b_learned.terms, b_fixed.terms, rtol=1e-12, atol=1e-12)
     assert b_learned.summary()["bpd"] == pytest.approx(b_fixed.summary()["bpd"], rel=1e-12)
@@ -329,7 +365,10 @@ def test_loss_second_moment_state_round_trips():
     assert torch.equal(ta, tb) and torch.equal(wa, wb)
     with pytest.raises(ValueError, match="does not fit"):
         LossSecondMomentTimesteps(6).load_state_dict(a.state_dict())
-    with pytest.raises(ConfigError, match=r"^timestep_sampler='importance' is invalid: must be one of \['uniform', 'loss-second-moment'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^timestep_sampler='importance' is invalid: must be one of \['uniform', 'loss-second-moment'\]",
+    ):
         make_timestep_sampler("importance", 10)
 
 

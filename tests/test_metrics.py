@@ -109,7 +109,9 @@ def test_class_histogram_entropy_and_confidence():
     single = M.class_histogram(torch.eye(10)[[4] * 9])
     assert single.tolist() == [0, 0, 0, 0, 9, 0, 0, 0, 0, 0]
     assert M.normalised_entropy(single) == 0.0 and math.copysign(1.0, M.normalised_entropy(single)) == 1.0  # not -0.0
-    assert M.normalised_entropy(torch.tensor([1, 1, 0, 0, 0, 0, 0, 0, 0, 0])) == pytest.approx(math.log(2) / math.log(10))
+    assert M.normalised_entropy(torch.tensor([1, 1, 0, 0, 0, 0, 0, 0, 0, 0])) == pytest.approx(
+        math.log(2) / math.log(10)
+    )
     probs = torch.tensor([[0.95, 0.05] + [0.0] * 8, [0.5, 0.5] + [0.0] * 8, [0.0] * 9 + [1.0], [0.1] * 10])
     assert M.confident_fraction(probs) == pytest.approx(0.5)
     assert M.confident_fraction(probs, threshold=0.99) == pytest.approx(0.25)
@@ -167,8 +169,12 @@ def test_evaluate_cli_writes_metrics(fake_root, fake_clf, samples_npz, tmp_path,
 def test_evaluate_needs_no_classifier_of_the_users(fake_root, samples_npz, tmp_path, run_command, monkeypatch):
     """An empty HOME and cache: the packaged reference classifier scores, and metrics.json names its sha256."""
     monkeypatch.delenv("DDPM_LIGHTNING_CACHE", raising=False)
-    proc = run_command("ddpm-evaluate", [f"samples={samples_npz}", f"data.root={fake_root}", f"out_dir={tmp_path / 'e'}"],
-                       cwd=tmp_path, env={"HOME": str(tmp_path / "home")})
+    proc = run_command(
+        "ddpm-evaluate",
+        [f"samples={samples_npz}", f"data.root={fake_root}", f"out_dir={tmp_path / 'e'}"],
+        cwd=tmp_path,
+        env={"HOME": str(tmp_path / "home")},
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert data["classifier_sha256"] == C.REFERENCE_CLASSIFIER_SHA256 and data["classifier_reference"] is True
@@ -178,7 +184,12 @@ def test_evaluate_needs_no_classifier_of_the_users(fake_root, samples_npz, tmp_p
 
 def test_a_missing_classifier_file_exits_2_with_a_hint_that_works(fake_root, samples_npz, tmp_path, run_command):
     missing = tmp_path / "mine" / "clf.pt"
-    args = [f"samples={samples_npz}", f"data.root={fake_root}", f"out_dir={tmp_path / 'e'}", f"classifier_path={missing}"]
+    args = [
+        f"samples={samples_npz}",
+        f"data.root={fake_root}",
+        f"out_dir={tmp_path / 'e'}",
+        f"classifier_path={missing}",
+    ]
     proc = run_command("ddpm-evaluate", args, cwd=tmp_path)
     assert proc.returncode == 2
     line = proc.stderr.strip()
@@ -187,8 +198,10 @@ def test_a_missing_classifier_file_exits_2_with_a_hint_that_works(fake_root, sam
     hint = line.split("train one there with ", 1)[1].split(",", 1)[0].split()  # the suggested command, as printed
     assert run_command(hint[0], hint[1:], cwd=tmp_path).returncode == 0 and missing.is_file()
     assert run_command("ddpm-evaluate", args, cwd=tmp_path).returncode == 0
-    assert run_command("ddpm-evaluate", [*args[:-1], "classifier_path=null", "overwrite=true"],
-                       cwd=tmp_path).returncode == 0
+    assert (
+        run_command("ddpm-evaluate", [*args[:-1], "classifier_path=null", "overwrite=true"], cwd=tmp_path).returncode
+        == 0
+    )
 
 
 def _evaluate(overrides: list[str]):
@@ -222,7 +235,9 @@ def test_evaluate_bad_data_and_samples(fake_clf, tmp_path, fake_root, samples_np
     from ddpm_lightning.errors import MNISTDataError
 
     with pytest.raises(MNISTDataError, match="data.root"):
-        _evaluate(["samples=real", f"data.root={tmp_path / 'empty'}", f"classifier_path={fake_clf}", f"out_dir={tmp_path}"])
+        _evaluate(
+            ["samples=real", f"data.root={tmp_path / 'empty'}", f"classifier_path={fake_clf}", f"out_dir={tmp_path}"]
+        )
     bad = tmp_path / "bad.npz"
     np.savez(bad, np.zeros((4, 28, 28), dtype=np.uint8))
     with pytest.raises(ConfigError, match=r"arr_0 must be \(N, 32, 32, 1\)"):
@@ -231,7 +246,15 @@ def test_evaluate_bad_data_and_samples(fake_clf, tmp_path, fake_root, samples_np
     with pytest.raises(ConfigError, match="must be uint8"):
         _evaluate([f"samples={bad}", f"data.root={fake_root}", f"classifier_path={fake_clf}", f"out_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="n=17 is invalid: exceeds the 16 images"):
-        _evaluate([f"samples={samples_npz}", "n=17", f"data.root={fake_root}", f"classifier_path={fake_clf}", f"out_dir={tmp_path}"])
+        _evaluate(
+            [
+                f"samples={samples_npz}",
+                "n=17",
+                f"data.root={fake_root}",
+                f"classifier_path={fake_clf}",
+                f"out_dir={tmp_path}",
+            ]
+        )
 
 
 def test_evaluate_real_mode_and_training_if_missing(fake_root, tmp_path, monkeypatch, capsys):
@@ -250,7 +273,6 @@ def test_evaluate_real_mode_and_training_if_missing(fake_root, tmp_path, monkeyp
     assert "training it now" in capsys.readouterr().out
     assert out["mode"] == "real" and out["n"] == 8 and out["floor_n"] == 8
     assert METRIC_KEYS <= set(json.loads((tmp_path / "e" / "metrics.json").read_text()))
-
 
 
 def test_evaluate_from_checkpoint(fake_root, fake_clf, tiny_ckpt, tmp_path):
@@ -285,7 +307,9 @@ def test_real_mnist_classifier_and_floor(real_mnist_root, tmp_path):
     accuracy = float((probs.argmax(1) == test_labels).double().mean())
     assert accuracy >= 0.99 and abs(accuracy - meta["test_accuracy"]) < 1e-9
     real = M.evaluate_images(train[-1000:], model, test, train, meta=meta)
-    noise = M.evaluate_images(torch.randint(0, 256, (1000, 1, 32, 32), dtype=torch.uint8), model, test, train, meta=meta)
+    noise = M.evaluate_images(
+        torch.randint(0, 256, (1000, 1, 32, 32), dtype=torch.uint8), model, test, train, meta=meta
+    )
     assert real["normalised_entropy"] > 0.97 and real["inception_score"] > 7
     assert real["fid"] < 0.1 * noise["fid"] and real["fid_floor"] < 0.1 * noise["fid"]
 
@@ -296,8 +320,15 @@ def test_inception_fid_is_skipped_cleanly_offline(fake_root, fake_clf, samples_n
 
     if importlib.util.find_spec("torch_fidelity") is not None:
         pytest.skip("torch-fidelity is installed here: the skip path cannot be exercised")
-    m = _evaluate([f"samples={samples_npz}", "inception_fid=true", f"data.root={fake_root}",
-                   f"classifier_path={fake_clf}", f"out_dir={tmp_path}"])
+    m = _evaluate(
+        [
+            f"samples={samples_npz}",
+            "inception_fid=true",
+            f"data.root={fake_root}",
+            f"classifier_path={fake_clf}",
+            f"out_dir={tmp_path}",
+        ]
+    )
     assert m["inception_fid"] is None and "torch" in m["inception_fid_skipped"].lower()
     assert m["fid"] >= 0  # the classifier metrics are still there
     assert "Inception-v3 FID (standard)" in capsys.readouterr().out

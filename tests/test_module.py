@@ -7,8 +7,8 @@ import torch
 
 from ddpm_lightning.errors import ConfigError
 from ddpm_lightning.module import DDPM, derive_seed
-from ddpm_lightning.objectives import min_snr_weights
 from ddpm_lightning.networks import ADMUNetEps, DiffUNetEps
+from ddpm_lightning.objectives import min_snr_weights
 from ddpm_lightning.samplers import DDIMSampler
 from ddpm_lightning.schedule import NoiseSchedule
 
@@ -242,7 +242,9 @@ def test_patch_size_2_network_trains_end_to_end():
 
 @pytest.mark.parametrize("patch_size", [0, 3, 2.5, "two"])
 def test_bad_patch_size_is_one_line(patch_size):
-    with pytest.raises(ConfigError, match=rf"^patch_size={patch_size!r} is invalid: must be a positive integer dividing"):
+    with pytest.raises(
+        ConfigError, match=rf"^patch_size={patch_size!r} is invalid: must be a positive integer dividing"
+    ):
         tiny_net(patch_size=patch_size)
 
 
@@ -262,8 +264,18 @@ def test_a_raw_deepinv_diffunet_handed_to_ddpm_is_wrapped_and_never_takes_the_de
 def test_a_raw_deepinv_admunet_is_wrapped_with_its_label_embedding():
     from deepinv.models import ADMUNet
 
-    raw = ADMUNet(img_resolution=32, in_channels=1, out_channels=1, model_channels=32, channel_mult=(1,),
-                  num_blocks=1, attn_resolutions=(), label_dim=10, dropout=0.0, pretrained=None)
+    raw = ADMUNet(
+        img_resolution=32,
+        in_channels=1,
+        out_channels=1,
+        model_channels=32,
+        channel_mult=(1,),
+        num_blocks=1,
+        attn_resolutions=(),
+        label_dim=10,
+        dropout=0.0,
+        pretrained=None,
+    )
     model = DDPM(net=raw, schedule=NoiseSchedule())
     assert isinstance(model.net, ADMUNetEps) and model.net.net is raw and model.num_classes == 10
     x, t, y = torch.randn(2, 1, 32, 32), torch.tensor([5, 900]), torch.tensor([3, -1])
@@ -284,8 +296,14 @@ def test_first_non_finite_names_the_first_bad_tensor_and_never_flags_a_large_fin
     from ddpm_lightning.module import first_non_finite
 
     big = torch.full((3, 3), 3e38)  # its 2-norm overflows float32; its max-norm does not
-    ok = [("a", big), ("b", torch.tensor(2.0)), ("c", torch.zeros(0)), ("d", torch.tensor([1, 2])),
-          ("e", torch.randn(4, dtype=torch.float64)), ("f", "not a tensor")]
+    ok = [
+        ("a", big),
+        ("b", torch.tensor(2.0)),
+        ("c", torch.zeros(0)),
+        ("d", torch.tensor([1, 2])),
+        ("e", torch.randn(4, dtype=torch.float64)),
+        ("f", "not a tensor"),
+    ]
     assert first_non_finite(ok) is None
     for bad_value in (float("nan"), float("inf"), float("-inf")):
         x = torch.randn(5, 5)

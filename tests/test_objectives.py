@@ -108,7 +108,12 @@ def test_zero_terminal_snr_golden(kind):
     assert float(rescaled.alphas_cumprod[0]) == pytest.approx(float(plain.alphas_cumprod[0]), rel=1e-12)
     assert bool((rescaled.alphas_cumprod[1:] < rescaled.alphas_cumprod[:-1]).all())
     # the posterior is finite everywhere, so every sampler and the bound can use it
-    for name in ("posterior_variance", "posterior_mean_coef1", "posterior_mean_coef2", "posterior_log_variance_clipped"):
+    for name in (
+        "posterior_variance",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
+        "posterior_log_variance_clipped",
+    ):
         assert bool(torch.isfinite(getattr(rescaled, name)).all()), name
 
 
@@ -129,12 +134,15 @@ def test_zero_terminal_snr_matches_diffusers():
     )
 
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
-    torch.testing.assert_close(rescale_zero_terminal_snr(betas), diffusers_rescale(betas.clone()), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(
+        rescale_zero_terminal_snr(betas), diffusers_rescale(betas.clone()), rtol=1e-12, atol=1e-15
+    )
 
 
 def test_sigmoid_schedule_golden():
     """Chen 2023 Algorithm 1 (start -3, end 3, tau 1) by hand: abar(t) = (s(3) - s(6 t - 3)) / (s(3) - s(-3)) on
     t = i / T, beta_i = 1 - abar((i + 1) / T) / abar(i / T), clipped at 0.999."""
+
     def sig(v):
         return 1 / (1 + math.exp(-v))
 
@@ -151,15 +159,18 @@ def test_sigmoid_schedule_golden():
     assert not torch.allclose(steep.betas, schedule.betas)
 
 
-@pytest.mark.parametrize("kwargs, key", [
-    (dict(kind="sigmoid", sigmoid_start=3.0, sigmoid_end=-3.0), "sigmoid_start"),
-    (dict(kind="sigmoid", sigmoid_tau=0.0), "sigmoid_tau"),
-    (dict(kind="sigmoid", sigmoid_end=float("nan")), "sigmoid_end"),
-    (dict(kind="sigmoid", max_beta=1.0), "max_beta"),
-    (dict(rescale_zero_terminal_snr="yes"), "rescale_zero_terminal_snr"),
-    (dict(timesteps=1, rescale_zero_terminal_snr=True), "rescale_zero_terminal_snr"),
-    (dict(kind="sigmoidal"), "kind"),
-])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        (dict(kind="sigmoid", sigmoid_start=3.0, sigmoid_end=-3.0), "sigmoid_start"),
+        (dict(kind="sigmoid", sigmoid_tau=0.0), "sigmoid_tau"),
+        (dict(kind="sigmoid", sigmoid_end=float("nan")), "sigmoid_end"),
+        (dict(kind="sigmoid", max_beta=1.0), "max_beta"),
+        (dict(rescale_zero_terminal_snr="yes"), "rescale_zero_terminal_snr"),
+        (dict(timesteps=1, rescale_zero_terminal_snr=True), "rescale_zero_terminal_snr"),
+        (dict(kind="sigmoidal"), "kind"),
+    ],
+)
 def test_schedule_options_reject_nonsense_in_one_line(kwargs, key):
     with pytest.raises(ConfigError, match=rf"^{key}=.* is invalid: ") as err:
         NoiseSchedule(**kwargs)
@@ -171,7 +182,9 @@ def test_objective_is_checked_and_eps_refused_at_zero_terminal_snr():
     with pytest.raises(ConfigError, match=r"^objective='v0' is invalid: must be one of \['eps', 'x0', 'v'\]$"):
         check_objective("v0")
     zero = NoiseSchedule(timesteps=50, rescale_zero_terminal_snr=True)
-    with pytest.raises(ConfigError, match=r"^objective='eps' is invalid: schedule.rescale_zero_terminal_snr=true needs"):
+    with pytest.raises(
+        ConfigError, match=r"^objective='eps' is invalid: schedule.rescale_zero_terminal_snr=true needs"
+    ):
         DDPM(tiny_net(), zero)
     for objective in ("v", "x0"):
         assert DDPM(tiny_net(), zero, objective=objective).objective == objective
@@ -196,27 +209,43 @@ def test_training_step_is_the_mse_on_the_objectives_target(objective):
 
 def point_mass_oracle(objective: str, schedule: NoiseSchedule, x_star: torch.Tensor):
     """The exact network output of each objective for data that is the single image ``x_star``."""
+
     def fn(x_t, t):
         alpha = schedule.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1)
         sigma = schedule.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1)
         x_t, x0 = x_t.double(), x_star.double().expand_as(x_t)
         eps = (x_t - alpha * x0) / sigma
         return target(objective, x0, eps, alpha, sigma).float()
+
     return fn
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
 @pytest.mark.parametrize("zero_snr", [False, True])
-@pytest.mark.parametrize("sampler", [DDPMSampler(steps=10), DDIMSampler(10, 0.0, "trailing"), DDIMSampler(10, 1.0, "trailing"),
-                                     DPMSolverSampler(10, 2, "trailing"), DPMSolverSampler(7, 1, "linspace")], ids=repr)
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        DDPMSampler(steps=10),
+        DDIMSampler(10, 0.0, "trailing"),
+        DDIMSampler(10, 1.0, "trailing"),
+        DPMSolverSampler(10, 2, "trailing"),
+        DPMSolverSampler(7, 1, "linspace"),
+    ],
+    ids=repr,
+)
 def test_every_sampler_recovers_a_point_mass_with_every_objective(objective, zero_snr, sampler):
     if zero_snr and objective == "eps":
         pytest.skip("refused (x0_hat undefined at abar = 0)")
     schedule = NoiseSchedule(timesteps=200, rescale_zero_terminal_snr=zero_snr)
     x_star = torch.linspace(-0.9, 0.9, 16).view(1, 1, 4, 4)
     noise = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(1))
-    out = sampler(point_mass_oracle(objective, schedule, x_star), schedule, noise,
-                  generator=torch.Generator().manual_seed(2), objective=objective)
+    out = sampler(
+        point_mass_oracle(objective, schedule, x_star),
+        schedule,
+        noise,
+        generator=torch.Generator().manual_seed(2),
+        objective=objective,
+    )
     torch.testing.assert_close(out.x0, x_star.expand(3, -1, -1, -1), rtol=0, atol=1e-4)
 
 
@@ -236,7 +265,9 @@ def test_cli_refuses_eps_with_zero_terminal_snr_in_one_line(tiny_train_overrides
     proc = run_command("ddpm-train", [*tiny_train_overrides, "schedule.rescale_zero_terminal_snr=true"], cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: diffusion.objective='eps' is invalid: schedule.rescale_zero_terminal_snr"), lines
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: diffusion.objective='eps' is invalid: schedule.rescale_zero_terminal_snr"
+    ), lines
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -246,10 +277,19 @@ def test_cli_refuses_an_unknown_objective_in_one_line(tiny_train_overrides, tmp_
     assert proc.stderr.strip() == "error: diffusion.objective='noise' is invalid: must be one of ['eps', 'x0', 'v']"
 
 
-def test_v_zero_snr_run_trains_samples_and_refuses_a_resume_with_another_objective(tiny_train_overrides, tmp_path,
-                                                                                   run_command):
-    base = [*tiny_train_overrides, "schedule=sigmoid", "schedule.rescale_zero_terminal_snr=true", "diffusion.objective=v",
-            "sampler=dpmpp", "sampler.steps=4", "callbacks.samples.sampler=null", "trainer.max_steps=2"]
+def test_v_zero_snr_run_trains_samples_and_refuses_a_resume_with_another_objective(
+    tiny_train_overrides, tmp_path, run_command
+):
+    base = [
+        *tiny_train_overrides,
+        "schedule=sigmoid",
+        "schedule.rescale_zero_terminal_snr=true",
+        "diffusion.objective=v",
+        "sampler=dpmpp",
+        "sampler.steps=4",
+        "callbacks.samples.sampler=null",
+        "trainer.max_steps=2",
+    ]
     proc = run_command("ddpm-train", base, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -258,13 +298,17 @@ def test_v_zero_snr_run_trains_samples_and_refuses_a_resume_with_another_objecti
     model = load_ddpm(ckpt)
     assert model.objective == "v" and float(model.schedule.alphas_cumprod[-1]) == 0.0
     assert bool(torch.isfinite(model.sample(2, generator=torch.Generator().manual_seed(0)).x0).all())
-    resume = run_command("ddpm-train", [*base, "diffusion.objective=x0", f"ckpt_path={ckpt}", "trainer.max_steps=3"],
-                         cwd=tmp_path)
+    resume = run_command(
+        "ddpm-train", [*base, "diffusion.objective=x0", f"ckpt_path={ckpt}", "trainer.max_steps=3"], cwd=tmp_path
+    )
     assert resume.returncode == 2, resume.stderr[-2000:]
     lines = resume.stderr.strip().splitlines()
     assert len(lines) == 1 and "diffusion.objective='v' in the checkpoint, 'x0' in the config" in lines[0], lines
-    sample = run_command("ddpm-sample", [f"ckpt_path={ckpt}", "num_samples=2", "sampler.steps=3",
-                                         f"out_dir={tmp_path / 's'}"], cwd=tmp_path)
+    sample = run_command(
+        "ddpm-sample",
+        [f"ckpt_path={ckpt}", "num_samples=2", "sampler.steps=3", f"out_dir={tmp_path / 's'}"],
+        cwd=tmp_path,
+    )
     assert sample.returncode == 0, sample.stderr[-2000:]
 
 
@@ -272,12 +316,20 @@ def test_a_checkpoint_from_before_the_objective_existed_resumes_as_eps():
     """Keys a checkpoint predates count as the value it was trained with (checkpoint.ADDED_KEYS)."""
     from ddpm_lightning.checkpoint import resume_mismatch
 
-    old = {"model": {"model_channels": 32}, "schedule": {"kind": "linear", "beta_end": 0.02}, "diffusion": {"loss": "simple"}}
-    new = {"model": {"model_channels": 32},
-           "schedule": {"kind": "linear", "beta_end": 0.02, "rescale_zero_terminal_snr": False},
-           "diffusion": {"loss": "simple", "objective": "eps"}}
+    old = {
+        "model": {"model_channels": 32},
+        "schedule": {"kind": "linear", "beta_end": 0.02},
+        "diffusion": {"loss": "simple"},
+    }
+    new = {
+        "model": {"model_channels": 32},
+        "schedule": {"kind": "linear", "beta_end": 0.02, "rescale_zero_terminal_snr": False},
+        "diffusion": {"loss": "simple", "objective": "eps"},
+    }
     assert resume_mismatch(old, new) is None
     v = {**new, "diffusion": {"objective": "v"}}
     assert resume_mismatch(old, v) == "diffusion.objective='eps' in the checkpoint, 'v' in the config"
     zero = {**new, "schedule": {**new["schedule"], "rescale_zero_terminal_snr": True}}
-    assert resume_mismatch(old, zero) == "schedule.rescale_zero_terminal_snr=False in the checkpoint, True in the config"
+    assert (
+        resume_mismatch(old, zero) == "schedule.rescale_zero_terminal_snr=False in the checkpoint, True in the config"
+    )

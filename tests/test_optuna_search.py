@@ -16,7 +16,9 @@ from conftest import TINY_TRAIN, compose_train, run_train_cli
 SEARCHED = {"schedule.beta_start", "schedule.beta_end", "optimizer.lr"}
 #: TINY_TRAIN with one step per epoch and 2-step DDIM pictures: a trial takes a few seconds.
 TINY = [o for o in TINY_TRAIN if not o.startswith(("callbacks.samples.sampler", "data.subset_size"))] + [
-    "data.subset_size=8", "callbacks.samples.sampler={_target_: ddpm_lightning.samplers.DDIMSampler, steps: 2}"]
+    "data.subset_size=8",
+    "callbacks.samples.sampler={_target_: ddpm_lightning.samplers.DDIMSampler, steps: 2}",
+]
 
 
 @pytest.fixture
@@ -27,8 +29,11 @@ def optuna_sweeper():
 
 def _search(run_command, args: list[str], root: Path, sweep: Path, cwd: Path):
     """The search as ``ddpm-train -m hparams_search=beta_optuna ...`` runs it (its entry point, in this process)."""
-    return run_command("ddpm-train", ["-m", "hparams_search=beta_optuna", *TINY, *args, f"data.root={root}",
-                                      f"hydra.sweep.dir={sweep}"], cwd=cwd)
+    return run_command(
+        "ddpm-train",
+        ["-m", "hparams_search=beta_optuna", *TINY, *args, f"data.root={root}", f"hydra.sweep.dir={sweep}"],
+        cwd=cwd,
+    )
 
 
 def _trial_states(db: Path) -> list[str]:
@@ -42,8 +47,13 @@ def test_a_three_trial_fid_search_end_to_end_and_its_report(optuna_sweeper, fake
     study next to them, optimization_results.yaml with the three searched keys and the lowest FID; ddpm-report
     tables the trials and names Optuna's best."""
     sweep = tmp_path / "sweep"
-    proc = _search(run_command, ["hydra.sweeper.n_trials=3", "evaluate.num_samples=8", "evaluate.batch_size=8",
-                    "evaluate.sampler.steps=2"], fake_mnist_root, sweep, tmp_path)
+    proc = _search(
+        run_command,
+        ["hydra.sweeper.n_trials=3", "evaluate.num_samples=8", "evaluate.batch_size=8", "evaluate.sampler.steps=2"],
+        fake_mnist_root,
+        sweep,
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1", "2"]
     assert _trial_states(sweep / "optuna.db") == ["COMPLETE"] * 3
@@ -72,8 +82,19 @@ def test_a_diverged_trial_ranks_last_and_the_search_goes_on(optuna_sweeper, fake
     and its loss is NaN at step 1. It reports inf (a completed trial ranked last) with a warning line; the other
     trials run and the best is a finite one."""
     sweep = tmp_path / "sweep"
-    proc = _search(run_command, ["hydra.sweeper.n_trials=3", "optimized_metric=val/loss", "evaluate=null", "data.subset_size=16",
-                    "optimizer.lr=choice(1e-3,1e30)"], fake_mnist_root, sweep, tmp_path)
+    proc = _search(
+        run_command,
+        [
+            "hydra.sweeper.n_trials=3",
+            "optimized_metric=val/loss",
+            "evaluate=null",
+            "data.subset_size=16",
+            "optimizer.lr=choice(1e-3,1e30)",
+        ],
+        fake_mnist_root,
+        sweep,
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 1 and "non-finite loss" in warnings[0] and "reports optimized_metric=inf" in warnings[0]
@@ -83,20 +104,28 @@ def test_a_diverged_trial_ranks_last_and_the_search_goes_on(optuna_sweeper, fake
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1", "2"]
 
 
-@pytest.mark.parametrize("args, starts", [
-    (["-m", "hparams_search=beta_optuna", "optimized_metric=val/los"],
-     "error: optimized_metric='val/los' is invalid: this run produces no such metric (did you mean val/loss?); "
-     "it produces: confident_fraction, fid, "),
-    (["optimized_metric=fid"],
-     "error: optimized_metric='fid' is invalid: this run produces no such metric (fid needs an evaluate: node, e.g. "
-     "++evaluate.num_samples=1000); it produces: train/loss, "),
-])
+@pytest.mark.parametrize(
+    "args, starts",
+    [
+        (
+            ["-m", "hparams_search=beta_optuna", "optimized_metric=val/los"],
+            "error: optimized_metric='val/los' is invalid: this run produces no such metric (did you mean val/loss?); "
+            "it produces: confident_fraction, fid, ",
+        ),
+        (
+            ["optimized_metric=fid"],
+            "error: optimized_metric='fid' is invalid: this run produces no such metric (fid needs an evaluate: node, e.g. "
+            "++evaluate.num_samples=1000); it produces: train/loss, ",
+        ),
+    ],
+)
 def test_an_unknown_optimized_metric_is_one_line_before_any_work(args, starts, tmp_path):
     """Checked against the metrics the composed config can produce before Hydra starts: no sweep folder, no study."""
     if "hparams_search=beta_optuna" in args:
         pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    proc = run_train_cli([*args, f"hydra.sweep.dir={tmp_path / 'sweep'}", f"hydra.run.dir={tmp_path / 'run'}"],
-                         cwd=tmp_path, timeout=120)
+    proc = run_train_cli(
+        [*args, f"hydra.sweep.dir={tmp_path / 'sweep'}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, timeout=120
+    )
     assert proc.returncode == 2
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(starts) and "val/loss" in lines[0], proc.stderr
@@ -118,8 +147,11 @@ def test_a_search_without_the_optuna_sweeper_is_one_line(monkeypatch):
     from ddpm_lightning.errors import ConfigError
 
     monkeypatch.setattr(cli, "has_optuna_sweeper", lambda: False)
-    with pytest.raises(ConfigError, match=r"""^hparams_search='beta_optuna' is invalid: needs the Optuna sweeper: """
-                                          r"""pip install -e "\.\[search\]"$"""):
+    with pytest.raises(
+        ConfigError,
+        match=r"""^hparams_search='beta_optuna' is invalid: needs the Optuna sweeper: """
+        r"""pip install -e "\.\[search\]"$""",
+    ):
         cli.check_search(["-m", "hparams_search=beta_optuna"])
 
 
@@ -131,8 +163,13 @@ def test_the_objective_under_an_optimising_sweeper_and_outside_one(capsys):
     assert objective(cfg, {"val/loss": 0.25, "fid": 9.0}, "minimize") == 0.25
     assert objective({"optimized_metric": "fid"}, {"fid": float("nan")}, "minimize") == math.inf
     assert objective({"optimized_metric": "fid"}, {"fid": float("nan")}, "maximize") == -math.inf
-    assert capsys.readouterr().err.startswith("warning: optimized_metric=fid is nan; the trial reports inf (ranked last)")
+    assert capsys.readouterr().err.startswith(
+        "warning: optimized_metric=fid is nan; the trial reports inf (ranked last)"
+    )
     assert objective(cfg, {"fid": 9.0}, None) is None  # a single run: nothing reads the value
-    with pytest.raises(ConfigError, match=r"^optimized_metric='val/loss' is invalid: the run logged no such metric "
-                                          r"\(no validation ran: .*\); it has: fid, train/loss$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^optimized_metric='val/loss' is invalid: the run logged no such metric "
+        r"\(no validation ran: .*\); it has: fid, train/loss$",
+    ):
         objective(cfg, {"fid": 9.0, "train/loss": 1.0}, "minimize")

@@ -22,10 +22,19 @@ REPO = CONF_DIR.parent
 def wheel(tmp_path_factory) -> Path:
     out, src = tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("src") / "ddpm-lightning"
     # from a copy: an in-tree build would leave build/ in the checkout, and a stale build/lib could leak into wheels
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "outputs", "build", "*.egg-info",
-                                                             ".pytest_cache", ".hypothesis", "__pycache__"))
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(src)],
-                          capture_output=True, text=True, timeout=600)
+    shutil.copytree(
+        REPO,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "outputs", "build", "*.egg-info", ".pytest_cache", ".hypothesis", "__pycache__"
+        ),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return next(out.glob("ddpm_lightning-*.whl"))
 
@@ -34,8 +43,12 @@ def wheel(tmp_path_factory) -> Path:
 def installed(wheel, tmp_path_factory) -> Path:
     """The wheel installed (without its dependencies, which this venv has) into a folder of its own."""
     site = tmp_path_factory.mktemp("site")
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return site
 
@@ -43,8 +56,14 @@ def installed(wheel, tmp_path_factory) -> Path:
 def _run_installed(site: Path, script: str, args: list[str], cwd: Path, home: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(site), "HOME": str(home), "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
     env.pop("DDPM_LIGHTNING_CACHE", None)
-    return subprocess.run([sys.executable, str(site / "bin" / script), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(site / "bin" / script), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.slow
@@ -67,30 +86,53 @@ def test_the_installed_wheel_trains_and_evaluates_outside_the_repo(installed, fa
     elsewhere, home = tmp_path / "elsewhere", tmp_path / "home"
     elsewhere.mkdir()
     home.mkdir()
-    where = subprocess.run([sys.executable, "-c", "import ddpm_lightning.config as c; print(c.__file__, c.CONFIG_DIR)"],
-                           cwd=elsewhere, env={**os.environ, "PYTHONPATH": str(installed)}, capture_output=True,
-                           text=True, timeout=120)
+    where = subprocess.run(
+        [sys.executable, "-c", "import ddpm_lightning.config as c; print(c.__file__, c.CONFIG_DIR)"],
+        cwd=elsewhere,
+        env={**os.environ, "PYTHONPATH": str(installed)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     module_file, config_dir = where.stdout.split()
     assert module_file.startswith(str(installed)) and config_dir == str(installed / "ddpm_lightning" / "conf")
 
     run = elsewhere / "run"
-    train = _run_installed(installed, "ddpm-train", [*TINY_TRAIN, f"data.root={fake_mnist_root}", f"run_dir={run}",
-                                                     "evaluate={num_samples: 4, batch_size: 4, sampler: {steps: 2}}"],
-                           elsewhere, home)
+    train = _run_installed(
+        installed,
+        "ddpm-train",
+        [
+            *TINY_TRAIN,
+            f"data.root={fake_mnist_root}",
+            f"run_dir={run}",
+            "evaluate={num_samples: 4, batch_size: 4, sampler: {steps: 2}}",
+        ],
+        elsewhere,
+        home,
+    )
     assert train.returncode == 0, train.stderr[-3000:]
     assert (run / "checkpoints" / "last.ckpt").is_file()
     out = train.stdout + train.stderr  # each line once; no advertisement; no warning only a dependency can act on
-    assert out.count("[samples] epoch 0: drawing") == 1 and "litlogger" not in out and "LeafSpec" not in out, out[-3000:]
+    assert out.count("[samples] epoch 0: drawing") == 1 and "litlogger" not in out and "LeafSpec" not in out, out[
+        -3000:
+    ]
     metrics = json.loads(next((run / "evaluate").glob("step_*/metrics.json")).read_text())
     assert metrics["classifier_reference"] is True and metrics["n"] == 4
-    sample = _run_installed(installed, "ddpm-sample", [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
-                                                       "num_samples=2", f"out_dir={elsewhere / 's'}"], elsewhere, home)
+    sample = _run_installed(
+        installed,
+        "ddpm-sample",
+        [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "num_samples=2", f"out_dir={elsewhere / 's'}"],
+        elsewhere,
+        home,
+    )
     assert sample.returncode == 0, sample.stderr[-3000:]
     assert "the checkpoint's sampler" in sample.stdout and (elsewhere / "s" / "samples.npz").is_file()
     # the other three console scripts start from the wheel too (their bodies run in-process in the other tests)
-    for script, usage in [("ddpm-evaluate", "evaluate is powered by Hydra"),
-                          ("ddpm-train-classifier", "train_classifier is powered by Hydra"),
-                          ("ddpm-report", "usage: ddpm-report")]:
+    for script, usage in [
+        ("ddpm-evaluate", "evaluate is powered by Hydra"),
+        ("ddpm-train-classifier", "train_classifier is powered by Hydra"),
+        ("ddpm-report", "usage: ddpm-report"),
+    ]:
         helped = _run_installed(installed, script, ["--help"], elsewhere, home)
         assert helped.returncode == 0 and usage in helped.stdout, (script, helped.stderr[-2000:])
     assert not any(home.rglob("*.pt"))  # nothing was needed in, or written to, the user's cache

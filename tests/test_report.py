@@ -38,7 +38,7 @@ def _events(job: Path, scalars: dict[str, list[tuple[int, float]]]) -> None:
 
 def _losses(step: int, val: float, q: list[float], train: float) -> dict[str, list[tuple[int, float]]]:
     out = {"val/loss": [(step, val)], "train/loss_epoch": [(step, train)]}
-    out.update({tag: [(step, v)] for tag, v in zip(QUARTILES, q)})
+    out.update({tag: [(step, v)] for tag, v in zip(QUARTILES, q, strict=True)})
     return out
 
 
@@ -58,8 +58,14 @@ def fake_sweep(tmp_path: Path) -> Path:
     (sweep / "multirun.yaml").write_text("hydra: {}\n")
     fixed = ["optimizer.lr=0.001", "model=adm_tiny"]
     j0 = _job(sweep, 0, ["schedule.beta_end=0.02", *fixed])
-    _events(j0, {"val/loss": [(2, 0.9), (4, 0.3)], **{t: [(4, 0.31 + i / 100)] for i, t in enumerate(QUARTILES)},
-                 "train/loss_epoch": [(2, 1.0), (4, 0.35)]})
+    _events(
+        j0,
+        {
+            "val/loss": [(2, 0.9), (4, 0.3)],
+            **{t: [(4, 0.31 + i / 100)] for i, t in enumerate(QUARTILES)},
+            "train/loss_epoch": [(2, 1.0), (4, 0.35)],
+        },
+    )
     j1 = _job(sweep, 1, ["schedule.beta_end=0.1", *fixed])
     _events(j1, _losses(4, 0.5, [0.51, 0.52, 0.53, 0.54], 0.6))
     # the resumed run writes a second file (the names differ by a per-process counter after the second)
@@ -85,7 +91,7 @@ def _md_rows(text: str) -> dict[str, list[str]]:
     rows = {}
     for ln in lines[1:]:
         cells = [c.strip() for c in ln.strip().strip("|").split("|")]
-        rows[cells[0]] = dict(zip(header, cells))
+        rows[cells[0]] = dict(zip(header, cells, strict=True))
     return rows
 
 
@@ -204,9 +210,7 @@ def test_not_a_sweep_is_one_line_and_exit_2(tmp_path, capsys, layout):
         main([str(path)])
     assert exited.value.code == 2
     err = capsys.readouterr().err
-    assert err == (
-        f"error: {path} is not a Hydra multirun directory (expected {path}/0/.hydra/overrides.yaml)\n"
-    )
+    assert err == (f"error: {path} is not a Hydra multirun directory (expected {path}/0/.hydra/overrides.yaml)\n")
 
 
 @pytest.mark.slow
@@ -236,8 +240,17 @@ def test_bits_per_dim_columns_from_the_evaluation_or_the_callback(fake_sweep):
     only the val/bpd callback shows its last value."""
     path = fake_sweep / "0" / "evaluate" / "step_000004" / "metrics.json"
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"fid": 9.0, "bpd": 1.234567, "bpd_stderr": 0.0123, "bpd_all_pixels": 0.99,
-                                "quartile_bpd": [1.0, 0.1, 0.1, 0.034567]}))
+    path.write_text(
+        json.dumps(
+            {
+                "fid": 9.0,
+                "bpd": 1.234567,
+                "bpd_stderr": 0.0123,
+                "bpd_all_pixels": 0.99,
+                "quartile_bpd": [1.0, 0.1, 0.1, 0.034567],
+            }
+        )
+    )
     _events(fake_sweep / "10", {"val/bpd": [(2, 3.0), (4, 2.5)]})
     report(fake_sweep)
     rows = _md_rows((fake_sweep / "report.md").read_text())

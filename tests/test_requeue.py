@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TRAIN, compose_train
 from omegaconf import OmegaConf
 
 from ddpm_lightning import slurm
 from ddpm_lightning.errors import ConfigError
+
+from conftest import TINY_TRAIN, compose_train
 
 # ------------------------------------------------------------------------------------------------------- slurm.py
 
@@ -27,11 +28,15 @@ from ddpm_lightning.errors import ConfigError
 def test_sigterm_cause_tells_preemption_and_requeue_from_scancel():
     assert slurm.sigterm_cause({"JobState": "RUNNING", "PreemptTime": "2026-12-02T18:00:00"}) == "preempted"
     # as Slurm 22.05 shows them while the SIGTERM is delivered (tests/test_slurm.py)
-    assert slurm.sigterm_cause({"JobState": "SIGNALING", "PreemptTime": "2026-12-02T18:13:03", "Restarts": "0"}) \
+    assert (
+        slurm.sigterm_cause({"JobState": "SIGNALING", "PreemptTime": "2026-12-02T18:13:03", "Restarts": "0"})
         == "preempted"
+    )
     assert slurm.sigterm_cause({"JobState": "COMPLETING", "Restarts": "1"}, restarts=0) == "requeued"
-    assert slurm.sigterm_cause({"JobState": "COMPLETING", "Restarts": "2", "PreemptTime": "None"}, restarts=1) \
+    assert (
+        slurm.sigterm_cause({"JobState": "COMPLETING", "Restarts": "2", "PreemptTime": "None"}, restarts=1)
         == "requeued"
+    )
     assert slurm.sigterm_cause({"JobState": "REQUEUED", "PreemptTime": "None"}) == "requeued"
     assert slurm.sigterm_cause({"JobState": "COMPLETING", "PreemptTime": "None", "Restarts": "1"}, restarts=1) is None
     assert slurm.sigterm_cause({"JobState": "COMPLETING", "PreemptTime": "None", "Restarts": "0"}) is None
@@ -49,8 +54,10 @@ def test_a_devices_tasks_mismatch_in_a_slurm_job_is_one_line():
     env = {"SLURM_JOB_ID": "5", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1"}
     with pytest.raises(ConfigError) as err:
         slurm.check_tasks({"devices": 1}, env)
-    assert str(err.value) == ("trainer.devices=1 is invalid: this Slurm job runs 2 tasks per node (one per rank): set "
-                              "trainer.devices=2, or hydra.launcher.tasks_per_node to the devices per node")
+    assert str(err.value) == (
+        "trainer.devices=1 is invalid: this Slurm job runs 2 tasks per node (one per rank): set "
+        "trainer.devices=2, or hydra.launcher.tasks_per_node to the devices per node"
+    )
     slurm.check_tasks({"devices": 2}, env)
     slurm.check_tasks({"devices": -1}, env)  # all visible GPUs: Lightning counts them
     slurm.check_tasks({"devices": 1}, {})  # outside Slurm: nothing to check
@@ -69,13 +76,17 @@ def test_the_slurm_launcher_is_checked_before_anything_is_submitted_and_its_hint
     for gpus in ("0", "null"):
         with pytest.raises(ConfigError) as err:
             check_slurm_launcher([*sweep, "hydra/launcher=slurm", f"hydra.launcher.gpus_per_node={gpus}"])
-        assert str(err.value).endswith("is invalid: must be an integer >= 1 with hydra/launcher=slurm (one task per "
-                                       "GPU); on a CPU partition use hydra/launcher=slurm_cpu")
+        assert str(err.value).endswith(
+            "is invalid: must be an integer >= 1 with hydra/launcher=slurm (one task per "
+            "GPU); on a CPU partition use hydra/launcher=slurm_cpu"
+        )
         check_slurm_launcher([*sweep, "hydra/launcher=slurm_cpu", f"hydra.launcher.gpus_per_node={gpus}"])
     with pytest.raises(ConfigError) as err:
         check_slurm_launcher([*sweep, "hydra/launcher=slurm_cpu", "trainer=ddp_sim"])
-    assert str(err.value) == ("trainer.devices=2 is invalid: hydra.launcher.tasks_per_node=1 starts 1 rank(s) per "
-                              "node: set trainer.devices=1 or hydra.launcher.tasks_per_node=2")
+    assert str(err.value) == (
+        "trainer.devices=2 is invalid: hydra.launcher.tasks_per_node=1 starts 1 rank(s) per "
+        "node: set trainer.devices=1 or hydra.launcher.tasks_per_node=2"
+    )
     check_slurm_launcher([*sweep, "hydra/launcher=slurm_cpu", "trainer=ddp_sim", "trainer.devices=1"])
     check_slurm_launcher([*sweep, "hydra/launcher=slurm_cpu", "trainer=ddp_sim", "hydra.launcher.tasks_per_node=2"])
     check_slurm_launcher([*sweep, "hydra/launcher=slurm", "trainer=ddp", "hydra.launcher.gpus_per_node=4"])
@@ -83,12 +94,16 @@ def test_the_slurm_launcher_is_checked_before_anything_is_submitted_and_its_hint
 
 def test_the_cpu_launcher_composes_without_gpus():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    from conftest import CONF_DIR
     from hydra import compose, initialize_config_dir
 
+    from conftest import CONF_DIR
+
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["hydra/launcher=slurm_cpu", "trainer=ddp_sim",
-                                          "hydra.launcher.tasks_per_node=2"], return_hydra_config=True)
+        cfg = compose(
+            "train",
+            overrides=["hydra/launcher=slurm_cpu", "trainer=ddp_sim", "hydra.launcher.tasks_per_node=2"],
+            return_hydra_config=True,
+        )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     resources = (launcher.gpus_per_node, launcher.tasks_per_node, launcher.cpus_per_task, launcher.mem_gb)
@@ -133,8 +148,9 @@ def test_a_slurm_requeue_checkpoint_belongs_to_its_run_dir(tmp_path):
     run = tmp_path / "run"
     hpc = _fake_checkpoint(run / "hpc_ckpt_2.ckpt", compose_train([*TINY_TRAIN, f"run_dir={run}"]))
     hydra_dir = str(tmp_path / "hydra")
-    cfg = prepare_config(compose_train([*TINY_TRAIN, f"run_dir={hydra_dir}", f"ckpt_path={hpc}"]),
-                         RunContext(output_dir=hydra_dir))
+    cfg = prepare_config(
+        compose_train([*TINY_TRAIN, f"run_dir={hydra_dir}", f"ckpt_path={hpc}"]), RunContext(output_dir=hydra_dir)
+    )
     assert cfg.run_dir == str(run.resolve())
     with pytest.raises(ConfigError, match=r"already holds hpc_ckpt_2.ckpt from another run"):
         prepare_config(compose_train([*TINY_TRAIN, f"run_dir={run}"]))
@@ -162,19 +178,42 @@ class SlurmTask:
         (bin_dir / "scontrol").chmod(0o755)
         self.log = tmp_path / "scontrol.log"
         self.run = tmp_path / "run"
-        environ = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{bin_dir}:{os.environ['PATH']}",
-                   "FAKE_SCONTROL_LOG": str(self.log), "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train",
-                   "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1", "SLURM_PROCID": "0",
-                   "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
-                   "SLURM_RESTART_COUNT": str(restart), **env}
-        cmd = [sys.executable, "-m", "ddpm_lightning.cli.train", *TINY_TRAIN, "data.subset_size=64",
-               "callbacks.samples.every_n_epochs=0", f"data.root={fake_mnist_root}", f"run_dir={self.run}",
-               f"hydra.run.dir={tmp_path / f'hydra{restart}'}", *args]
-        self.proc = subprocess.Popen(cmd, cwd=tmp_path, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
+        environ = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "PATH": f"{bin_dir}:{os.environ['PATH']}",
+            "FAKE_SCONTROL_LOG": str(self.log),
+            "SLURM_JOB_ID": "4242",
+            "SLURM_JOB_NAME": "train",
+            "SLURM_NTASKS": "1",
+            "SLURM_NTASKS_PER_NODE": "1",
+            "SLURM_NNODES": "1",
+            "SLURM_PROCID": "0",
+            "SLURM_LOCALID": "0",
+            "SLURM_NODEID": "0",
+            "SLURM_NODELIST": "localhost",
+            "SLURM_RESTART_COUNT": str(restart),
+            **env,
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "ddpm_lightning.cli.train",
+            *TINY_TRAIN,
+            "data.subset_size=64",
+            "callbacks.samples.every_n_epochs=0",
+            f"data.root={fake_mnist_root}",
+            f"run_dir={self.run}",
+            f"hydra.run.dir={tmp_path / f'hydra{restart}'}",
+            *args,
+        ]
+        self.proc = subprocess.Popen(
+            cmd, cwd=tmp_path, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         self.lines: list[str] = []
-        self._reader = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")),
-                                        daemon=True)
+        self._reader = threading.Thread(
+            target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")), daemon=True
+        )
         self._reader.start()
 
     def wait_for(self, ready, what: str, timeout: float = 240) -> None:
@@ -212,14 +251,17 @@ def test_the_warning_signal_saves_mid_epoch_and_requeues_and_the_requeued_job_co
     hpc = task.run / "hpc_ckpt_1.ckpt"
     step = _step(hpc)
     line = task.one_line("requeued")
-    assert line == (f"requeued: Slurm job 4242 requeued (SIGUSR2, Slurm's warning before the time limit); saved {hpc} "
-                    f"at step {step}; the requeued job resumes it")
+    assert line == (
+        f"requeued: Slurm job 4242 requeued (SIGUSR2, Slurm's warning before the time limit); saved {hpc} "
+        f"at step {step}; the requeued job resumes it"
+    )
     assert task.log.read_text().splitlines() == ["requeue 4242"]
     assert 8 <= _step(last) <= step < 320, (step, _step(last))  # 8 steps per epoch
     print(f"\nSIGUSR2: hpc_ckpt_1.ckpt at global step {step} (last.ckpt at {_step(last)})")
 
-    again = SlurmTask(tmp_path, fake_mnist_root, ["trainer.max_epochs=6"] if step < 40 else ["trainer.max_epochs=80"],
-                      restart=1)
+    again = SlurmTask(
+        tmp_path, fake_mnist_root, ["trainer.max_epochs=6"] if step < 40 else ["trainer.max_epochs=80"], restart=1
+    )
     assert again.end(timeout=300) == 0, "".join(again.lines)[-3000:]
     text = "".join(again.lines)
     assert f"Slurm job 4242 restarted (SLURM_RESTART_COUNT=1) in its own run_dir: resuming from {hpc}" in text
@@ -231,15 +273,17 @@ def test_the_warning_signal_saves_mid_epoch_and_requeues_and_the_requeued_job_co
 
 
 @pytest.mark.slow
-def test_preemption_saves_and_requeues_while_scancel_ends_with_143_naming_the_newest_checkpoint(fake_mnist_root,
-                                                                                                tmp_path):
+def test_preemption_saves_and_requeues_while_scancel_ends_with_143_naming_the_newest_checkpoint(
+    fake_mnist_root, tmp_path
+):
     """SIGTERM with the job's PreemptTime set (preemption, GraceTime running): save and requeue, exit 75. A refused
     requeue (--no-requeue) keeps training; a later plain SIGTERM (scancel) ends it with 143 and one line naming the
     newest checkpoint: the requeue checkpoint, newer than last.ckpt."""
     for sub in ("a", "b"):
         (tmp_path / sub).mkdir()
-    preempted = SlurmTask(tmp_path / "a", fake_mnist_root, ["trainer.max_epochs=40"],
-                          FAKE_PREEMPT_TIME="2026-12-02T18:00:00")
+    preempted = SlurmTask(
+        tmp_path / "a", fake_mnist_root, ["trainer.max_epochs=40"], FAKE_PREEMPT_TIME="2026-12-02T18:00:00"
+    )
     preempted.wait_for((preempted.run / "checkpoints" / "last.ckpt").is_file, "no last.ckpt")
     preempted.proc.send_signal(signal.SIGTERM)
     assert preempted.end() == 75, "".join(preempted.lines)[-3000:]
@@ -251,16 +295,19 @@ def test_preemption_saves_and_requeues_while_scancel_ends_with_143_naming_the_ne
     refused.wait_for((refused.run / "checkpoints" / "last.ckpt").is_file, "no last.ckpt")
     refused.proc.send_signal(signal.SIGUSR1)  # Lightning's default warning signal: the same plan
     hpc = refused.run / "hpc_ckpt_1.ckpt"
-    refused.wait_for(lambda: any(line.startswith("warning: could not requeue") for line in refused.lines),
-                     "no warning about the refused requeue")
+    refused.wait_for(
+        lambda: any(line.startswith("warning: could not requeue") for line in refused.lines),
+        "no warning about the refused requeue",
+    )
     step = _step(hpc)
     time.sleep(1.0)  # it goes on training
     assert refused.proc.poll() is None, "".join(refused.lines)[-3000:]
     refused.proc.send_signal(signal.SIGTERM)  # scancel: PreemptTime=None
     assert refused.end() == 143, "".join(refused.lines)[-3000:]
     newest = max([refused.run / "checkpoints" / "last.ckpt", hpc], key=lambda p: p.stat().st_mtime_ns)
-    assert refused.one_line("error") == (f"error: stopped by SIGTERM; the newest complete checkpoint is kept "
-                                         f"(resume with ckpt_path={newest})")
+    assert refused.one_line("error") == (
+        f"error: stopped by SIGTERM; the newest complete checkpoint is kept (resume with ckpt_path={newest})"
+    )
     print(f"\nrefused requeue: hpc_ckpt_1.ckpt at step {step}, training went on; SIGTERM named {newest.name}")
 
 
@@ -274,8 +321,13 @@ def test_resuming_from_last_keeps_exactly_one_best_checkpoint_that_exists(fake_m
     from ddpm_lightning.training import train
 
     run = tmp_path / "run"
-    base = [*TINY_TRAIN, "callbacks.samples.every_n_epochs=0", f"data.root={fake_mnist_root}", f"run_dir={run}",
-            "ckpt_path=last"]
+    base = [
+        *TINY_TRAIN,
+        "callbacks.samples.every_n_epochs=0",
+        f"data.root={fake_mnist_root}",
+        f"run_dir={run}",
+        "ckpt_path=last",
+    ]
     for epochs in (2, 3, 4):
         result = train(compose_train([*base, f"trainer.max_epochs={epochs}"]))
     bests = sorted((run / "checkpoints").glob("best-*.ckpt"))

@@ -84,15 +84,18 @@ def test_use_ema_loads_ema_weights_or_warns(ckpt, tmp_path, caplog):
     assert all(torch.equal(fallback[k], raw_state[k]) for k in raw_state if k.startswith("net."))
     assert "without EMA" in caplog.text and "raw" in caplog.text
     for ckpt_path, use_ema, used in [(path, "true", True), (path, "false", False), (no_ema, "true", False)]:
-        result = sample_module.sample(_sample_cfg(ckpt_path, tmp_path / f"out_{used}_{use_ema}_{ckpt_path.stem}",
-                                                  "num_samples=1", f"use_ema={use_ema}"))
+        result = sample_module.sample(
+            _sample_cfg(
+                ckpt_path, tmp_path / f"out_{used}_{use_ema}_{ckpt_path.stem}", "num_samples=1", f"use_ema={use_ema}"
+            )
+        )
         assert result["used_ema"] is used, (ckpt_path.name, use_ema)  # what the output line says: EMA or raw weights
 
 
 _UNPICKLED = []
 
 
-def _side_effect() -> "_Evil":
+def _side_effect() -> _Evil:
     _UNPICKLED.append(True)
     return _Evil()
 
@@ -150,8 +153,16 @@ def test_missing_and_foreign_checkpoints(tmp_path):
 def test_sample_writes_npz_grid_and_trajectory(ckpt, tmp_path):
     """5 samples in batches of 2 (the last one smaller), with the trajectory pictures."""
     out = tmp_path / "out"
-    cfg = _sample_cfg(ckpt, out, "num_samples=5", "batch_size=2", "sampler.steps=4", "trajectory=true",
-                      "trajectory_frames=3", "use_ema=false")
+    cfg = _sample_cfg(
+        ckpt,
+        out,
+        "num_samples=5",
+        "batch_size=2",
+        "sampler.steps=4",
+        "trajectory=true",
+        "trajectory_frames=3",
+        "use_ema=false",
+    )
     result = sample_module.sample(cfg)
     arr = _arr(out / "samples.npz")
     assert arr.shape == (5, 32, 32, 1) and arr.dtype == np.uint8
@@ -172,8 +183,9 @@ def test_sample_writes_npz_grid_and_trajectory(ckpt, tmp_path):
     assert np.array_equal(last[2:34, 2:34], arr[0, :, :, 0])
     assert np.array_equal(last[2:34, 36:68], arr[1, :, :, 0])
     # batch i is seeded with seed + i, independently of the other batches
-    alone = sample_module.sample(_sample_cfg(ckpt, tmp_path / "alone", "num_samples=2", "batch_size=2",
-                                             "sampler.steps=4", "use_ema=false"))
+    alone = sample_module.sample(
+        _sample_cfg(ckpt, tmp_path / "alone", "num_samples=2", "batch_size=2", "sampler.steps=4", "use_ema=false")
+    )
     assert np.array_equal(_arr(alone["samples"]), arr[:2])
     assert alone["trajectory_png"] is None and not (tmp_path / "alone" / "trajectory.gif").exists()
 
@@ -219,7 +231,10 @@ def _not_called(*args, **kwargs):
         (["trajectory_frames=1"], "trajectory_frames=1 is invalid"),
         (["device=tpu"], "device='tpu' is invalid"),
         (["ckpt_path=/nonexistent/x.ckpt"], "ckpt_path='/nonexistent/x.ckpt' is invalid: no such checkpoint file"),
-        ([f"sampler.steps={T + 1}"], f"sampler.steps={T + 1} is invalid: must be an integer in [1, {T}] (the schedule's timesteps)"),
+        (
+            [f"sampler.steps={T + 1}"],
+            f"sampler.steps={T + 1} is invalid: must be an integer in [1, {T}] (the schedule's timesteps)",
+        ),
         (["sampler=ddpm", f"sampler.steps={T + 1}"], f"sampler.steps={T + 1} is invalid"),
         (["sampler.eta=-1"], "sampler.eta=-1 is invalid"),
         (["existing"], "is invalid: already holds samples.npz; set overwrite=true"),
@@ -251,16 +266,20 @@ def test_ckpt_path_is_required(tmp_path):
 def test_cli_samples_and_refuses_to_overwrite(ckpt, tmp_path, run_command):
     """The command's entry point as the console script runs it (the installed script itself: test_package.py)."""
     out = tmp_path / "cli"
-    proc = run_command("ddpm-sample", [f"ckpt_path={ckpt}", "num_samples=2", "sampler.steps=3", f"out_dir={out}"],
-                       cwd=tmp_path)
+    proc = run_command(
+        "ddpm-sample", [f"ckpt_path={ckpt}", "num_samples=2", "sampler.steps=3", f"out_dir={out}"], cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     assert "images/s" in proc.stdout and "Sampled 2 images with DDIMSampler(steps=3" in proc.stdout
     assert str(out / "samples.npz") in proc.stdout and str(out / "grid.png") in proc.stdout
     assert _arr(out / "samples.npz").shape == (2, 32, 32, 1)
     before = (out / "samples.npz").read_bytes()
 
-    proc = run_command("ddpm-sample", [f"ckpt_path={ckpt}", "num_samples=2", "sampler.steps=3", f"out_dir={out}",
-                                       "seed=5"], cwd=tmp_path)
+    proc = run_command(
+        "ddpm-sample",
+        [f"ckpt_path={ckpt}", "num_samples=2", "sampler.steps=3", f"out_dir={out}", "seed=5"],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [
@@ -272,8 +291,9 @@ def test_cli_samples_and_refuses_to_overwrite(ckpt, tmp_path, run_command):
 
 
 def test_class_label_and_guidance_on_a_conditional_checkpoint(conditional_ckpt, tmp_path):
-    one = sample_module.sample(_sample_cfg(conditional_ckpt, tmp_path / "seven", "num_samples=3", "class_label=7",
-                                           "guidance_scale=3"))
+    one = sample_module.sample(
+        _sample_cfg(conditional_ckpt, tmp_path / "seven", "num_samples=3", "class_label=7", "guidance_scale=3")
+    )
     with np.load(one["samples"]) as f:
         assert f.files == ["arr_0", "arr_1"] and f["arr_0"].shape == (3, 32, 32, 1)
         assert f["arr_1"].tolist() == [7, 7, 7]
@@ -290,8 +310,28 @@ def test_the_guidance_curve_benchmark_scores_each_scale_and_plots(conditional_ck
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "guidance_curve.py"
     root = write_fake_mnist(tmp_path / "data", n_train=16, n_test=8)
     out, png = tmp_path / "curve.json", tmp_path / "curve.png"
-    proc = run_script(script, ["--ckpt", conditional_ckpt, "--data-root", root, "--scales", "1", "3", "--num-samples",
-                               "10", "--batch-size", "10", "--steps", "2", "--out", out, "--plot", png])
+    proc = run_script(
+        script,
+        [
+            "--ckpt",
+            conditional_ckpt,
+            "--data-root",
+            root,
+            "--scales",
+            "1",
+            "3",
+            "--num-samples",
+            "10",
+            "--batch-size",
+            "10",
+            "--steps",
+            "2",
+            "--out",
+            out,
+            "--plot",
+            png,
+        ],
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert [r["guidance_scale"] for r in rows] == [1.0, 3.0]
@@ -321,15 +361,24 @@ def test_class_label_out_of_range_for_the_checkpoint(conditional_ckpt, tmp_path)
 def test_by_default_the_checkpoints_own_sampler_runs_and_the_output_says_so(ckpt, tmp_path, capsys):
     """The test run trained with DDIM-3 (eta=0): ddpm-sample's default is that sampler, not conf/sampler/ddim.yaml's
     DDIM-50; a key changes only that key; sampler=ddpm picks another."""
-    plain = sample_module.sample(_compose("sample", [f"ckpt_path={ckpt}", f"out_dir={tmp_path / 'a'}", "num_samples=2"]))
-    assert repr(plain["sampler"]) == repr(DDIMSampler(steps=3)) and plain["sampler_source"] == "the checkpoint's sampler"
+    plain = sample_module.sample(
+        _compose("sample", [f"ckpt_path={ckpt}", f"out_dir={tmp_path / 'a'}", "num_samples=2"])
+    )
+    assert (
+        repr(plain["sampler"]) == repr(DDIMSampler(steps=3)) and plain["sampler_source"] == "the checkpoint's sampler"
+    )
     assert "DDIMSampler(steps=3, eta=0.0" in capsys.readouterr().out
-    keyed = sample_module.sample(_compose("sample", [f"ckpt_path={ckpt}", f"out_dir={tmp_path / 'b'}", "num_samples=2",
-                                                     "sampler.eta=1.0"]))
+    keyed = sample_module.sample(
+        _compose("sample", [f"ckpt_path={ckpt}", f"out_dir={tmp_path / 'b'}", "num_samples=2", "sampler.eta=1.0"])
+    )
     assert repr(keyed["sampler"]) == repr(DDIMSampler(steps=3, eta=1.0))
     assert keyed["sampler_source"] == "the checkpoint's sampler, with eta=1.0"
-    other = sample_module.sample(_compose("sample", [f"ckpt_path={ckpt}", f"out_dir={tmp_path / 'c'}", "num_samples=2",
-                                                     "sampler=ddpm", "sampler.steps=4"]))
+    other = sample_module.sample(
+        _compose(
+            "sample",
+            [f"ckpt_path={ckpt}", f"out_dir={tmp_path / 'c'}", "num_samples=2", "sampler=ddpm", "sampler.steps=4"],
+        )
+    )
     assert type(other["sampler"]).__name__ == "DDPMSampler" and other["sampler"].steps == 4
     assert other["sampler_source"] == "chosen on the command line"
 
@@ -337,16 +386,34 @@ def test_by_default_the_checkpoints_own_sampler_runs_and_the_output_says_so(ckpt
 def test_sampler_node_merges_keys_into_the_stored_sampler_or_refuses_unknown_ones():
     from ddpm_lightning.config import DEFAULT_SAMPLER_NODE, sampler_node
 
-    marker = {"from_checkpoint": True, "steps": None, "eta": None, "timestep_spacing": None, "variance": None,
-              "clip_denoised": None}
-    stored = {"_target_": "ddpm_lightning.samplers.DDPMSampler", "variance": "fixed_large", "clip_denoised": True,
-              "steps": 100}
+    marker = {
+        "from_checkpoint": True,
+        "steps": None,
+        "eta": None,
+        "timestep_spacing": None,
+        "variance": None,
+        "clip_denoised": None,
+    }
+    stored = {
+        "_target_": "ddpm_lightning.samplers.DDPMSampler",
+        "variance": "fixed_large",
+        "clip_denoised": True,
+        "steps": 100,
+    }
     assert sampler_node(marker, stored) == (stored, "the checkpoint's sampler")
     assert sampler_node(None, stored) == (stored, "the checkpoint's sampler")
-    assert sampler_node({**marker, "steps": 10}, stored) == ({**stored, "steps": 10}, "the checkpoint's sampler, with steps=10")
-    assert sampler_node({**marker, "steps": 100}, stored)[1] == "the checkpoint's sampler"  # the stored value: no change
+    assert sampler_node({**marker, "steps": 10}, stored) == (
+        {**stored, "steps": 10},
+        "the checkpoint's sampler, with steps=10",
+    )
+    assert (
+        sampler_node({**marker, "steps": 100}, stored)[1] == "the checkpoint's sampler"
+    )  # the stored value: no change
     assert sampler_node(marker, None)[0] == DEFAULT_SAMPLER_NODE  # an old checkpoint that stored no sampler
-    with pytest.raises(ConfigError, match=r"^eta=0.5 is invalid: the checkpoint's sampler DDPMSampler has no "
-                                          r"such option; choose another sampler with sampler=ddim, sampler=ddpm, sampler=dpmpp or sampler=sde_dpmpp$") as err:
+    with pytest.raises(
+        ConfigError,
+        match=r"^eta=0.5 is invalid: the checkpoint's sampler DDPMSampler has no "
+        r"such option; choose another sampler with sampler=ddim, sampler=ddpm, sampler=dpmpp or sampler=sde_dpmpp$",
+    ) as err:
         sampler_node({**marker, "eta": 0.5}, stored)
     assert str(err.value.at("sampler")).startswith("sampler.eta=0.5 is invalid: the checkpoint's sampler")  # as printed

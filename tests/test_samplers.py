@@ -220,7 +220,7 @@ def test_strided_timesteps():
     ts = strided_timesteps(1000, 10)
     assert ts[0] == 999 and ts[-1] == 0
     assert len(ts) == 10 and len(set(ts)) == 10
-    assert all(a > b for a, b in zip(ts, ts[1:]))
+    assert all(a > b for a, b in zip(ts, ts[1:], strict=False))
     assert ts == [int(v) for v in np.round(np.linspace(0, 999, 10))[::-1]]
 
 
@@ -279,8 +279,11 @@ def test_point_mass_oracle_recovers_x0(schedules, schedule_name, cfg):
 
 
 @pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
-@pytest.mark.parametrize("cfg", [("ddim", 1, 0.0, "trailing", True), ("ddim", 1, 1.0, "trailing", False),
-                                 ("ddpm", "fixed_small", False, 1)], ids=cfg_id)
+@pytest.mark.parametrize(
+    "cfg",
+    [("ddim", 1, 0.0, "trailing", True), ("ddim", 1, 1.0, "trailing", False), ("ddpm", "fixed_small", False, 1)],
+    ids=cfg_id,
+)
 def test_point_mass_oracle_single_jump_from_T_minus_1(schedules, schedule_name, cfg):
     """One step from t = 999 to x0 divides by sqrt(abar_999) (6e-3 linear, 5e-5 cosine): run in float64.
     (With beta_end = 0.2, sqrt(abar_999) ~ 5e-24 puts x0's trace in x_999 below float64 resolution, so no
@@ -342,8 +345,9 @@ def test_ddim_eta0_is_deterministic_and_draws_nothing(linear):
     assert torch.equal(c.x0, a.x0) and torch.equal(d.x0, a.x0)
 
 
-@pytest.mark.parametrize("sampler", [DDIMSampler(steps=50, eta=0.5), DDIMSampler(steps=50, eta=1.0), DDPMSampler(steps=50)],
-                         ids=repr)
+@pytest.mark.parametrize(
+    "sampler", [DDIMSampler(steps=50, eta=0.5), DDIMSampler(steps=50, eta=1.0), DDPMSampler(steps=50)], ids=repr
+)
 def test_stochastic_samplers_depend_on_generator_only(linear, sampler):
     noise = torch.randn(SHAPE, generator=gen(0))
     eps = smooth_eps(1000)
@@ -359,8 +363,14 @@ def test_stochastic_samplers_depend_on_generator_only(linear, sampler):
 # --------------------------------------------------------------------------------------------------------
 
 REF_SCHEDULES = {
-    "linear-0.01-0.3": (dict(kind="linear", timesteps=10, beta_start=0.01, beta_end=0.3), lambda: np_linear_abar(10, 0.01, 0.3)),
-    "linear-1e-4-0.02": (dict(kind="linear", timesteps=10, beta_start=1e-4, beta_end=0.02), lambda: np_linear_abar(10, 1e-4, 0.02)),
+    "linear-0.01-0.3": (
+        dict(kind="linear", timesteps=10, beta_start=0.01, beta_end=0.3),
+        lambda: np_linear_abar(10, 0.01, 0.3),
+    ),
+    "linear-1e-4-0.02": (
+        dict(kind="linear", timesteps=10, beta_start=1e-4, beta_end=0.02),
+        lambda: np_linear_abar(10, 1e-4, 0.02),
+    ),
     "cosine": (dict(kind="cosine", timesteps=10), lambda: np_cosine_abar(10)),
 }
 
@@ -481,8 +491,9 @@ def test_respaced_ddpm_matches_reference_with_recomputed_betas(variance, clip, s
             x = mean
 
     g = gen(32)
-    out = DDPMSampler(variance, clip_denoised=clip, steps=steps)(eps_fn, schedule, noise, generator=g,
-                                                                  trajectory_every=steps)
+    out = DDPMSampler(variance, clip_denoised=clip, steps=steps)(
+        eps_fn, schedule, noise, generator=g, trajectory_every=steps
+    )
     assert (out.x0 - x.clamp(-1, 1)).abs().max().item() <= 1e-10
     # the unclamped final state (float32 frame) matches too, so saturation at +-1 cannot hide a mismatch
     torch.testing.assert_close(out.trajectory[-1][1].double(), x, rtol=1e-6, atol=1e-6)
@@ -670,8 +681,9 @@ def test_output_in_unit_range_and_finite_with_random_eps(schedules, schedule_nam
     def random_eps(x, t):
         return 3.0 * torch.randn(x.shape, generator=g_eps, dtype=x.dtype)
 
-    out = make_sampler(cfg)(random_eps, schedule, 2.0 * torch.randn(SHAPE, generator=gen(0)), generator=gen(1),
-                            trajectory_every=7)
+    out = make_sampler(cfg)(
+        random_eps, schedule, 2.0 * torch.randn(SHAPE, generator=gen(0)), generator=gen(1), trajectory_every=7
+    )
     assert bool(torch.isfinite(out.x0).all())
     assert out.x0.min().item() >= -1.0 and out.x0.max().item() <= 1.0
     assert all(bool(torch.isfinite(f).all()) for _, f in out.trajectory)

@@ -362,8 +362,9 @@ def test_extract_rank_follows_x(linear):
     assert tuple(extract(linear.betas, t, torch.zeros(2, 7)).shape) == (2, 1)
     assert tuple(extract(linear.betas, t, torch.zeros(2, 3, 4, 5, 6)).shape) == (2, 1, 1, 1, 1)
     b = reference_betas("linear", 1000)
-    np.testing.assert_allclose(extract(linear.betas, t, torch.zeros(2, 7, dtype=torch.float64)).flatten().numpy(),
-                               b[[3, 4]], rtol=1e-12)
+    np.testing.assert_allclose(
+        extract(linear.betas, t, torch.zeros(2, 7, dtype=torch.float64)).flatten().numpy(), b[[3, 4]], rtol=1e-12
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -459,7 +460,12 @@ def test_respaced_buffers_match_independent_numpy_reference(kind, kw, kept_name)
     assert buf(r, "alphas_cumprod_prev")[0] == 1.0 and buf(r, "posterior_variance")[0] == 0.0
     assert buf(r, "posterior_mean_coef2")[0] == 0.0
     # the coefficients the samplers use stay finite (and nonzero past index 0) in float32
-    for name in ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1", "posterior_variance"):
+    for name in (
+        "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod",
+        "posterior_mean_coef1",
+        "posterior_variance",
+    ):
         v32 = getattr(r, name).float()
         assert bool(torch.isfinite(v32).all()), name
         assert bool((v32[1:].abs() >= FLOAT32_TINY).all()), name

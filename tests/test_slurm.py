@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from mnist_fixtures import write_fake_mnist
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
@@ -30,9 +31,17 @@ BATCH = 8
 TRAIN_SECONDS = 50
 #: What every job gets besides its own overrides: the tiny network, one CPU thread, a log line per step.
 COMMON = [
-    "hydra/launcher=slurm_cpu", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1", "ckpt_path=last",
-    "model=adm_tiny", f"data.batch_size={BATCH}", "data.val_size=8", "trainer.enable_progress_bar=false",
-    "trainer.log_every_n_steps=1", "callbacks.samples.every_n_epochs=0", "callbacks.samples.num_samples=4",
+    "hydra/launcher=slurm_cpu",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=1",
+    "ckpt_path=last",
+    "model=adm_tiny",
+    f"data.batch_size={BATCH}",
+    "data.val_size=8",
+    "trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
+    "callbacks.samples.every_n_epochs=0",
+    "callbacks.samples.num_samples=4",
     "callbacks.samples.trajectory_samples=0",
     "callbacks.samples.sampler={_target_: ddpm_lightning.samplers.DDIMSampler, steps: 4}",
 ]
@@ -51,8 +60,10 @@ def _no_cluster_reason() -> str | None:
         return f"no Slurm cluster: sinfo did not answer within 15 s; start one with `sudo ci/slurm/start.sh`{why}"
     if out.returncode != 0 or not re.search(r"^debug\* up (idle|mix|alloc)", out.stdout, re.M):
         text = (out.stderr or out.stdout).strip().splitlines()
-        return (f"no Slurm cluster with an idle `debug` partition: sinfo says {text[:1]}; start one with "
-                f"`sudo ci/slurm/start.sh`{why}")
+        return (
+            f"no Slurm cluster with an idle `debug` partition: sinfo says {text[:1]}; start one with "
+            f"`sudo ci/slurm/start.sh`{why}"
+        )
     if shutil.which("srun") is None:
         return "no srun on PATH (submitit needs it)"
     return None
@@ -88,11 +99,13 @@ class Sweep:
         self.started = time.monotonic()
         cmd = [*_ddpm_train(), "-m", *COMMON, f"data.root={data_root}", f"hydra.sweep.dir={self.dir}", *overrides]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
-        self.proc = subprocess.Popen(cmd, cwd=base, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=base, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         self.lines: list[str] = []
-        self._reader = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")),
-                                        daemon=True)
+        self._reader = threading.Thread(
+            target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")), daemon=True
+        )
         self._reader.start()
 
     def output(self) -> str:
@@ -142,8 +155,9 @@ def attempts(job: str, timeout: float = 60) -> list[str]:
     while True:
         rows = _run("sacct", "-j", job, "--duplicates", "-X", "-n", "-P", "-o", "JobID,State,ExitCode").splitlines()
         states = [f"{state} {code}" for jid, state, code in (r.split("|") for r in rows) if jid == job]
-        if (states and states[-1].split()[0] not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING")) \
-                or time.monotonic() > deadline:
+        if (
+            states and states[-1].split()[0] not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING")
+        ) or time.monotonic() > deadline:
             return states
         time.sleep(0.5)
 
@@ -201,8 +215,12 @@ def test_a_beta_sweep_completes_and_a_job_requeued_mid_epoch_resumes_at_its_step
     dir, it resumes there and ends at the step of an uninterrupted run, as job 1 does. `ckpt_path=last` is typed;
     without it the requeued job resumes too (tests/test_requeue.py)."""
     epochs, per_epoch = 2, 256 // BATCH
-    sweep = Sweep(tmp_path, "sweep", data_root, ["data.subset_size=256", f"trainer.max_epochs={epochs}",
-                                                 "schedule.beta_end=0.02,0.1"])
+    sweep = Sweep(
+        tmp_path,
+        "sweep",
+        data_root,
+        ["data.subset_size=256", f"trainer.max_epochs={epochs}", "schedule.beta_end=0.02,0.1"],
+    )
     first, second = sweep.jobs(2)
     last = sweep.run_dir(0) / "checkpoints" / "last.ckpt"
     sweep.wait_for(last.is_file, f"job {first} wrote no last.ckpt")
@@ -212,8 +230,10 @@ def test_a_beta_sweep_completes_and_a_job_requeued_mid_epoch_resumes_at_its_step
     assert sweep.finish() == 0, sweep.output()
     log = _log(sweep, first)
     [(hpc, saved)] = requeue_lines(log)
-    assert f"requeued: Slurm job {first} is being requeued (SIGTERM, the job is requeued); saved {hpc} at step " \
-           f"{saved}; the requeued job resumes it" in log
+    assert (
+        f"requeued: Slurm job {first} is being requeued (SIGTERM, the job is requeued); saved {hpc} at step "
+        f"{saved}; the requeued job resumes it" in log
+    )
     assert resumed_from(log) == [hpc] and saved > before, log[-3000:]
     assert step(last) == step(sweep.run_dir(1) / "checkpoints" / "last.ckpt") == epochs * per_epoch
     assert attempts(first) == ["REQUEUED 0:0", "COMPLETED 0:0"] and attempts(second) == ["COMPLETED 0:0"]
@@ -231,15 +251,20 @@ def test_a_preempted_two_task_ddp_job_resumes_on_both_ranks_and_scancel_ends_bot
     requeues the job, instead of exiting 143 and being recorded FAILED. The high job runs; the requeued job resumes
     on both ranks and trains on; `scancel` then ends both tasks, each with one line, and srun reports exit 143."""
     per_epoch = 256 // (BATCH * 2)
-    sweep = Sweep(tmp_path, "ddp", data_root, ["data.subset_size=256", "trainer=ddp_sim",
-                                               "hydra.launcher.tasks_per_node=2", "trainer.max_epochs=200"])
+    sweep = Sweep(
+        tmp_path,
+        "ddp",
+        data_root,
+        ["data.subset_size=256", "trainer=ddp_sim", "hydra.launcher.tasks_per_node=2", "trainer.max_epochs=200"],
+    )
     [job] = sweep.jobs(1)
     last = sweep.run_dir(0) / "checkpoints" / "last.ckpt"
     sweep.wait_for(last.is_file, f"job {job} wrote no last.ckpt")
     time.sleep(1.0)
     before = step(last)
-    high = _run("sbatch", "--parsable", "-p", "high", "--exclusive", "-t", "1", "-o", "/dev/null",
-                "--wrap", "sleep 1").strip()
+    high = _run(
+        "sbatch", "--parsable", "-p", "high", "--exclusive", "-t", "1", "-o", "/dev/null", "--wrap", "sleep 1"
+    ).strip()
     sweep.wait_for(lambda: len(resumed_from(_log(sweep, job, tasks=2))) == 2, "the requeued job did not resume")
     log = _log(sweep, job, tasks=2)
     [(hpc, saved), (hpc1, saved1)] = requeue_lines(log)  # rank 0 and rank 1: the same file, the same step
@@ -258,17 +283,25 @@ def test_a_preempted_two_task_ddp_job_resumes_on_both_ranks_and_scancel_ends_bot
         found = re.findall(r"^srun: error: \S+: tasks? ([0-9,-]+): Exited with exit code 143$", text, re.M)
         return {task for tasks in found for task in ("0", "1") if tasks in (task, "0-1")}
 
-    sweep.wait_for(lambda: exited_143() == {"0", "1"}, "srun did not report exit 143 for both tasks", timeout=60,
-                   parent=False)
+    sweep.wait_for(
+        lambda: exited_143() == {"0", "1"}, "srun did not report exit 143 for both tasks", timeout=60, parent=False
+    )
     for task in (0, 1):
         text = (sweep.dir / ".submitit" / job / f"{job}_{task}_log.err").read_text(errors="replace")
         assert [line for line in text.splitlines() if line.startswith("error:")] == [
-            f"error: stopped by SIGTERM; the newest complete checkpoint is kept (resume with ckpt_path={last})"], \
-            text[-3000:]
+            f"error: stopped by SIGTERM; the newest complete checkpoint is kept (resume with ckpt_path={last})"
+        ], text[-3000:]
     assert states == ["REQUEUED 0:0", "CANCELLED by 0 0:0"] and attempts(high) == ["COMPLETED 0:0"], states
     step_rows = _run("sacct", "-j", job, "--duplicates", "-n", "-P", "-o", "JobID,State,ExitCode").split()
-    report("ddp preemption+scancel", job, preempted_by=high, last_ckpt_before=before, saved_and_resumed_at=saved,
-           after_resume=after, steps=step_rows)
+    report(
+        "ddp preemption+scancel",
+        job,
+        preempted_by=high,
+        last_ckpt_before=before,
+        saved_and_resumed_at=saved,
+        after_resume=after,
+        steps=step_rows,
+    )
     check_run_dir(sweep.run_dir(0))
     sweep.finish(timeout=60)
     print(f"[ddp preemption+scancel] wall {time.monotonic() - sweep.started:.0f} s")
@@ -282,16 +315,28 @@ def test_a_job_whose_epoch_outlasts_its_allocation_finishes_over_requeues_at_the
     resumes from the previous one's checkpoint, and the job completes (before: every attempt restarted at the same
     step until submitit gave up)."""
     per_epoch = N_TRAIN // BATCH
-    sweep = Sweep(tmp_path, "timelimit", data_root, [
-        "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=10", "trainer.max_epochs=1",
-        f'+trainer.max_time="00:00:00:{TRAIN_SECONDS:02d}"', "trainer.val_check_interval=50",
-        "trainer.check_val_every_n_epoch=null"])
+    sweep = Sweep(
+        tmp_path,
+        "timelimit",
+        data_root,
+        [
+            "hydra.launcher.timeout_min=1",
+            "hydra.launcher.signal_delay_s=10",
+            "trainer.max_epochs=1",
+            f'+trainer.max_time="00:00:00:{TRAIN_SECONDS:02d}"',
+            "trainer.val_check_interval=50",
+            "trainer.check_val_every_n_epoch=null",
+        ],
+    )
     [job] = sweep.jobs(1)
     assert sweep.finish(timeout=600) == 0, sweep.output()
     log = _log(sweep, job)
     saves = requeue_lines(log)
-    assert saves and all("(SIGUSR2, Slurm's warning before the time limit)" in line
-                         for line in log.splitlines() if line.startswith("requeued:")), log[-3000:]
+    assert saves and all(
+        "(SIGUSR2, Slurm's warning before the time limit)" in line
+        for line in log.splitlines()
+        if line.startswith("requeued:")
+    ), log[-3000:]
     assert resumed_from(log) == [path for path, _ in saves]  # each attempt from the previous one's checkpoint
     steps = [saved for _, saved in saves]
     last = sweep.run_dir(0) / "checkpoints" / "last.ckpt"
@@ -303,7 +348,13 @@ def test_a_job_whose_epoch_outlasts_its_allocation_finishes_over_requeues_at_the
     states = attempts(job)
     assert states == ["REQUEUED 0:0"] * len(saves) + ["COMPLETED 0:0"], states
     assert restarts(job) == len(saves)
-    report("time limit", job, saved_and_resumed_at=steps, final=final, steps_per_epoch=per_epoch,
-           epoch_seconds=round(epoch_s))
+    report(
+        "time limit",
+        job,
+        saved_and_resumed_at=steps,
+        final=final,
+        steps_per_epoch=per_epoch,
+        epoch_seconds=round(epoch_s),
+    )
     check_run_dir(sweep.run_dir(0))
     print(f"[time limit] wall {time.monotonic() - sweep.started:.0f} s")

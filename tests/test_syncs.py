@@ -13,11 +13,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import compose_train
 from omegaconf import open_dict
 
 from ddpm_lightning.sync_census import SyncCensus, cuda_sync_debug
 from ddpm_lightning.training import train
+
+from conftest import compose_train
 
 STEPS, EVERY = 12, 4  #: optimizer steps per run; trainer.log_every_n_steps (checks at steps 3, 7, 11)
 PRESETS = {
@@ -28,8 +29,11 @@ PRESETS = {
     "iddpm": ["trainer.max_time=null", "model.learn_sigma=true"],  # learned variances, L_hybrid, cosine schedule
 }
 #: Where a read may happen on a check step: the check itself, the progress bar's redraw, Lightning's logger.
-CHECK_STEP_READS = ("ddpm_lightning/module.py", "ddpm_lightning/callbacks.py",
-                    "lightning/fabric/utilities/apply_func.py")
+CHECK_STEP_READS = (
+    "ddpm_lightning/module.py",
+    "ddpm_lightning/callbacks.py",
+    "lightning/fabric/utilities/apply_func.py",
+)
 
 _CENSUS: SyncCensus | None = None
 _CUDA_ERROR_STEPS: set[int] = set()
@@ -51,11 +55,24 @@ class StepLabel(L.Callback):
 
 
 def _overrides(preset: str, root: Path, run: Path, device: str) -> list[str]:
-    over = [f"experiment={preset}", "model=adm_tiny", f"data.root={root}", "data.batch_size=4", "data.subset_size=64",
-            "data.val_size=8", f"trainer.max_steps={STEPS}", "trainer.max_epochs=-1",
-            f"trainer.log_every_n_steps={EVERY}",
-            "trainer.val_check_interval=null", "trainer.check_val_every_n_epoch=1", "callbacks.samples=null",
-            "evaluate=null", f"run_dir={run}", "trainer.enable_progress_bar=true", *PRESETS[preset]]
+    over = [
+        f"experiment={preset}",
+        "model=adm_tiny",
+        f"data.root={root}",
+        "data.batch_size=4",
+        "data.subset_size=64",
+        "data.val_size=8",
+        f"trainer.max_steps={STEPS}",
+        "trainer.max_epochs=-1",
+        f"trainer.log_every_n_steps={EVERY}",
+        "trainer.val_check_interval=null",
+        "trainer.check_val_every_n_epoch=1",
+        "callbacks.samples=null",
+        "evaluate=null",
+        f"run_dir={run}",
+        "trainer.enable_progress_bar=true",
+        *PRESETS[preset],
+    ]
     if device == "cuda":
         over += ["trainer=gpu", "trainer.enable_progress_bar=true"]
     return over
@@ -65,8 +82,18 @@ def _check_step(step: int) -> bool:
     return (step + 1) % EVERY == 0
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA GPU: the sync debug mode runs only there"))])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(
+                not torch.cuda.is_available(), reason="no CUDA GPU: the sync debug mode runs only there"
+            ),
+        ),
+    ],
+)
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_a_steady_training_step_and_sampler_step_have_no_host_sync(preset, device, fake_mnist_root, tmp_path):
     global _CENSUS
@@ -101,8 +128,9 @@ def test_a_steady_training_step_and_sampler_step_have_no_host_sync(preset, devic
     try:
         with SyncCensus() as census, cuda_sync_debug("warn"):
             census.label = 0
-            module.sample(3, sampler=sampler, generator=torch.Generator(module.device).manual_seed(0),
-                          guidance_scale=guidance)
+            module.sample(
+                3, sampler=sampler, generator=torch.Generator(module.device).manual_seed(0), guidance_scale=guidance
+            )
     finally:
         handle.remove()
     assert len(calls) >= 3

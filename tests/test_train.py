@@ -147,8 +147,12 @@ def hparams_rows_in_a_running_tensorboard(logdir: Path) -> dict[str, dict]:
     import time
     import urllib.request
 
-    proc = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1",
-                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline, url, seen = time.monotonic() + 120, None, []
         while url is None and time.monotonic() < deadline and proc.poll() is None:
@@ -157,17 +161,28 @@ def hparams_rows_in_a_running_tensorboard(logdir: Path) -> dict[str, dict]:
             found = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
             url = found.group(1) if found else None
         assert url, "".join(seen)[-2000:]
-        request = {"experimentName": "", "startIndex": 0, "sliceSize": 100,
-                   "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
-                   "colParams": [{"hparam": "schedule.beta_end"}, {"metric": {"tag": "hp/fid", "group": ""}},
-                                 {"metric": {"tag": "hp/val_loss", "group": ""}}]}
+        request = {
+            "experimentName": "",
+            "startIndex": 0,
+            "sliceSize": 100,
+            "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+            "colParams": [
+                {"hparam": "schedule.beta_end"},
+                {"metric": {"tag": "hp/fid", "group": ""}},
+                {"metric": {"tag": "hp/val_loss", "group": ""}},
+            ],
+        }
         for _ in range(30):  # TensorBoard loads the event files in the background: ask until all runs are there
-            post = urllib.request.Request(f"{url}/data/plugin/hparams/session_groups", data=json.dumps(request).encode(),
-                                          headers={"Content-Type": "application/json"})
+            post = urllib.request.Request(
+                f"{url}/data/plugin/hparams/session_groups",
+                data=json.dumps(request).encode(),
+                headers={"Content-Type": "application/json"},
+            )
             with urllib.request.urlopen(post, timeout=30) as answer:
                 groups = json.loads(answer.read())["sessionGroups"]
-            rows = {g["name"]: {**g["hparams"], **{m["name"]["tag"]: m["value"] for m in g["metricValues"]}}
-                    for g in groups}
+            rows = {
+                g["name"]: {**g["hparams"], **{m["name"]["tag"]: m["value"] for m in g["metricValues"]}} for g in groups
+            }
             if len(rows) == 3 and all("hp/fid" in row for row in rows.values()):
                 return rows
             time.sleep(2)
@@ -251,20 +266,38 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_
         assert all(torch.isfinite(v).all() for v in ckpt[key].values() if v.is_floating_point())
 
 
-def test_val_fid_is_logged_and_can_pick_the_best_checkpoint(tiny_train_overrides, tmp_path, fake_mnist_root, monkeypatch):
+def test_val_fid_is_logged_and_can_pick_the_best_checkpoint(
+    tiny_train_overrides, tmp_path, fake_mnist_root, monkeypatch
+):
     """callbacks.fid.every_n_epochs=1 logs val/fid from a classifier; a missing classifier stops before training."""
     from ddpm_lightning.classifier import train_classifier
 
     mine = tmp_path / "cache" / "mnist_classifier.pt"
-    fid_overrides = [*tiny_train_overrides, "callbacks.fid.every_n_epochs=1", "callbacks.fid.num_samples=8",
-                     "callbacks.fid.sampler.steps=2"]
-    with pytest.raises(ConfigError, match=r"^callbacks.fid.classifier_path=.* no such file; train one there with "
-                                          r"ddpm-train-classifier .*, or leave it unset \(null\) for the packaged"):
+    fid_overrides = [
+        *tiny_train_overrides,
+        "callbacks.fid.every_n_epochs=1",
+        "callbacks.fid.num_samples=8",
+        "callbacks.fid.sampler.steps=2",
+    ]
+    with pytest.raises(
+        ConfigError,
+        match=r"^callbacks.fid.classifier_path=.* no such file; train one there with "
+        r"ddpm-train-classifier .*, or leave it unset \(null\) for the packaged",
+    ):
         train(compose_train([*fid_overrides, f"callbacks.fid.classifier_path={mine}"]))
     assert not (tmp_path / "run" / "checkpoints").exists()
     train_classifier(fake_mnist_root, mine, epochs=1, max_steps=2, verbose=False)
-    result = train(compose_train([*fid_overrides, "trainer.max_epochs=2", "callbacks.best.monitor=val/fid",
-                                  "callbacks.best.save_on_train_epoch_end=true", f"callbacks.fid.classifier_path={mine}"]))
+    result = train(
+        compose_train(
+            [
+                *fid_overrides,
+                "trainer.max_epochs=2",
+                "callbacks.best.monitor=val/fid",
+                "callbacks.best.save_on_train_epoch_end=true",
+                f"callbacks.fid.classifier_path={mine}",
+            ]
+        )
+    )
     fid = result["metrics"]["val/fid"]
     assert fid > 0 and torch.isfinite(torch.tensor(fid))
     events = EventAccumulator(str(result["tensorboard_dir"])).Reload()
@@ -311,12 +344,17 @@ def test_end_of_run_evaluation_writes_metrics_beside_the_checkpoints(tiny_train_
     from ddpm_lightning.classifier import train_classifier
 
     clf = tmp_path / "clf.pt"
-    overrides = [*tiny_train_overrides, f"evaluate={{num_samples: 6, batch_size: 4, sampler: {{steps: 2}}, "
-                                         f"classifier_path: {clf}}}"]
+    overrides = [
+        *tiny_train_overrides,
+        f"evaluate={{num_samples: 6, batch_size: 4, sampler: {{steps: 2}}, classifier_path: {clf}}}",
+    ]
     with pytest.raises(ConfigError, match=r"^evaluate.classifier_path="):
         train(compose_train(overrides))
-    with pytest.raises(ConfigError, match=r"^evaluate.num_sample=6 is invalid: no such key; did you mean "
-                                          r"\+\+evaluate.num_samples=6\?$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^evaluate.num_sample=6 is invalid: no such key; did you mean "
+        r"\+\+evaluate.num_samples=6\?$",
+    ):
         train(compose_train([*tiny_train_overrides, "evaluate={num_sample: 6}"]))
     assert compose_train([*tiny_train_overrides, "++evaluate.num_samples=6"]).evaluate.num_samples == 6  # it works
     train_classifier(tiny_train_overrides[-2].split("=", 1)[1], clf, epochs=1, max_steps=2, verbose=False)
@@ -328,25 +366,45 @@ def test_end_of_run_evaluation_writes_metrics_beside_the_checkpoints(tiny_train_
     metrics = json.loads(metrics_file.read_text())
     assert metrics["n"] == 6 and metrics["ckpt_path"] == str((tmp_path / "run" / "checkpoints" / "last.ckpt").resolve())
     assert result["evaluation"]["fid"] == metrics["fid"]
-    assert 0 <= metrics["confident_fraction"] <= 1 and (tmp_path / "run" / "evaluate" / "step_000002" / "samples" / "samples.npz").is_file()
+    assert (
+        0 <= metrics["confident_fraction"] <= 1
+        and (tmp_path / "run" / "evaluate" / "step_000002" / "samples" / "samples.npz").is_file()
+    )
 
 
 def test_onecycle_lr_scheduler_steps_after_every_optimizer_step_and_is_checkpointed(tiny_train_overrides):
     """lr_scheduler=onecycle: torch's OneCycleLR over trainer.max_steps, stepped once per optimizer step (not per
     epoch): after 4 steps the optimizer's lr equals a reference scheduler stepped 4 times, and last.ckpt holds its
     state so that a resumed run continues the same curve."""
-    overrides = [*tiny_train_overrides, "lr_scheduler=onecycle", "trainer.max_epochs=-1", "trainer.max_steps=4",
-                 "optimizer.lr=1e-3", "lr_scheduler.total_steps=6", "lr_scheduler.pct_start=0.3"]
+    overrides = [
+        *tiny_train_overrides,
+        "lr_scheduler=onecycle",
+        "trainer.max_epochs=-1",
+        "trainer.max_steps=4",
+        "optimizer.lr=1e-3",
+        "lr_scheduler.total_steps=6",
+        "lr_scheduler.pct_start=0.3",
+    ]
     result = train(compose_train(overrides))
     ref_opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-3)
-    ref = torch.optim.lr_scheduler.OneCycleLR(ref_opt, max_lr=1e-3, total_steps=6, pct_start=0.3, anneal_strategy="cos",
-                                              cycle_momentum=False, div_factor=25.0, final_div_factor=1e4)
+    ref = torch.optim.lr_scheduler.OneCycleLR(
+        ref_opt,
+        max_lr=1e-3,
+        total_steps=6,
+        pct_start=0.3,
+        anneal_strategy="cos",
+        cycle_momentum=False,
+        div_factor=25.0,
+        final_div_factor=1e4,
+    )
     lrs = [ref_opt.param_groups[0]["lr"]]
     for _ in range(4):
         ref_opt.step()
         ref.step()
         lrs.append(ref_opt.param_groups[0]["lr"])
-    assert lrs[0] == pytest.approx(1e-3 / 25) and max(lrs) > 0.9e-3 and lrs[-1] < max(lrs) / 2 and len(set(lrs)) == 5  # warm-up, peak, decay
+    assert (
+        lrs[0] == pytest.approx(1e-3 / 25) and max(lrs) > 0.9e-3 and lrs[-1] < max(lrs) / 2 and len(set(lrs)) == 5
+    )  # warm-up, peak, decay
     assert result["trainer"].optimizers[0].param_groups[0]["lr"] == pytest.approx(lrs[-1], rel=1e-12)
     ckpt = torch.load(result["last_ckpt"], map_location="cpu", weights_only=True)
     assert ckpt["lr_schedulers"][0]["last_epoch"] == 4 and ckpt["global_step"] == 4
@@ -355,23 +413,42 @@ def test_onecycle_lr_scheduler_steps_after_every_optimizer_step_and_is_checkpoin
 def test_lr_scheduler_without_a_step_budget_is_one_line_before_training(tiny_train_overrides, tmp_path):
     with pytest.raises(ConfigError, match=r"^lr_scheduler.total_steps=-1 is invalid: must be an integer >= 1"):
         train(compose_train([*tiny_train_overrides, "lr_scheduler=onecycle"]))
-    with pytest.raises(ConfigError, match=r"^lr_scheduler is invalid: cannot build ddpm_lightning.budget.BudgetOneCycleLR: "):
-        train(compose_train([*tiny_train_overrides, "lr_scheduler=onecycle", "trainer.max_steps=4",
-                             "lr_scheduler.pct_start=2"]))
+    with pytest.raises(
+        ConfigError, match=r"^lr_scheduler is invalid: cannot build ddpm_lightning.budget.BudgetOneCycleLR: "
+    ):
+        train(
+            compose_train(
+                [*tiny_train_overrides, "lr_scheduler=onecycle", "trainer.max_steps=4", "lr_scheduler.pct_start=2"]
+            )
+        )
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_the_preset_with_a_step_budget_off_the_validation_interval_still_saves_and_evaluates_its_final_state(
-        fake_mnist_root, tmp_path):
+    fake_mnist_root, tmp_path
+):
     """experiment=mnist_cpu validates every 1,500 steps; stopped at step 2 (max_steps, or max_time on a slow machine)
     it must still write last.ckpt at that step, which the end-of-run evaluation then scores. Before, last.ckpt was
     written only at validation ends, and the evaluation failed with 'no such checkpoint file'."""
     import json
 
-    result = train(compose_train(["experiment=mnist_cpu", "model=adm_tiny", f"data.root={fake_mnist_root}",
-                                  "data.val_size=8", "trainer.max_steps=2", "trainer.enable_progress_bar=false",
-                                  "sampler.steps=3", "callbacks.samples.num_samples=4", "evaluate.num_samples=8",
-                                  "evaluate.sampler.steps=3", f"run_dir={tmp_path / 'run'}"]))
+    result = train(
+        compose_train(
+            [
+                "experiment=mnist_cpu",
+                "model=adm_tiny",
+                f"data.root={fake_mnist_root}",
+                "data.val_size=8",
+                "trainer.max_steps=2",
+                "trainer.enable_progress_bar=false",
+                "sampler.steps=3",
+                "callbacks.samples.num_samples=4",
+                "evaluate.num_samples=8",
+                "evaluate.sampler.steps=3",
+                f"run_dir={tmp_path / 'run'}",
+            ]
+        )
+    )
     assert torch.load(result["last_ckpt"], map_location="cpu", weights_only=True)["global_step"] == 2
     metrics = json.loads((tmp_path / "run" / "evaluate" / "step_000002" / "metrics.json").read_text())
     assert metrics["n"] == 8 and metrics["classifier_reference"] is True
@@ -392,7 +469,8 @@ def test_the_presets_take_any_sampler(experiment, sampler):
 
 
 def test_the_guided_preset_draws_rows_of_0_to_9_with_guidance_and_scores_the_requested_labels(
-        fake_mnist_root, tmp_path, monkeypatch):
+    fake_mnist_root, tmp_path, monkeypatch
+):
     """experiment=mnist_cpu_cfg: a class-conditional network; its pictures are guided (the callback hands its
     guidance_scale to the sampling loop) in a 10-column grid, so each row reads 0..9; the end-of-run evaluation is
     guided too and records the scale and the fraction classified as the requested digit."""
@@ -410,10 +488,21 @@ def test_the_guided_preset_draws_rows_of_0_to_9_with_guidance_and_scores_the_req
         return real_draw(*args, **kwargs)
 
     monkeypatch.setattr(callbacks, "draw_samples", spy)
-    cfg = compose_train(["experiment=mnist_cpu_cfg", "model=adm_tiny", f"data.root={fake_mnist_root}",
-                         "data.val_size=8", "trainer.max_steps=2", "trainer.enable_progress_bar=false",
-                         "sampler.steps=3", "callbacks.samples.num_samples=20", "evaluate.num_samples=10",
-                         "evaluate.sampler.steps=3", f"run_dir={tmp_path / 'run'}"])
+    cfg = compose_train(
+        [
+            "experiment=mnist_cpu_cfg",
+            "model=adm_tiny",
+            f"data.root={fake_mnist_root}",
+            "data.val_size=8",
+            "trainer.max_steps=2",
+            "trainer.enable_progress_bar=false",
+            "sampler.steps=3",
+            "callbacks.samples.num_samples=20",
+            "evaluate.num_samples=10",
+            "evaluate.sampler.steps=3",
+            f"run_dir={tmp_path / 'run'}",
+        ]
+    )
     assert cfg.model.num_classes == 10 and cfg.callbacks.samples.guidance_scale == cfg.evaluate.guidance_scale != 1
     result = train(cfg)
     assert seen and set(seen) == {cfg.callbacks.samples.guidance_scale}
@@ -441,9 +530,20 @@ def test_a_checkpoint_from_before_the_diffusion_node_still_samples_and_resumes(t
     model = load_ddpm(old)
     x0 = model.sample(2, generator=torch.Generator().manual_seed(0)).x0  # with the run's own sampler (DDIM-3)
     assert x0.shape == (2, 1, 32, 32) and torch.isfinite(x0).all()
-    resumed = train(compose_train([*TINY_CKPT_TRAIN, f"data.root={session_mnist_root}", f"run_dir={tmp_path / 'resumed'}",
-                                   f"ckpt_path={old}", "trainer.max_epochs=2"]))
-    assert resumed["trainer"].current_epoch == 2 and resumed["trainer"].global_step == 2 * tiny_run["trainer"].global_step
+    resumed = train(
+        compose_train(
+            [
+                *TINY_CKPT_TRAIN,
+                f"data.root={session_mnist_root}",
+                f"run_dir={tmp_path / 'resumed'}",
+                f"ckpt_path={old}",
+                "trainer.max_epochs=2",
+            ]
+        )
+    )
+    assert (
+        resumed["trainer"].current_epoch == 2 and resumed["trainer"].global_step == 2 * tiny_run["trainer"].global_step
+    )
 
 
 def test_every_log_line_is_printed_once_and_no_advertisement(tiny_train_overrides, tmp_path, run_command):
@@ -460,4 +560,3 @@ def test_every_log_line_is_printed_once_and_no_advertisement(tiny_train_override
     assert any(m.startswith("[samples] epoch 0: drawing") for m in messages)
     assert "litlogger" not in out and "Tip:" not in out
     assert "[samples] epoch 0: drawing" in (tmp_path / "hydra" / "train.log").read_text()
-

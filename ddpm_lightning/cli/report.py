@@ -22,8 +22,12 @@ from ddpm_lightning.config import run_command
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ddpm-report", description="Summarise a ddpm-train -m sweep.")
-    parser.add_argument("sweep", type=Path, help="Hydra multirun directory (hydra.sweep.dir) of ddpm-train -m, "
-                        "an Optuna search (hparams_search=...) included")
+    parser.add_argument(
+        "sweep",
+        type=Path,
+        help="Hydra multirun directory (hydra.sweep.dir) of ddpm-train -m, "
+        "an Optuna search (hparams_search=...) included",
+    )
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the sweep directory)")
     parser.add_argument(
         "--metric",

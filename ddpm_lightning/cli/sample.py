@@ -42,7 +42,12 @@ def sample(cfg: Any) -> dict[str, Any]:
     Raises:
         ConfigError: one line naming the key, e.g. ``num_samples=0 is invalid: must be a positive integer``.
     """
-    from ddpm_lightning.sampling import open_checkpoint, resolve_device, sample_checkpoint, write_samples  # torch, Lightning
+    from ddpm_lightning.sampling import (
+        open_checkpoint,
+        resolve_device,
+        sample_checkpoint,
+        write_samples,
+    )  # torch, Lightning
 
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         raise ConfigError("ckpt_path is required: ddpm-sample ckpt_path=<run>/checkpoints/last.ckpt")
@@ -51,16 +56,30 @@ def sample(cfg: Any) -> dict[str, Any]:
     device = resolve_device(opts.device)
     opened = open_checkpoint(opts.ckpt_path, opts.sampler, opts.class_label, opts.guidance_scale)
     drawn, used_ema = sample_checkpoint(
-        opened, opts.num_samples, device, use_ema=opts.use_ema, batch_size=opts.batch_size, seed=opts.seed,
-        class_label=opts.class_label, guidance_scale=opts.guidance_scale,
-        trajectory_frames=opts.trajectory_frames if opts.trajectory else None, progress=True,
+        opened,
+        opts.num_samples,
+        device,
+        use_ema=opts.use_ema,
+        batch_size=opts.batch_size,
+        seed=opts.seed,
+        class_label=opts.class_label,
+        guidance_scale=opts.guidance_scale,
+        trajectory_frames=opts.trajectory_frames if opts.trajectory else None,
+        progress=True,
     )
     paths = write_samples(opts.out_dir, drawn, overwrite=opts.overwrite)
     n, seconds = opts.num_samples, drawn.seconds
     result = {
-        "out_dir": opts.out_dir, **paths, "num_samples": n, "num_frames": len(drawn.frames),
-        "sampler": opened.sampler, "sampler_source": opened.sampler_source, "device": str(device),
-        "used_ema": used_ema, "seconds": seconds, "images_per_s": n / seconds if seconds > 0 else float("inf"),
+        "out_dir": opts.out_dir,
+        **paths,
+        "num_samples": n,
+        "num_frames": len(drawn.frames),
+        "sampler": opened.sampler,
+        "sampler_source": opened.sampler_source,
+        "device": str(device),
+        "used_ema": used_ema,
+        "seconds": seconds,
+        "images_per_s": n / seconds if seconds > 0 else float("inf"),
     }
     lines = [
         f"\nSampled {n} images with {opened.sampler!r} ({opened.sampler_source}; {drawn.num_steps} steps, "
@@ -70,8 +89,10 @@ def sample(cfg: Any) -> dict[str, Any]:
         f"  grid       : {paths['grid']}",
     ]
     if paths["trajectory_png"] is not None:
-        lines += [f"  trajectory : {paths['trajectory_png']}",
-                  f"  animation  : {paths['trajectory_gif']} ({len(drawn.frames)} frames)"]
+        lines += [
+            f"  trajectory : {paths['trajectory_png']}",
+            f"  animation  : {paths['trajectory_gif']} ({len(drawn.frames)} frames)",
+        ]
     print("\n".join(lines), flush=True)
     return result
 

@@ -65,8 +65,12 @@ def run(cfg: DictConfig) -> float | None:
     context, direction = RunContext(), None
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
-        context = RunContext(hydra_cfg.runtime.output_dir, OmegaConf.to_container(hydra_cfg.runtime.choices),
-                             list(hydra_cfg.overrides.task), started=_job_started(hydra_cfg))
+        context = RunContext(
+            hydra_cfg.runtime.output_dir,
+            OmegaConf.to_container(hydra_cfg.runtime.choices),
+            list(hydra_cfg.overrides.task),
+            started=_job_started(hydra_cfg),
+        )
         direction = sweeper_direction(hydra_cfg)
     try:
         result: dict[str, Any] = train(cfg, context)
@@ -166,7 +170,7 @@ def check_slurm_launcher(args: list[str]) -> None:
     def value(node: Any, key: str) -> Any:
         try:
             return node[key]  # resolves an interpolation (tasks_per_node: ${hydra.launcher.gpus_per_node})
-        except Exception:  # noqa: BLE001 - an interpolation that cannot resolve: check_launcher names its source
+        except Exception:
             return None
 
     launcher = {key: value(cfg.hydra.launcher, key) for key in ("gpus_per_node", "tasks_per_node", "nodes")}

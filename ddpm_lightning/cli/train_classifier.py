@@ -34,18 +34,36 @@ def run(cfg: Any) -> dict[str, Any]:
     out = Path(opts.out).expanduser() if opts.out else trained_classifier_path()
     check_writable_folder("out", opts.out, out.parent)  # before training, the default folder too
     print(f"training the MNIST classifier on data.root={opts.data.root} ...", flush=True)
-    result = train_classifier(opts.data.root, opts.out, epochs=opts.epochs, seed=opts.seed, batch_size=opts.batch_size,
-                              lr=opts.lr, augment=opts.augment, max_steps=opts.max_steps, train_size=opts.train_size)
+    result = train_classifier(
+        opts.data.root,
+        opts.out,
+        epochs=opts.epochs,
+        seed=opts.seed,
+        batch_size=opts.batch_size,
+        lr=opts.lr,
+        augment=opts.augment,
+        max_steps=opts.max_steps,
+        train_size=opts.train_size,
+    )
     sha = result["sha256_of_weights"]
-    print("\n".join([
-        f"classifier saved: {result['path']}",
-        f"  test accuracy : {result['test_accuracy'] * 100:.2f}% ({result['test_images']} test images)",
-        f"  sha256        : {sha}" + (" (the reference classifier's)" if sha == REFERENCE_CLASSIFIER_SHA256 else
-                                      f" (the packaged reference is {REFERENCE_CLASSIFIER_SHA256[:16]}...)"),
-        f"  trained       : {result['epochs']} epoch(s), {result['steps']} steps on {result['train_images']} images, "
-        f"seed {result['seed']}, {result['seconds']:.1f} s",
-        f"  use it with   : ddpm-evaluate ... classifier_path={result['path']}",
-    ]), flush=True)
+    print(
+        "\n".join(
+            [
+                f"classifier saved: {result['path']}",
+                f"  test accuracy : {result['test_accuracy'] * 100:.2f}% ({result['test_images']} test images)",
+                f"  sha256        : {sha}"
+                + (
+                    " (the reference classifier's)"
+                    if sha == REFERENCE_CLASSIFIER_SHA256
+                    else f" (the packaged reference is {REFERENCE_CLASSIFIER_SHA256[:16]}...)"
+                ),
+                f"  trained       : {result['epochs']} epoch(s), {result['steps']} steps on {result['train_images']} images, "
+                f"seed {result['seed']}, {result['seconds']:.1f} s",
+                f"  use it with   : ddpm-evaluate ... classifier_path={result['path']}",
+            ]
+        ),
+        flush=True,
+    )
     return result
 
 
