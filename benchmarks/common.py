@@ -112,7 +112,8 @@ def machine(smoke: bool = False) -> dict:
         f"{info['torch_threads']} threads; flags: {' '.join(info['cpu_flags']) or 'none of ' + ', '.join(CPU_FLAGS)}"
     )
     print(
-        f"GEMM limit ({n}x{n}): fp32 {info['gemm_fp32_gflops']:.0f} GFLOP/s, bf16 {info['gemm_bf16_gflops']:.0f} GFLOP/s",
+        f"GEMM limit ({n}x{n}): fp32 {info['gemm_fp32_gflops']:.0f} GFLOP/s, "
+        f"bf16 {info['gemm_bf16_gflops']:.0f} GFLOP/s",
         flush=True,
     )
     return info
@@ -120,7 +121,8 @@ def machine(smoke: bool = False) -> dict:
 
 def training_gflop_per_image(net: nn.Module, image_size: int = 32, channels: int = 1, batch_size: int = 4) -> float:
     """GFLOP of one training image through ``net``: forward and backward of the eps-MSE, counted by
-    ``torch.utils.flop_counter.FlopCounterMode`` (matrix products and convolutions; element-wise work is not counted)."""
+    ``torch.utils.flop_counter.FlopCounterMode`` (matrix products and convolutions; element-wise work is not
+    counted)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.randn(batch_size, channels, image_size, image_size)

@@ -47,7 +47,8 @@ ARMS = {
 
 
 def _loop(network: str, batch: int, steps: int, warmup: int, rank: int, world: int, ddp: bool) -> float:
-    """Seconds of ``steps`` timed training steps (after ``warmup``) in this process; with ``ddp`` inside a gloo group."""
+    """Seconds of ``steps`` timed training steps (after ``warmup``) in this process; with ``ddp`` inside a gloo
+    group."""
     import torch
     import torch.nn.functional as F
 
@@ -205,7 +206,8 @@ def main() -> None:
     for row in rows:
         print(
             f"| {row['arm']} | {row['processes']} x {row['threads']} | {row['batch_per_process']} | "
-            f"{row['images_per_s']:.1f} | {row['ratio_to_first']:.2f} | {row['gflops']:.0f} | {row['of_fp32_gemm']:.2f} |"
+            f"{row['images_per_s']:.1f} | {row['ratio_to_first']:.2f} | {row['gflops']:.0f} | "
+            f"{row['of_fp32_gemm']:.2f} |"
         )
 
 

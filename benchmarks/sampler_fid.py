@@ -14,8 +14,8 @@ so its ``metrics.json`` is what a user gets from
 
 Usage::
 
-    python benchmarks/sampler_fid.py --ckpt <run>/checkpoints/last.ckpt --data-root ../shared/data   # ~20-30 min, 2 CPUs
-    python benchmarks/sampler_fid.py --ckpt ... --steps 10 20 --samplers dpmpp --num-samples 200      # a quick look
+    python benchmarks/sampler_fid.py --ckpt <run>/checkpoints/last.ckpt --data-root ../shared/data  # ~20-30 min, 2 CPUs
+    python benchmarks/sampler_fid.py --ckpt ... --steps 10 20 --samplers dpmpp --num-samples 200     # a quick look
 
 Writes ``benchmarks/results/sampler_fid.json`` (every arm's metrics) and ``docs/images/sampler_fid.png`` (FID against
 network evaluations, log x, the floor as a dashed line), and prints a markdown table.

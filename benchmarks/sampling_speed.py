@@ -71,7 +71,8 @@ def diffusers_schedulers(schedule: NoiseSchedule):
 
 @torch.inference_mode()
 def diffusers_sample(scheduler, net: nn.Module, noise: Tensor, steps: int, generator=None, clipped_eps=True) -> Tensor:
-    """A diffusers sampling loop (as in its DDPM/DDIM pipelines) with our network as the model; returns x0 in [-1, 1]."""
+    """A diffusers sampling loop (as in its DDPM/DDIM pipelines) with our network as the model; returns x0 in
+    [-1, 1]."""
     if type(scheduler).__name__ == "DDPMScheduler":
         scheduler.set_timesteps(timesteps=strided_timesteps(scheduler.config.num_train_timesteps, steps))
         kwargs = {}
@@ -274,7 +275,8 @@ def main() -> None:
     print("\nimages/s vs batch size")
     for r in result["batch_sweep"]:
         print(
-            f"{r['network']:10} {r['sampler']:8} batch {r['batch_size']:4d} {r['seconds']:8.2f} s {r['images_per_s']:8.2f} images/s"
+            f"{r['network']:10} {r['sampler']:8} batch {r['batch_size']:4d} {r['seconds']:8.2f} s "
+            f"{r['images_per_s']:8.2f} images/s"
         )
     for n in notes:
         print("note:", n)

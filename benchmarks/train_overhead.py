@@ -9,11 +9,11 @@ the progress bar (callbacks.samples=null).
 
 Fairness: both arms run in this one process, on the same device (``--device``: the project gets ``trainer=cpu``, or
 ``trainer=gpu`` with fp32 and a device sync closing every timed step of both arms), with the same
-``torch.set_num_threads`` (checked inside each timed step), each run starts with ``--warmup`` untimed steps (oneDNN primitive creation, allocator growth, Adam's state),
-so start-up, validation and the final checkpoint are excluded; the arms alternate bare, project, bare, project, ...
-for ``--rounds`` rounds (>= 5 outside ``--smoke``), each run is the median of its timed steps, and the figures are the
-medians over the rounds. A ratio project/bare above 1.05 means the comparison is still off (the framework cannot
-be faster than the loop it wraps); below 0.95 is overhead to explain.
+``torch.set_num_threads`` (checked inside each timed step), each run starts with ``--warmup`` untimed steps (oneDNN
+primitive creation, allocator growth, Adam's state), so start-up, validation and the final checkpoint are excluded; the
+arms alternate bare, project, bare, project, ... for ``--rounds`` rounds (>= 5 outside ``--smoke``), each run is the
+median of its timed steps, and the figures are the medians over the rounds. A ratio project/bare above 1.05 means the
+comparison is still off (the framework cannot be faster than the loop it wraps); below 0.95 is overhead to explain.
 
 Each network's row also gives its training GFLOP per image (forward + backward, ``FlopCounterMode``) and so its
 GFLOP/s, as a fraction of the CPU's fp32 GEMM limit measured at the start (``common.machine``).
@@ -253,7 +253,8 @@ def main() -> None:
     for r in rows:
         print(
             f"{r['network']:10} {r['batch_size']:5d} {r['timed_steps']:5d} {r['bare_images_per_s']:11.2f} "
-            f"{r['project_images_per_s']:17.2f} {r['ratio']:6.3f} {r['gflop_per_image']:9.3f} {r['project_gflops']:8.1f} "
+            f"{r['project_images_per_s']:17.2f} {r['ratio']:6.3f} {r['gflop_per_image']:9.3f} "
+            f"{r['project_gflops']:8.1f} "
             f"{r['fraction_of_fp32_gemm']:12.2f}"
         )
         if not 0.95 <= r["ratio"] <= 1.05:

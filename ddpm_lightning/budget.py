@@ -81,7 +81,8 @@ class _get_lr_allowed:
 
 
 def parse_minutes(value: Any, key: str = "budget.minutes") -> float | None:
-    """``budget.minutes``: None, a number of minutes > 0, or ``"HH:MM:SS"`` / ``"DD:HH:MM:SS"`` (as ``trainer.max_time``).
+    """``budget.minutes``: None, a number of minutes > 0, or ``"HH:MM:SS"`` / ``"DD:HH:MM:SS"`` (as
+    ``trainer.max_time``).
 
     Raises:
         ConfigError: naming ``key``.

@@ -351,8 +351,8 @@ class FIDCallback(L.Callback):
         every_n_epochs: 0 turns the callback off (the default); N >= 1 runs it after every N-th epoch.
         num_samples: samples per FID (>= 2; a few hundred gives a usable trend, not a publishable number).
         sampler: the reverse process (default DDIM-20 for speed); None uses the module's sampler.
-        classifier_path: None = the packaged reference classifier (:func:`ddpm_lightning.metrics.reference_classifier_path`);
-            or a file written by ``ddpm-train-classifier``.
+        classifier_path: None = the packaged reference classifier
+            (:func:`ddpm_lightning.metrics.reference_classifier_path`); or a file written by ``ddpm-train-classifier``.
         seed: seed of the samples, the same every time so that epochs are comparable.
 
     Raises:

@@ -210,8 +210,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     was; ...``, exit status 7 for no space); a checkpoint whose weights (raw or EMA) hold a NaN or an infinity is
     refused with :class:`~ddpm_lightning.errors.NonFiniteWeightsError` and nothing is written. Lightning's own save
     also uses a temporary file, but fsspec puts it in the system temp folder: on another filesystem the final move
-    is a copy into the target, which a kill can cut short (and a 1 GB DiffUNet checkpoint may not fit in ``/tmp``). Remote URLs (``s3://`` ...) use
-    Lightning's default path.
+    is a copy into the target, which a kill can cut short (and a 1 GB DiffUNet checkpoint may not fit in ``/tmp``).
+    Remote URLs (``s3://`` ...) use Lightning's default path.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:

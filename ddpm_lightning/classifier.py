@@ -5,11 +5,12 @@ The Inception network of the usual FID is trained on ImageNet photographs and sa
 sample-quality metrics (:mod:`ddpm_lightning.metrics`) use the features of :class:`MNISTClassifier` (a small CNN,
 >= 99% test accuracy): ``features(x)`` is its 128-dimensional penultimate layer and ``forward(x)`` its 10 logits.
 Numbers computed with it are comparable only between runs that use the *same* classifier weights, so every result
-records ``classifier_sha256``. The package ships one reference classifier (``ddpm_lightning/assets/mnist_classifier.pt``,
-sha256 of its weights pinned in :data:`REFERENCE_CLASSIFIER_SHA256` and checked at every load): it is the default
-everywhere, so that figures from different machines are measured with the same yardstick, as Inception FID is across
-papers. ``ddpm-train-classifier`` runs :func:`train_classifier`, the recipe that produced it (``seed=0`` reproduces the
-pinned sha256 bit for bit); its output is another feature network, selected with ``classifier_path=<file>``.
+records ``classifier_sha256``. The package ships one reference classifier
+(``ddpm_lightning/assets/mnist_classifier.pt``, sha256 of its weights pinned in :data:`REFERENCE_CLASSIFIER_SHA256` and
+checked at every load): it is the default everywhere, so that figures from different machines are measured with the same
+yardstick, as Inception FID is across papers. ``ddpm-train-classifier`` runs :func:`train_classifier`, the recipe that
+produced it (``seed=0`` reproduces the pinned sha256 bit for bit); its output is another feature network, selected with
+``classifier_path=<file>``.
 
 This module imports neither Hydra nor Lightning (the MNIST loader is imported lazily by :func:`train_classifier`).
 """
@@ -65,7 +66,8 @@ class MNISTClassifier(nn.Module):
     """Small CNN on ``(N, 1, 32, 32)`` images in ``[-1, 1]``.
 
     Three conv blocks (16, 32, 64 channels; 32 -> 16 -> 8 -> 4 pixels), then a 128-unit fully connected layer
-    (:meth:`features`, after ReLU) and a linear layer to 10 logits (:meth:`forward`). About 0.16 M parameters, ~2.6 M multiply-adds per image (cheap on a CPU).
+    (:meth:`features`, after ReLU) and a linear layer to 10 logits (:meth:`forward`). About 0.16 M parameters,
+    ~2.6 M multiply-adds per image (cheap on a CPU).
     """
 
     def __init__(self, feature_dim: int = FEATURE_DIM, num_classes: int = NUM_CLASSES) -> None:

@@ -397,7 +397,8 @@ def _group_options(config_dir: Path, group: str, exclude: Mapping[str, Iterable[
 
 def training_samplers() -> str:
     """The samplers ``ddpm-train`` builds, as the command line names them, read from ``conf/sampler/`` (all but
-    ``checkpoint``, which only ddpm-sample and ddpm-evaluate take): ``sampler=ddim, sampler=ddpm, ... or sampler=...``."""
+    ``checkpoint``, which only ddpm-sample and ddpm-evaluate take):
+    ``sampler=ddim, sampler=ddpm, ... or sampler=...``."""
     names = [f"sampler={n}" for n in _group_options(Path(CONFIG_DIR), "sampler", {"sampler": ["checkpoint"]})]
     return ", ".join(names[:-1]) + " or " + names[-1]
 
@@ -428,8 +429,8 @@ def check_group_choices(
     overrides: list[str], config_dir: str | Path, exclude: Mapping[str, Iterable[str]] | None = None
 ) -> None:
     """Check ``group=option`` command-line overrides against the files in ``conf/<group>/``, so that a typo such as
-    ``sampler=dim`` is one line (``sampler='dim' is invalid: must be one of ['ddim', 'ddpm', 'dpmpp']``) rather than Hydra's
-    multi-line search-path report. Sweep lists (``model=a,b``) are checked item by item; Hydra's own groups
+    ``sampler=dim`` is one line (``sampler='dim' is invalid: must be one of ['ddim', 'ddpm', 'dpmpp']``) rather than
+    Hydra's multi-line search-path report. Sweep lists (``model=a,b``) are checked item by item; Hydra's own groups
     (``hydra/...``), sweep functions (``choice(...)``) and ``null`` are left to Hydra. ``exclude`` names options that
     exist but that this command does not take (``{"sampler": ["checkpoint"]}`` for ``ddpm-train``).
 

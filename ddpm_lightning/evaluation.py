@@ -175,7 +175,8 @@ def format_table(m: dict[str, Any]) -> str:
     sha = m.get("classifier_sha256") or "?"
     which = "the reference" if m.get("classifier_reference") else "a non-reference"
     rows = [
-        f"\nEvaluated {m['n']} images ({m['source']}) with {which} classifier {sha[:16]} (test accuracy {acc * 100:.2f}%)"
+        f"\nEvaluated {m['n']} images ({m['source']}) with {which} classifier {sha[:16]} "
+        f"(test accuracy {acc * 100:.2f}%)"
         if acc is not None
         else f"\nEvaluated {m['n']} images ({m['source']})",
         *([f"  {'sampler':<34}: {m['sampler']} ({m['sampler_source']})"] if m.get("sampler") else []),
@@ -331,7 +332,8 @@ def evaluate(opts: EvaluateConfig | Any) -> dict[str, Any]:
                 "nll_n", opts.nll_n, f"exceeds the {real_test.shape[0]} test images under data.root={opts.data.root}"
             )
         print(
-            f"variational bound of {opts.nll_n} test images ({opts.nll_n * ddpm.schedule.num_timesteps} network calls) ...",
+            f"variational bound of {opts.nll_n} test images "
+            f"({opts.nll_n * ddpm.schedule.num_timesteps} network calls) ...",
             flush=True,
         )
         metrics.update(

@@ -138,7 +138,8 @@ def final_metrics(callback_metrics: Mapping[str, float], evaluation: Mapping[str
     """The run's end figures as ``{"hp/val_loss": ..., "hp/fid": ..., "eval/fid": ...}`` (finite numbers only).
 
     ``hp/fid``, ``hp/bpd`` and the other columns come from the end-of-run evaluation when there is one, else
-    ``hp/fid`` and ``hp/bpd`` from the last ``val/fid`` / ``val/bpd`` of the FID and bits/dim callbacks. ``eval/<name>`` repeats every number of the evaluation.
+    ``hp/fid`` and ``hp/bpd`` from the last ``val/fid`` / ``val/bpd`` of the FID and bits/dim callbacks. ``eval/<name>``
+    repeats every number of the evaluation.
     """
     out: dict[str, float] = {}
 

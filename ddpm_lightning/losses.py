@@ -99,7 +99,8 @@ def model_log_variance(
 
     * ``fixed_small``: log beta~_t (``posterior_log_variance_clipped``: beta~_1 at t = 0);
     * ``fixed_large``: log beta_t;
-    * ``learned``: Nichol & Dhariwal Eq. 15 on the raw output ``v`` (:func:`~ddpm_lightning.schedule.learned_log_variance`).
+    * ``learned``: Nichol & Dhariwal Eq. 15 on the raw output ``v``
+      (:func:`~ddpm_lightning.schedule.learned_log_variance`).
     """
     like = like.double()
     log_small = extract(schedule.posterior_log_variance_clipped, t, like)
@@ -333,8 +334,8 @@ def training_vb(
 ) -> Tensor:
     """The VLB term of each sample's timestep for training, in bits per pixel (``(N,)`` float32 with gradients): the
     mean of p_theta from the network's ``x0_hat`` (:func:`predict_x0`; detached for L_hybrid, ``stop_grad_mean``: only
-    the variance learns from it, Nichol & Dhariwal Sec. 3.1), the variance learned from ``v`` (or ``fixed_small`` when ``v`` is None), in float64.
-    ``T * training_vb`` is an unbiased one-sample estimate of L_vlb - L_T in bits/dim."""
+    the variance learns from it, Nichol & Dhariwal Sec. 3.1), the variance learned from ``v`` (or ``fixed_small`` when
+    ``v`` is None), in float64. ``T * training_vb`` is an unbiased one-sample estimate of L_vlb - L_T in bits/dim."""
     mean = model_mean(schedule, x_t, t, x0_hat.detach() if stop_grad_mean else x0_hat)
     log_var = model_log_variance(schedule, t, x_t, "learned" if v is not None else "fixed_small", v)
     px = vb_terms(schedule, x0, x_t, t, mean, log_var)

@@ -124,7 +124,8 @@ class NonFiniteWatch:
 
 
 def _optimizer_state_tensors(module: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[tuple[str, Tensor]]:
-    """``("optimizer state exp_avg of net.x.weight", tensor)`` for every tensor in the optimizer's per-parameter state."""
+    """``("optimizer state exp_avg of net.x.weight", tensor)`` for every tensor in the optimizer's per-parameter
+    state."""
     names = {id(p): n for n, p in module.named_parameters()}
     for param, state in optimizer.state.items():
         for key, value in state.items():
@@ -147,8 +148,9 @@ class DDPM(L.LightningModule):
 
     Args:
         net: eps network with the contract ``eps = net(x_t, t, y=None)`` (see :mod:`ddpm_lightning.networks`). A raw
-            deepinv ``DiffUNet`` or ``ADMUNet`` is wrapped in its adapter (:func:`~ddpm_lightning.networks.as_eps_network`),
-            so it is called on its eps path, not on its default denoiser path; another deepinv denoiser is refused.
+            deepinv ``DiffUNet`` or ``ADMUNet`` is wrapped in its adapter
+            (:func:`~ddpm_lightning.networks.as_eps_network`), so it is called on its eps path, not on its default
+            denoiser path; another deepinv denoiser is refused.
         schedule: the :class:`~ddpm_lightning.schedule.NoiseSchedule` (T steps).
         optimizer: a callable ``params -> torch.optim.Optimizer`` (a Hydra ``_partial_`` target);
             None gives Adam(lr=1e-4), the paper's setting for 32x32 data.
@@ -534,8 +536,9 @@ class DDPM(L.LightningModule):
         mask: Tensor | None = None,
         progress: bool = False,
     ) -> Bound:
-        """The variational bound of images under this model, in eval mode (:func:`~ddpm_lightning.losses.variational_bound`,
-        Ho et al. 2020 Eq. 5; T network calls per image; the mean with x0_hat clipped to [-1, 1], as the samplers).
+        """The variational bound of images under this model, in eval mode
+        (:func:`~ddpm_lightning.losses.variational_bound`, Ho et al. 2020 Eq. 5; T network calls per image; the mean
+        with x0_hat clipped to [-1, 1], as the samplers).
 
         Args:
             x0: ``(N, C, H, W)`` images on the 8-bit grid of [-1, 1], on this module's device.

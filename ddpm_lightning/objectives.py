@@ -1,5 +1,6 @@
 """What the network predicts (the objective): the noise ``eps``, the clean image ``x0``, or the velocity ``v``, and the
-one conversion between ``(x_t, network output)`` and ``(x0_hat, eps_hat)`` that training, every sampler and the bound use.
+one conversion between ``(x_t, network output)`` and ``(x0_hat, eps_hat)`` that training, every sampler and the
+bound use.
 
 With ``alpha_t = sqrt(abar_t)`` and ``sigma_t = sqrt(1 - abar_t)``, so that ``x_t = alpha_t x0 + sigma_t eps``
 (Ho et al. 2020, arXiv:2006.11239, Eq. 4):
@@ -8,9 +9,10 @@ With ``alpha_t = sqrt(abar_t)`` and ``sigma_t = sqrt(1 - abar_t)``, so that ``x_
   where abar_t = 0 (a zero-terminal-SNR schedule at t = T-1).
 * ``x0``: the network predicts x0 (Ho et al. Sec. 3.2's "predicting x0" ablation; Nichol & Dhariwal 2021,
   arXiv:2102.09672, Sec. 2); ``eps_hat = (x_t - alpha_t x0_hat) / sigma_t`` (sigma_t > 0 at every t >= 0).
-* ``v``: the velocity ``v = alpha_t eps - sigma_t x0`` (Salimans & Ho 2022, "Progressive Distillation", arXiv:2202.00512,
-  Sec. 4 and Appendix D); ``x0_hat = alpha_t x_t - sigma_t v_hat``, ``eps_hat = sigma_t x_t + alpha_t v_hat``, defined at
-  every t, including abar_t = 0 (Lin et al. 2023, arXiv:2305.08891, Sec. 3.2).
+* ``v``: the velocity ``v = alpha_t eps - sigma_t x0`` (Salimans & Ho 2022, "Progressive Distillation",
+  arXiv:2202.00512, Sec. 4 and Appendix D); ``x0_hat = alpha_t x_t - sigma_t v_hat``,
+  ``eps_hat = sigma_t x_t + alpha_t v_hat``, defined at every t, including abar_t = 0 (Lin et al. 2023,
+  arXiv:2305.08891, Sec. 3.2).
 
 The Min-SNR-gamma weight of each objective's MSE (Hang et al. 2023, arXiv:2303.09556, Sec. 3.4 and Eq. 8-10), with
 ``SNR_t = abar_t / (1 - abar_t)``: eps ``min(SNR_t, gamma) / SNR_t``, x0 ``min(SNR_t, gamma)``, v
@@ -58,7 +60,8 @@ def check_objective(objective: object, zero_terminal_snr: bool = False, key: str
 
 
 def target(objective: str, x0: Tensor, eps: Tensor, alpha: Tensor | float, sigma: Tensor | float) -> Tensor:
-    """What the network is trained to output for ``x_t = alpha x0 + sigma eps``: eps, x0, or ``v = alpha eps - sigma x0``.
+    """What the network is trained to output for ``x_t = alpha x0 + sigma eps``: eps, x0, or
+    ``v = alpha eps - sigma x0``.
 
     Args:
         objective: one of :data:`OBJECTIVES`.

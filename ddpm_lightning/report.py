@@ -11,8 +11,8 @@ Input: the directory written by ``ddpm-train -m schedule.beta_end=0.02,0.1,0.2 .
 * ``.hydra/overrides.yaml``: a YAML list of ``key=value`` strings (required: a folder without it is not a job);
   the *swept parameters* are the override keys whose values differ across jobs;
 * ``tensorboard/events.out.tfevents.*``: TensorBoard scalars; the report keeps, for each of ``val/loss``,
-  ``val/loss_q0`` .. ``val/loss_q3``, ``train/loss_epoch`` (and ``val/fid``, ``val/bpd`` when logged), the value at the largest
-  step. Several event files in one folder are one run continued after a resume: they are merged, and at equal
+  ``val/loss_q0`` .. ``val/loss_q3``, ``train/loss_epoch`` (and ``val/fid``, ``val/bpd`` when logged), the value at the
+  largest step. Several event files in one folder are one run continued after a resume: they are merged, and at equal
   steps the later-written value wins;
 * ``checkpoints/last.ckpt`` (optional): ``global_step`` and ``epoch`` are read from it;
 * ``metrics.json`` (optional, written by ``ddpm-evaluate``; else the newest ``evaluate/step_<N>/metrics.json`` of

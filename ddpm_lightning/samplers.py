@@ -43,9 +43,9 @@ from ddpm_lightning.objectives import Prediction, check_objective, eps_from_x0, 
 from ddpm_lightning.schedule import VARIANCES, NoiseSchedule, check_variance, learned_log_variance
 
 EpsFn = Callable[[Tensor, Tensor], "Tensor | tuple[Tensor, Tensor | None]"]
-"""``eps_fn(x_t, t) -> out`` or ``(out, v)``: x_t ``(N, C, H, W)``, t ``(N,)`` int64 in [0, T-1], out shaped like x_t (the
-prediction of the sampler call's ``objective``: eps by default), v the raw variance output of a learned-sigma network
-(shaped like x_t) or None."""
+"""``eps_fn(x_t, t) -> out`` or ``(out, v)``: x_t ``(N, C, H, W)``, t ``(N,)`` int64 in [0, T-1], out shaped like x_t
+(the prediction of the sampler call's ``objective``: eps by default), v the raw variance output of a learned-sigma
+network (shaped like x_t) or None."""
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
@@ -280,8 +280,8 @@ class DDPMSampler(Sampler):
 
     Args:
         variance: ``"fixed_small"`` (sigma_t^2 = beta-tilde_t, Eq. 7), ``"fixed_large"`` (sigma_t^2 = beta_t) or
-            ``"learned"``: ``log sigma_t^2 = frac log beta_t + (1 - frac) log beta-tilde_t``, ``frac = (v + 1) / 2``, from
-            the network's variance output v (Nichol & Dhariwal 2021, Eq. 15), per pixel; respaced, beta_t and
+            ``"learned"``: ``log sigma_t^2 = frac log beta_t + (1 - frac) log beta-tilde_t``, ``frac = (v + 1) / 2``,
+            from the network's variance output v (Nichol & Dhariwal 2021, Eq. 15), per pixel; respaced, beta_t and
             beta-tilde_t are the respaced schedule's (the kept steps' betas recomputed, Sec. 4).
         clip_denoised: clip the predicted x0 to [-1, 1] before the posterior mean of Eq. 7 (the paper's released code
             does); False uses the unclipped x0_hat, where the mean equals Algorithm 2's (Eq. 11)
@@ -414,8 +414,9 @@ class DPMSolverSampler(Sampler):
       (``solver_type="midpoint"``) and k-diffusion's ``sample_dpmpp_2m``.
 
     ``algorithm="sde-dpmsolver++"`` solves the reverse SDE instead with the same data-prediction exponential integrator
-    (diffusers' ``sde-dpmsolver++``, k-diffusion's ``sample_dpmpp_2m_sde``): ``x_next = (sigma_next / sigma_t) exp(-h) x_t + alpha_next (1 - exp(-2h)) D +
-    sigma_next sqrt(1 - exp(-2h)) z`` with fresh noise z at every step but the last, D as above (order 1: x0_hat_t).
+    (diffusers' ``sde-dpmsolver++``, k-diffusion's ``sample_dpmpp_2m_sde``):
+    ``x_next = (sigma_next / sigma_t) exp(-h) x_t + alpha_next (1 - exp(-2h)) D + sigma_next sqrt(1 - exp(-2h)) z`` with
+    fresh noise z at every step but the last, D as above (order 1: x0_hat_t).
 
     The first step is first order (no history). The last step, into abar = 1 (sigma = 0, h = infinity), is first order
     as well and returns x0_hat of the last visited step. This is what diffusers does with its defaults: with

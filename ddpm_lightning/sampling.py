@@ -198,8 +198,9 @@ def open_checkpoint(
     path: str | Path, sampler: Any, class_label: int | None = None, guidance_scale: float = 1.0
 ) -> CheckpointSampler:
     """Read a ``ddpm-train`` checkpoint and build the sampler to use with it, checking everything that needs
-    neither the weights nor the network: the requested ``sampler`` node (see :func:`~ddpm_lightning.config.sampler_node`)
-    against the checkpoint's schedule, and the conditioning against its model.
+    neither the weights nor the network: the requested ``sampler`` node (see
+    :func:`~ddpm_lightning.config.sampler_node`) against the checkpoint's schedule, and the conditioning against its
+    model.
 
     Raises:
         ConfigError: one line naming ``ckpt_path``, ``sampler.<key>``, ``class_label`` or ``guidance_scale``.

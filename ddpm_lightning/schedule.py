@@ -213,9 +213,9 @@ def check_variance(variance: object, learn_sigma: bool, key: str = "variance") -
 
 def learned_log_variance(v: Tensor, log_beta_tilde: Tensor, log_beta: Tensor) -> Tensor:
     """The learned-range variance of Nichol & Dhariwal 2021 (arXiv:2102.09672, Eq. 15):
-    ``log Sigma = frac log beta_t + (1 - frac) log beta~_t`` with ``frac = (v + 1) / 2``, interpolating in the log domain
-    between ``fixed_small`` (v = -1, beta~_t) and ``fixed_large`` (v = +1, beta_t). ``v`` is the network's raw output
-    (not clamped, as in the paper); the three arguments broadcast. Returns the log variance."""
+    ``log Sigma = frac log beta_t + (1 - frac) log beta~_t`` with ``frac = (v + 1) / 2``, interpolating in the log
+    domain between ``fixed_small`` (v = -1, beta~_t) and ``fixed_large`` (v = +1, beta_t). ``v`` is the network's raw
+    output (not clamped, as in the paper); the three arguments broadcast. Returns the log variance."""
     frac = (v + 1.0) / 2.0
     return frac * log_beta + (1.0 - frac) * log_beta_tilde
 

@@ -158,7 +158,8 @@ def objective(cfg: Any, metrics: Mapping[str, float], direction: str | None) -> 
     value = float(metrics[name])
     if direction is not None and not math.isfinite(value):
         warn(
-            f"optimized_metric={name} is {value}; the trial reports {worst(direction)} (ranked last) and the search goes on"
+            f"optimized_metric={name} is {value}; the trial reports {worst(direction)} (ranked last) "
+            "and the search goes on"
         )
         return worst(direction)
     return value

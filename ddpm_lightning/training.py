@@ -363,7 +363,8 @@ def _check_resume(cfg: DictConfig) -> None:
         raise invalid(
             "ckpt_path",
             str(cfg.ckpt_path),
-            f"the checkpoint does not match the config: {diff}; resume with the checkpoint's settings or start a new run",
+            f"the checkpoint does not match the config: {diff}; "
+            "resume with the checkpoint's settings or start a new run",
         )
 
 
@@ -411,7 +412,8 @@ def _build_lr_scheduler(cfg: DictConfig) -> Any:
         )
     factory = build(cfg.lr_scheduler, key="lr_scheduler")
     # Short schedules are stepped through to the end too (~0.1 s per 10,000 steps): OneCycleLR divides by zero with
-    # some step counts (trainer.max_steps=20 at pct_start=0.05: a warm-up of zero length), when built or at a later step.
+    # some step counts (trainer.max_steps=20 at pct_start=0.05: a warm-up of zero length), when built or
+    # at a later step.
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     try:
         scheduler = factory(optimizer)

@@ -116,8 +116,8 @@ def _train_once(tmp_path_factory: pytest.TempPathFactory, root: Path, name: str,
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, session_mnist_root: Path) -> dict:
-    """:data:`TINY_CKPT_TRAIN` trained once per session on :func:`session_mnist_root`: ``train()``'s result (``run_dir``,
-    ``last_ckpt``, ``trainer`` ...). Tests read its files and never write into ``run_dir``."""
+    """:data:`TINY_CKPT_TRAIN` trained once per session on :func:`session_mnist_root`: ``train()``'s result
+    (``run_dir``, ``last_ckpt``, ``trainer`` ...). Tests read its files and never write into ``run_dir``."""
     return _train_once(tmp_path_factory, session_mnist_root, "tiny_run", TINY_CKPT_TRAIN)
 
 

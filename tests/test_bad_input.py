@@ -250,8 +250,8 @@ TYPO_INPUTS = [
     (
         "train",
         ["trainer.max_time=00:00:10:00"],
-        "trainer.max_time='00:00:10:00' is invalid: not in this config, but an option of lightning.Trainer; add it with "
-        "+trainer.max_time=00:00:10:00",
+        "trainer.max_time='00:00:10:00' is invalid: not in this config, but an option of lightning.Trainer; "
+        "add it with +trainer.max_time=00:00:10:00",
     ),
     (
         "train",
@@ -262,8 +262,8 @@ TYPO_INPUTS = [
     (
         "train",
         ["experiment=mnist_cpu", "evaluate.guidance_scale=2"],
-        "evaluate.guidance_scale=2 is invalid: not in this config, but an option of ddpm-evaluate (conf/evaluate.yaml); "
-        "add it with +evaluate.guidance_scale=2",
+        "evaluate.guidance_scale=2 is invalid: not in this config, but an option of ddpm-evaluate "
+        "(conf/evaluate.yaml); add it with +evaluate.guidance_scale=2",
     ),
     (
         "train",
@@ -287,8 +287,8 @@ TYPO_INPUTS = [
     (
         "train",
         ["-m", "experiment=seed,mnist_cpu", "trainer.max_time=00:00:05:00"],  # mnist_cpu lists it, seed does not
-        "trainer.max_time='00:00:05:00' is invalid: not in this config, but an option of lightning.Trainer; add it with "
-        "++trainer.max_time=00:00:05:00",
+        "trainer.max_time='00:00:05:00' is invalid: not in this config, but an option of lightning.Trainer; "
+        "add it with ++trainer.max_time=00:00:05:00",
     ),
 ]
 
@@ -763,7 +763,7 @@ if __name__ == "__main__":  # print the table of bad inputs and their messages (
             print(f"| `{' '.join(overrides)}` | `{msg}` |")
 
 
-# ------------------------------------------------------------------------------------------ non-finite weights, one writer
+# --------------------------------------------------------------------------------------- non-finite weights, one writer
 def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path):
     from ddpm_lightning.errors import NonFiniteWeightsError
 

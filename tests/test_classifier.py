@@ -1,5 +1,6 @@
 """The reference MNIST classifier (ddpm_lightning/classifier.py): network, training recipe, weights file, sha256,
-paths, and ddpm-train-classifier. The fixtures ``fake_root`` and ``fake_clf`` (conftest.py) serve test_metrics.py too."""
+paths, and ddpm-train-classifier. The fixtures ``fake_root`` and ``fake_clf`` (conftest.py) serve test_metrics.py
+too."""
 
 from __future__ import annotations
 

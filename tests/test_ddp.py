@@ -198,7 +198,8 @@ def _killed_and_resumed(fake_mnist_root: Path, tmp_path: Path, run_command) -> N
 
 
 def test_slurm_launcher_config_composes_for_a_beta_sweep():
-    """hydra/launcher=slurm (the [slurm] extra): one task per GPU, requeue on preemption, cluster keys left to the user."""
+    """hydra/launcher=slurm (the [slurm] extra): one task per GPU, requeue on preemption, cluster keys left to the
+    user."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     from hydra import compose, initialize_config_dir
 
@@ -227,7 +228,8 @@ def _sigterm_rank_zero(
 ) -> tuple[subprocess.Popen, list[str], float, list[int]]:
     """Start a 2-process CPU DDP run, SIGTERM rank zero (the launching process) while it draws the epoch-end grid
     (``phase="grid"``: 16 samples with all 1000 DDPM steps, minutes of CPU) or while it trains (after its first
-    checkpoint), and return the process, its output lines, the seconds until every rank had gone, and the ranks' pids."""
+    checkpoint), and return the process, its output lines, the seconds until every rank had gone, and the ranks'
+    pids."""
     import threading
     import time
 
@@ -345,7 +347,9 @@ def test_sample_across_ranks_is_the_single_process_sample_with_one_rank():
     )
     out = model.sample(5, generator=torch.Generator().manual_seed(11), sampler=sampler, trajectory_every=2)
     torch.testing.assert_close(x0, out.x0)
-    assert len(frames) == len(out.trajectory) and all(torch.equal(a, b) for a, (_, b) in zip(frames, out.trajectory, strict=True))
+    assert len(frames) == len(out.trajectory) and all(
+        torch.equal(a, b) for a, (_, b) in zip(frames, out.trajectory, strict=True)
+    )
 
 
 @pytest.mark.slow
@@ -441,7 +445,8 @@ def test_after_a_sigterm_the_observer_lets_rank_zero_end_by_itself_then_ends_it_
 @pytest.mark.slow
 def test_when_lightnings_child_observer_notices_a_dead_rank_first_rank_zero_still_ends_with_one_line_and_1():
     """The race the test above can lose under load: Lightning's observer (5 s polls) sees the dead child before rank
-    zero's collective fails. It used to SIGKILL rank zero (status -9, no word); PeerWatch ends it with the line and 1."""
+    zero's collective fails. It used to SIGKILL rank zero (status -9, no word); PeerWatch ends it with the line
+    and 1."""
     proc = subprocess.run(
         [sys.executable, "-c", _OBSERVER_WINS],
         capture_output=True,

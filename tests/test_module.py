@@ -215,7 +215,8 @@ def test_diffunet_refuses_num_classes():
 
 def test_patch_size_2_runs_the_unet_on_space_to_depth_patches(monkeypatch):
     """model.patch_size=2: the inner UNet sees (N, 4, 16, 16) = pixel_unshuffle(x_t, 2); its output is
-    pixel_shuffled back to eps at (N, 1, 32, 32), so output pixel (i, j) is channel 2*(i%2)+(j%2) of patch (i//2, j//2)."""
+    pixel_shuffled back to eps at (N, 1, 32, 32), so output pixel (i, j) is channel 2*(i%2)+(j%2) of patch
+    (i//2, j//2)."""
     net = tiny_net(patch_size=2, dropout=0.0)
     seen = []
 

@@ -114,8 +114,8 @@ def test_a_diverged_trial_ranks_last_and_the_search_goes_on(optuna_sweeper, fake
         ),
         (
             ["optimized_metric=fid"],
-            "error: optimized_metric='fid' is invalid: this run produces no such metric (fid needs an evaluate: node, e.g. "
-            "++evaluate.num_samples=1000); it produces: train/loss, ",
+            "error: optimized_metric='fid' is invalid: this run produces no such metric (fid needs an evaluate: node, "
+            "e.g. ++evaluate.num_samples=1000); it produces: train/loss, ",
         ),
     ],
 )

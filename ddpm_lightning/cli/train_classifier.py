@@ -57,7 +57,8 @@ def run(cfg: Any) -> dict[str, Any]:
                     if sha == REFERENCE_CLASSIFIER_SHA256
                     else f" (the packaged reference is {REFERENCE_CLASSIFIER_SHA256[:16]}...)"
                 ),
-                f"  trained       : {result['epochs']} epoch(s), {result['steps']} steps on {result['train_images']} images, "
+                f"  trained       : {result['epochs']} epoch(s), {result['steps']} steps "
+                f"on {result['train_images']} images, "
                 f"seed {result['seed']}, {result['seconds']:.1f} s",
                 f"  use it with   : ddpm-evaluate ... classifier_path={result['path']}",
             ]
