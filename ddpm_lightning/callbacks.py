@@ -532,8 +532,8 @@ class ProgressBar(TQDMProgressBar):
     ) -> None:
         bar, n = self.train_progress_bar, batch_idx + 1
         if bar is not None and self.is_enabled and (trainer.global_step % self.refresh_rate == 0 or n == bar.total):
-            _update_n(bar, n)
-            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            _update_n(bar, n)  # one redraw with the new step and loss (a log file gets each bar line once)
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -560,3 +561,20 @@ def test_every_log_line_is_printed_once_and_no_advertisement(tiny_train_override
     assert any(m.startswith("[samples] epoch 0: drawing") for m in messages)
     assert "litlogger" not in out and "Tip:" not in out
     assert "[samples] epoch 0: drawing" in (tmp_path / "hydra" / "train.log").read_text()
+
+
+def test_the_progress_bar_writes_each_redraw_once(tiny_train_overrides, tmp_path, run_command):
+    """The bar is redrawn every trainer.log_every_n_steps steps with the step count and the loss in one write: it
+    used to write the new count with the old loss, then again with the new loss, two lines per redraw in a log file
+    (seen in a 30-minute run's log, issue 29)."""
+    overrides = [o for o in tiny_train_overrides if not o.startswith(("trainer.enable_progress_bar", "data.subset"))]
+    proc = run_command(
+        "ddpm-train",
+        [*overrides, "data.subset_size=32", "trainer.enable_progress_bar=true", f"hydra.run.dir={tmp_path / 'h'}"],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    states = re.findall(r"Epoch 0:[^\n]*?\| (\d+)/4 \[", (proc.stdout + proc.stderr).replace("\r", "\n"))
+    counts = [int(n) for n in states if n != "0"]
+    assert counts[:4] == [1, 2, 3, 4], proc.stdout[-3000:]
+    assert counts.count(1) == counts.count(2) == counts.count(3) == 1, proc.stdout[-3000:]
