@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from ddpm_lightning.sync_census import SyncCensus, cuda_sync_debug
 from ddpm_lightning.training import train
@@ -124,7 +124,8 @@ def test_a_steady_training_step_and_sampler_step_have_no_host_sync(preset, devic
         sampler = _with_steps(sampler, 4)
     calls = []
     handle = module.net.register_forward_pre_hook(lambda *_: calls.append(1) or setattr(census, "label", len(calls)))
-    guidance = 2.0 if preset == "mnist_cpu_cfg" else 1.0  # the preset's guided pictures
+    # the preset's guidance (the test's overrides turn its picture callback off)
+    guidance = OmegaConf.select(compose_train([f"experiment={preset}"]), "evaluate.guidance_scale") or 1.0
     try:
         with SyncCensus() as census, cuda_sync_debug("warn"):
             census.label = 0
