@@ -457,6 +457,24 @@ def _compose(config_name: str, overrides: list[str], hydra_node: bool = False) -
         return compose(config_name=config_name, overrides=overrides, return_hydra_config=hydra_node)
 
 
+@functools.lru_cache(maxsize=64)
+def _composed_groups_cached(config_name: str, groups: tuple[str, ...]) -> DictConfig:
+    base = _compose(config_name, list(groups))
+    OmegaConf.set_readonly(base, True)  # shared between calls: read, never written
+    return base
+
+
+def _composed_groups(config_name: str, groups: list[str]) -> DictConfig:
+    """``conf/<config_name>.yaml`` composed with only the group choices (``model=adm_tiny`` ...): the key check's
+    reference. Read-only; composed once per process for each choice of groups (every test composes the same few), except
+    inside a running Hydra app, whose search path it must follow."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return _compose(config_name, groups)
+    return _composed_groups_cached(config_name, tuple(groups))
+
+
 def compose_config(
     config_name: str,
     overrides: list[str] = (),
@@ -487,7 +505,7 @@ def compose_config(
     ]
     # a group sweep (experiment=a,b) composes with its first item, for the key check and the final compose alike
     groups = [f"{p}{k}={v.split(',')[0] if _is_sweep(v) else v}" for p, k, v in group_overrides]
-    base = _compose(config_name, groups)
+    base = _composed_groups(config_name, groups)
     known = _paths(base)
     for prefix, key, value in parsed:
         if prefix or key.startswith("hydra") or (Path(CONFIG_DIR) / key).is_dir() or key in known:
