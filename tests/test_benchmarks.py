@@ -1,5 +1,6 @@
-"""Benchmarks are not timed tests: CI only proves that each one runs (``--quick --smoke``). ``run_all.py`` runs them
-all once, one after the other, as a user would (each script in a process of its own); the tests read its JSON files."""
+"""Benchmarks are not timed tests: CI only proves that each one runs (``--quick --smoke``). ``run_all.py --smoke`` runs
+them all once, one after the other, in its own process (without ``--smoke`` each script gets a process of its own);
+the tests read its JSON files."""
 
 from __future__ import annotations
 
