@@ -25,7 +25,10 @@ REPO = CONF_DIR.parent
 def pytest_configure(config: pytest.Config) -> None:
     # One intra-op thread in the test process, as the subprocess tests run (OMP_NUM_THREADS=1): the tiny tensors of the
     # tests gain nothing from a second thread, and OpenMP threads that spin-wait for a busy core (pytest-xdist workers,
-    # a DDP test's ranks) cost several times their work.
+    # a DDP test's ranks) cost several times their work. Not in pytest-xdist's controller, which runs no test: its
+    # import of torch (~4 s of CPU on 2 cores) would only delay the workers' start.
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return
     import torch
 
     torch.set_num_threads(1)

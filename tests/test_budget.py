@@ -106,6 +106,7 @@ def _budget_of(result) -> TimeBudget:
     return next(c for c in result["trainer"].callbacks if isinstance(c, TimeBudget))
 
 
+@pytest.mark.slow  # longer than ~3 s on the slower 2-core kind: the full tier only
 def test_a_fast_machine_ends_at_max_steps_with_the_lr_annealed(tiny_train_overrides, monkeypatch):
     result, lrs = _train_recording_lrs(
         [

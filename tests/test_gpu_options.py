@@ -156,6 +156,7 @@ def test_on_device_images_give_the_same_batches_in_the_same_order(fake_mnist_roo
             MNISTDataModule(root=fake_mnist_root, on_device=True, **bad)
 
 
+@pytest.mark.slow  # longer than ~3 s on the slower 2-core kind: the full tier only
 def test_a_run_with_on_device_images_is_the_run_without(tiny_train_overrides, tmp_path):
     a = train(compose_train([*tiny_train_overrides, f"run_dir={tmp_path / 'a'}"]))
     b = train(compose_train([*tiny_train_overrides, "data.on_device=true", f"run_dir={tmp_path / 'b'}"]))

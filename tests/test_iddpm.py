@@ -126,6 +126,7 @@ def test_vlb_trains_the_mean_and_hybrid_only_the_variance_through_the_vb_term():
 
 
 # ------------------------------------------------------------------------------------------------ end to end
+@pytest.mark.slow  # longer than ~3 s on the slower 2-core kind: the full tier only
 def test_a_tiny_iddpm_run_logs_mse_vb_and_bpd_and_evaluates_its_bound(tiny_train_overrides, tmp_path, fake_mnist_root):
     from ddpm_lightning.evaluation import evaluate
     from ddpm_lightning.training import end_of_run_options
@@ -168,6 +169,7 @@ def test_a_tiny_iddpm_run_logs_mse_vb_and_bpd_and_evaluates_its_bound(tiny_train
     assert other["nll_variance"] == "fixed_large" and other["bpd"] != m["bpd"]
 
 
+@pytest.mark.slow  # longer than ~3 s on the slower 2-core kind: the full tier only
 def test_importance_sampler_state_is_checkpointed_and_a_resume_is_bit_identical(
     tiny_train_overrides, tmp_path, monkeypatch
 ):

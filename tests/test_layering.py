@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 #: README "Layout": the modules that import neither Lightning nor Hydra.
@@ -15,6 +17,7 @@ PURE = ["schedule", "objectives", "samplers", "losses", "timestep_sampling", "me
 FORBIDDEN = {"hydra", "lightning", "lightning_fabric", "pytorch_lightning", "omegaconf"}
 
 
+@pytest.mark.slow  # a second interpreter (its own imports: ~7 s on the slower 2-core kind)
 def test_the_maths_images_data_and_classifier_modules_import_neither_lightning_nor_hydra():
     code = (
         f"import sys; import {', '.join(f'ddpm_lightning.{m}' for m in PURE)}; "

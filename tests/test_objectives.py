@@ -277,6 +277,7 @@ def test_cli_refuses_an_unknown_objective_in_one_line(tiny_train_overrides, tmp_
     assert proc.stderr.strip() == "error: diffusion.objective='noise' is invalid: must be one of ['eps', 'x0', 'v']"
 
 
+@pytest.mark.slow  # longer than ~3 s on the slower 2-core kind: the full tier only
 def test_v_zero_snr_run_trains_samples_and_refuses_a_resume_with_another_objective(
     tiny_train_overrides, tmp_path, run_command
 ):

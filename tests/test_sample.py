@@ -192,8 +192,12 @@ def test_sample_writes_npz_grid_and_trajectory(ckpt, tmp_path):
 
 @pytest.mark.parametrize(
     "sampler",
-    [["sampler=ddim", "sampler.eta=0.0"], ["sampler=ddim", "sampler.eta=1.0"], ["sampler=ddpm", "sampler.steps=null"]],
-    ids=["ddim_eta0", "ddim_eta1", "ddpm_all_T_steps"],
+    [
+        pytest.param(["sampler=ddim", "sampler.eta=0.0"], id="ddim_eta0"),
+        pytest.param(["sampler=ddim", "sampler.eta=1.0"], id="ddim_eta1"),
+        # all T = 50 steps: ~5 s on the slower 2-core kind, the full tier only
+        pytest.param(["sampler=ddpm", "sampler.steps=null"], id="ddpm_all_T_steps", marks=pytest.mark.slow),
+    ],
 )
 def test_same_seed_gives_identical_samples(ckpt, tmp_path, sampler):
     common = ["num_samples=3", "batch_size=2", *sampler]

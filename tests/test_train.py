@@ -66,6 +66,7 @@ def test_validation_loss_is_deterministic(tiny_train_overrides, tmp_path):
     assert va[0]["val/loss"] == vb[0]["val/loss"]
 
 
+@pytest.mark.slow  # longer than ~3 s on the slower 2-core kind: the full tier only
 def test_resume_matches_an_uninterrupted_run(tiny_train_overrides, tmp_path):
     """2 epochs straight == 1 epoch, then resume from last.ckpt for 1 more: same step, raw weights, EMA weights
     and EMA state (the default config has EMA on)."""
@@ -267,6 +268,7 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_
         assert all(torch.isfinite(v).all() for v in ckpt[key].values() if v.is_floating_point())
 
 
+@pytest.mark.slow  # longer than ~3 s on the slower 2-core kind: the full tier only
 def test_val_fid_is_logged_and_can_pick_the_best_checkpoint(
     tiny_train_overrides, tmp_path, fake_mnist_root, monkeypatch
 ):
@@ -337,6 +339,7 @@ def test_ckpt_path_last_prefers_a_newer_slurm_requeue_checkpoint(tmp_path):
     assert newest_checkpoint(tmp_path) == last
 
 
+@pytest.mark.slow  # longer than ~3 s on the slower 2-core kind: the full tier only
 def test_end_of_run_evaluation_writes_metrics_beside_the_checkpoints(tiny_train_overrides, tmp_path):
     """evaluate={...}: checked before training (a missing classifier or a bad key stops it), then after training
     last.ckpt is sampled and scored into <run_dir>/evaluate/step_<N>/metrics.json."""
@@ -438,6 +441,7 @@ def test_the_preset_with_a_step_budget_off_the_validation_interval_still_saves_a
             [
                 "experiment=mnist_cpu",
                 "model=adm_tiny",
+                "data.batch_size=8",  # not the preset's 64 or 128: seconds more and no assertion
                 f"data.root={fake_mnist_root}",
                 "data.val_size=8",
                 "trainer.max_steps=2",
@@ -469,6 +473,7 @@ def test_the_presets_take_any_sampler(experiment, sampler):
     assert getattr(built, "algorithm", None) == {"dpmpp": "dpmsolver++", "sde_dpmpp": "sde-dpmsolver++"}.get(sampler)
 
 
+@pytest.mark.slow  # longer than ~3 s on the slower 2-core kind: the full tier only
 def test_the_guided_preset_draws_rows_of_0_to_9_with_guidance_and_scores_the_requested_labels(
     fake_mnist_root, tmp_path, monkeypatch
 ):
@@ -493,6 +498,7 @@ def test_the_guided_preset_draws_rows_of_0_to_9_with_guidance_and_scores_the_req
         [
             "experiment=mnist_cpu_cfg",
             "model=adm_tiny",
+            "data.batch_size=8",  # not the preset's 64 or 128: seconds more and no assertion
             f"data.root={fake_mnist_root}",
             "data.val_size=8",
             "trainer.max_steps=2",
@@ -563,6 +569,7 @@ def test_every_log_line_is_printed_once_and_no_advertisement(tiny_train_override
     assert "[samples] epoch 0: drawing" in (tmp_path / "hydra" / "train.log").read_text()
 
 
+@pytest.mark.slow  # longer than ~3 s on the slower 2-core kind: the full tier only
 def test_the_progress_bar_writes_each_redraw_once(tiny_train_overrides, tmp_path, run_command):
     """The bar is redrawn every trainer.log_every_n_steps steps with the step count and the loss in one write: it
     used to write the new count with the old loss, then again with the new loss, two lines per redraw in a log file
